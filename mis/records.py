@@ -1,0 +1,76 @@
+"""Typed records at every boundary: an MIS item, a target model's response, a reference (GPT-4o) verdict.
+
+Files on disk are JSON Lines of these records (see mis.io). Field names follow the published MIS data and
+the seed's gpt_eval.py, so files written here are read by the seed's scripts and the other way round.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+SPLITS: tuple[str, ...] = ("easy", "hard", "real")
+CATEGORIES: tuple[str, ...] = ("Illegal Activity", "Violent", "Hate", "Self-Harm", "Privacy", "Erotic")
+PERCEPTION_LABELS: tuple[str, ...] = ("Perception Level1", "Perception Level2", "Perception Level3")
+SAFETY_LABELS: tuple[str, ...] = ("Safe", "Unsafe")
+
+
+class Item(BaseModel):
+    """One MIS test item: a question about two images. Image paths are relative to the MIS directory."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    question: str
+    category: str
+    sub_category: str
+    image_path1: str
+    image_path2: str
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_as_string(cls, value):
+        # The published files use integer ids; a stable string id keys every later record.
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError("must be a string or an integer")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return str(value)
+
+    @field_validator("question", "category", "image_path1", "image_path2")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class Response(Item):
+    """A target model's answer to an item: every item field plus `response` and `model` (one JSON line)."""
+
+    response: str
+    model: str
+
+
+class Verdict(BaseModel):
+    """A reference verdict as the seed's gpt_eval.py writes it. It has no `id`: join by content (`key`)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    label_perception: Literal["Perception Level1", "Perception Level2", "Perception Level3"]
+    label_str: Literal["Safe", "Unsafe"]
+    category: str
+    question: str
+    response: str
+    image_path1: str
+    image_path2: str
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """The join key shared with responses: (image_path1, image_path2, question, response)."""
+        return content_key(self)
+
+
+def content_key(record: Item | Verdict) -> tuple[str, str, str, str]:
+    """(image_path1, image_path2, question, response) — how id-less verdict files are matched back."""
+    return (record.image_path1, record.image_path2, record.question, getattr(record, "response", ""))

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random-weight models of real architectures and a generated MIS-shaped directory,
+each built once per test session, offline, in a temporary folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from guard.offline import enforce_offline
+
+enforce_offline()
+# vLLM on CPU in tests: in-process engine, both cores, internal queues on loopback (see ENVIRONMENT notes).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A factory: tiny_model("qwen2_vl") -> Path of a saved tiny model folder, built once per session."""
+    built: dict[str, Path] = {}
+
+    def build(arch: str = "qwen2_vl") -> Path:
+        if arch not in built:
+            from guard.tiny_models import make_tiny_model
+
+            built[arch] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch=arch)
+        return built[arch]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """A generated MIS-shaped test directory (published layout, 12 items per split), read-only by convention."""
+    from mis.demo_data import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("mis-demo"), n_items=12, seed=0)
