@@ -1,0 +1,166 @@
+"""The transformers engine: multi-image chat through the model's own processor and chat template.
+
+Requests are sorted by size so a batch holds prompts of similar length (less padding), padded on the left, and
+run with `generate` in bfloat16 on GPU or float32 on CPU. The batch size is given or automatic; on a CUDA
+out-of-memory error the batch is halved and retried.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from guard.engines.base import Engine, EngineOptions
+from guard.families import family_for
+from guard.messages import Generation, GenerationParams, Request
+from guard.offline import enforce_offline
+from mis.errors import MisguardError
+
+log = logging.getLogger("misguard")
+
+AUTO_BATCH_SIZE = {"cuda": 32, "cpu": 8}
+
+
+def check_model_folder(model: str) -> Path:
+    """The local model folder as a Path. Raises MisguardError when it is not a save_pretrained folder: misguard
+    never downloads, so a hub name is an error, not a fetch."""
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise MisguardError(f"{model}: not a local model folder (no config.json); misguard loads models from "
+                            "local folders saved with save_pretrained, never from a hub")
+    return path
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    """(device string, torch dtype): 'auto' means cuda + bfloat16 when a GPU is present, else cpu + float32."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        return device, (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        return device, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise MisguardError(f"unknown dtype '{dtype}'; choose auto, float32, bfloat16 or float16") from None
+
+
+def load_processor_and_model(model: str, options: EngineOptions):
+    """(processor, model, device) for a local folder, weights from safetensors only, in eval mode. Raises
+    MisguardError when the folder is not a loadable model."""
+    enforce_offline()
+    path = check_model_folder(model)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device, dtype = resolve_device_dtype(options.device, options.dtype)
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        net = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise MisguardError(f"{model}: cannot load the model: {str(exc).splitlines()[0]}") from exc
+    net.to(device).eval()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    return processor, net, device
+
+
+class TransformersEngine(Engine):
+    """A local VLM folder run with Hugging Face transformers."""
+
+    name = "transformers"
+
+    def __init__(self, model: str, options: EngineOptions | None = None):
+        super().__init__(model, options)
+        self.processor, self.net, self.device = load_processor_and_model(model, self.options)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.family = family_for(self.net.config.model_type)
+        self.batch_size = self.options.batch_size or AUTO_BATCH_SIZE["cuda" if self.device.startswith("cuda")
+                                                                    else "cpu"]
+        eos = self.net.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    @property
+    def chunk_size(self) -> int:
+        return self.batch_size
+
+    def prepare(self, request: Request) -> tuple[str, list[Any]]:
+        """(prompt text from the model's chat template, the request's images)."""
+        conversation, images = self.family.hf_conversation(request.messages)
+        prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return prompt, images
+
+    def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
+        results: list[Generation | None] = [None] * len(requests)
+        for index, generation in self.stream(requests, params):
+            results[index] = generation
+        return results  # type: ignore[return-value]
+
+    def stream(self, requests: Sequence[Request], params: GenerationParams) -> Iterator[tuple[int, Generation]]:
+        prepared = [self.prepare(r) for r in requests]
+        # Similar sizes together: fewer pad tokens per batch. Image area stands in for image-token count.
+        order = sorted(range(len(requests)),
+                       key=lambda i: (sum(im.width * im.height for im in prepared[i][1]), len(prepared[i][0])))
+        start = 0
+        while start < len(order):
+            batch = order[start:start + self.batch_size]
+            try:
+                generations = self._run_batch([prepared[i] for i in batch], params)
+            except Exception as exc:
+                if not _is_cuda_oom(exc) or self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                log.warning("CUDA out of memory; retrying with batch size %d", self.batch_size)
+                _empty_cuda_cache()
+                continue
+            yield from zip(batch, generations)
+            start += len(batch)
+
+    def _run_batch(self, prepared: list[tuple[str, list[Any]]], params: GenerationParams) -> list[Generation]:
+        import torch
+
+        prompts = [p for p, _ in prepared]
+        images = [imgs for _, imgs in prepared]
+        kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
+        if any(images):
+            kwargs["images"] = images
+        inputs = self.processor(**kwargs).to(self.device)
+        sampling = params.temperature > 0
+        if sampling:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            output = self.net.generate(
+                **inputs, max_new_tokens=params.max_new_tokens, do_sample=sampling,
+                temperature=params.temperature if sampling else None, top_p=params.top_p if sampling else None,
+                # Neutral sampling, as vLLM's: a model folder's generation_config (e.g. repetition_penalty
+                # 1.05 in Qwen2-VL-Instruct) would otherwise make the engines disagree on the same params.
+                top_k=None, repetition_penalty=1.0, pad_token_id=self.tokenizer.pad_token_id)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
+        return [self._to_generation(row, params) for row in new_tokens]
+
+    def _to_generation(self, token_ids: list[int], params: GenerationParams) -> Generation:
+        end = next((i for i, t in enumerate(token_ids) if t in self.eos_ids), None)
+        content = token_ids if end is None else token_ids[:end]
+        text = self.tokenizer.decode(content, skip_special_tokens=True)
+        reason = "stop" if end is not None else "length"
+        return Generation(text=text, n_tokens=len(content), finish_reason=reason)
+
+    def close(self) -> None:
+        self.net = None
+        _empty_cuda_cache()
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _empty_cuda_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

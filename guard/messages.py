@@ -1,0 +1,100 @@
+"""One internal multimodal message format, converted by each engine at its own edge.
+
+A message is ``{"role": "system" | "user" | "assistant", "content": [part, ...]}`` and a part is
+``{"type": "image", "image": PATH_OR_PIL_IMAGE}`` or ``{"type": "text", "text": STR}``, in the order the model
+should see them (the OpenAI / VLMEvalKit shape, with images as local paths instead of URLs).
+"""
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from mis.errors import DataError
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One conversation to run: a stable id (the MIS item id in `infer`) and its messages."""
+
+    id: str
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings shared by every engine. Greedy by default, as the seed evaluates."""
+
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What an engine returns for one request: the text, and what it knows about how it ended."""
+
+    text: str
+    n_tokens: int | None = None
+    finish_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def user_request(request_id: str, images: Sequence[str | Path], text: str) -> Request:
+    """A one-turn request: the images first, then the text (the MIS prompt shape)."""
+    parts: list[dict[str, Any]] = [{"type": "image", "image": str(p)} for p in images]
+    parts.append({"type": "text", "text": text})
+    return Request(id=request_id, messages=({"role": "user", "content": parts},))
+
+
+def content_parts(message: Message) -> list[dict[str, Any]]:
+    """A message's parts as a list; a plain string content counts as one text part."""
+    content = message["content"]
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return list(content)
+
+
+def images_of(messages: Sequence[Message]) -> list[Any]:
+    """Every image part's value (path or PIL image), in order of appearance."""
+    return [p["image"] for m in messages for p in content_parts(m) if p["type"] == "image"]
+
+
+def load_image(image: Any):
+    """Open an image part's value as an RGB PIL image. Raises DataError naming the file if it can't be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    path = Path(image)
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError("image file not found", path=path) from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"not a readable image ({exc.__class__.__name__})", path=path) from None
+
+
+def image_data_url(image: Any) -> str:
+    """A base64 data URL for an image part: the file's own bytes for a path, PNG for a PIL image."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data, mime = buf.getvalue(), "image/png"
+    else:
+        path = Path(image)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise DataError("image file not found or unreadable", path=path) from None
+        fmt = (Image.registered_extensions().get(path.suffix.lower()) or "PNG").lower()
+        mime = f"image/{'jpeg' if fmt == 'jpeg' else fmt}"
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
