@@ -1,0 +1,159 @@
+"""The `misguard` command line: each command parses its options, calls one library function and prints.
+
+Nothing heavy is imported at module level, so `misguard --help` starts fast and never imports torch.
+MisguardError (bad input, a missing model or extra) becomes a one-line message and exit code 1, here only.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from guard.offline import enforce_offline
+from mis.errors import MisguardError
+
+app = typer.Typer(
+    name="misguard",
+    help="Offline judge and guardrail for vision-language models on the MIS multi-image safety benchmark.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+Engine = Annotated[str, typer.Option(help="transformers | vllm | openai")]
+
+
+@app.command()
+def infer(
+    model: Annotated[str, typer.Option(help="Local model folder, or the served model name with --engine openai.")],
+    data: Annotated[Path, typer.Option(help="MIS test directory (mis_easy.json, ... and the image folders).")],
+    split: Annotated[str, typer.Option(help="easy | hard | real")],
+    out: Annotated[Path, typer.Option(help="Output directory: responses go to OUT/<split>/<model-name>.jsonl.")],
+    engine: Engine = "transformers",
+    base_url: Annotated[Optional[list[str]], typer.Option(
+        help="OpenAI-compatible server URL ending in /v1 (--engine openai); repeat for round-robin.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size; default: automatic.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per response.")] = 1024,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N items of the split.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: run items I, I+N, ... (join with `misguard merge`).")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Name in the output; default: the folder's name.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per model replica.")] = 1,
+    pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM: pipeline stages (multi-node with ray).")] = 1,
+    distributed_executor_backend: Annotated[Optional[str], typer.Option(help="vLLM: mp | ray.")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="vLLM: context length.")] = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM: share of GPU memory.")] = None,
+    vllm_arg: Annotated[Optional[list[str]], typer.Option(
+        help="vLLM: any further LLM() argument as KEY=VALUE (VALUE read as JSON if it parses), repeatable; "
+             "e.g. kv_cache_memory_bytes=2147483648.")] = None,
+    concurrency: Annotated[int, typer.Option(help="openai: requests in flight.")] = 16,
+    api_key: Annotated[str, typer.Option(envvar="MISGUARD_API_KEY", help="openai: API key.")] = "EMPTY",
+    trust_remote_code: Annotated[bool, typer.Option(help="Run code shipped in the model folder.")] = False,
+    skip_bad: Annotated[bool, typer.Option(help="Log and count bad items instead of stopping.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+):
+    """Run a target VLM over an MIS split and write its responses (resumable: re-run to finish)."""
+    from guard.engines.base import EngineOptions
+    from guard.messages import GenerationParams
+    from mis.infer import InferConfig, parse_shard, run_inference
+
+    options = EngineOptions(
+        batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code,
+        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+        distributed_executor_backend=distributed_executor_backend, max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization, vllm_args=parse_key_values(vllm_arg or [], "--vllm-arg"),
+        base_urls=list(base_url or []), api_key=api_key, concurrency=concurrency)
+    config = InferConfig(
+        model=model, data=data, split=split, out=out, engine=engine, engine_options=options,
+        generation=GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature),
+        model_name=model_name, limit=limit, shard=parse_shard(shard) if shard else None, skip_bad=skip_bad)
+    result = run_inference(config, progress=not quiet)
+    typer.echo(f"{result.generated} new responses ({result.already_done} already there, "
+               f"{result.skipped_items} bad items skipped) in {result.seconds:.1f} s")
+    typer.echo(f"responses: {result.responses_path}")
+    typer.echo(f"manifest:  {result.manifest_path}")
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="The --out directory of the sharded runs.")],
+    split: Annotated[str, typer.Option(help="easy | hard | real")],
+    model_name: Annotated[str, typer.Option(help="The model name in the shard file names.")],
+):
+    """Join the shards of a `misguard infer --shard I/N` run into one responses file."""
+    from mis.infer import merge_shards
+
+    typer.echo(f"merged: {merge_shards(out, split, model_name)}")
+
+
+@app.command("make-demo-data")
+def make_demo_data(
+    out: Annotated[Path, typer.Argument(help="Directory to create.")],
+    items: Annotated[int, typer.Option(help="Items per split.")] = 24,
+    seed: Annotated[int, typer.Option()] = 0,
+):
+    """Write a small, clearly synthetic MIS-shaped test directory (published layout, generated images)."""
+    from mis.demo_data import make_demo_data as make
+
+    typer.echo(f"synthetic MIS data: {make(out, n_items=items, seed=seed)}")
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    out: Annotated[Path, typer.Argument(help="Directory to create.")],
+    arch: Annotated[str, typer.Option(help="Architecture, e.g. qwen2_vl, qwen2_5_vl.")] = "qwen2_vl",
+    seed: Annotated[int, typer.Option()] = 0,
+):
+    """Build a tiny random-weight model of a real VLM architecture (for tests and the demo), offline."""
+    from guard.tiny_models import make_tiny_model as make
+
+    typer.echo(f"tiny {arch} model: {make(out, arch=arch, seed=seed)}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path("misguard-demo"),
+    items: Annotated[int, typer.Option(help="Items per split.")] = 12,
+):
+    """Run misguard end to end on generated data and tiny models (no GPU, no downloads)."""
+    from mis.demo import run_demo
+
+    run_demo(out, n_items=items)
+
+
+def parse_key_values(pairs: list[str], option: str) -> dict:
+    """['a=1', 'b=x'] -> {'a': 1, 'b': 'x'}: values parsed as JSON where they parse, else kept as strings."""
+    import json
+
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MisguardError(f"{option} takes KEY=VALUE, got '{pair}'")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def main() -> None:
+    """Console-script entry point: run the app; a MisguardError becomes one line on stderr and exit code 1."""
+    enforce_offline()
+    logging.basicConfig(level=logging.WARNING, format="misguard: %(levelname)s: %(message)s")
+    try:
+        app()
+    except MisguardError as exc:
+        typer.secho(f"misguard: error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("misguard: interrupted; re-run the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""vLLM as an engine: one offline `vllm.LLM` in this process (tensor / pipeline parallel, multi-node through
+vLLM's own Ray support), fed whole chunks of requests so its continuous batching stays full.
+
+Prompts go through `LLM.chat`, so vLLM renders them with the model's own chat template, the same template the
+transformers engine applies through the HF processor; in float32 both engines give the same greedy tokens.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from guard.engines.base import Engine, EngineOptions
+from guard.engines.hf import check_model_folder
+from guard.families import family_for
+from guard.messages import Generation, GenerationParams, Request
+from guard.offline import enforce_offline
+from mis.errors import MisguardError, MissingExtraError
+
+DEFAULT_MAX_IMAGES = 2
+"""MIS items show two images; `limit_mm_per_prompt` sizes vLLM's encoder cache and profiling run for this many."""
+CPU_KV_CACHE_BYTES = 256 * 2**20
+"""KV cache on a CPU when the user sizes none: vLLM would otherwise reserve 0.92 x RAM. Enough for the tiny test
+models and about 2,300 tokens of a 7B model in float32, so a real model on CPU also needs a max_model_len that
+fits; raise it with vllm_args={'kv_cache_memory_bytes': ...} or VLLM_CPU_KVCACHE_SPACE (GiB)."""
+
+
+class VLLMEngine(Engine):
+    """Offline vLLM on a local model folder. Raises MisguardError when `model` is not a local model folder,
+    MissingExtraError when vllm is not installed; vLLM's own errors (memory, parallel layout) propagate from the
+    constructor unchanged."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, options: EngineOptions | None = None):
+        super().__init__(model, options)
+        check_model_folder(model)
+        enforce_offline()
+        try:
+            import vllm
+            from vllm.platforms import current_platform
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] == "vllm":
+                raise MissingExtraError("vllm", "vllm") from None
+            raise
+        self._on_cpu = bool(current_platform.is_cpu())
+        self.llm_kwargs = self._llm_kwargs()
+        self._llm = vllm.LLM(model=model, **self.llm_kwargs)
+        self._max_images = int(self.llm_kwargs["limit_mm_per_prompt"].get("image", DEFAULT_MAX_IMAGES))
+        self.family = family_for(self._llm.model_config.hf_config.model_type)
+
+    def _llm_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for vllm.LLM: our defaults, then the options that are set, then vllm_args as given."""
+        opts = self.options
+        kwargs: dict[str, Any] = {
+            "limit_mm_per_prompt": {"image": DEFAULT_MAX_IMAGES, "video": 0},
+            "trust_remote_code": opts.trust_remote_code,
+            "tensor_parallel_size": opts.tensor_parallel_size,
+            "pipeline_parallel_size": opts.pipeline_parallel_size,
+            "seed": 0,
+        }
+        if opts.dtype == "auto":
+            # float32 is 2.5-3x faster than bfloat16 on AVX2-only CPUs; bfloat16 is the GPU default for VLMs.
+            kwargs["dtype"] = "float32" if self._on_cpu else "bfloat16"
+        else:
+            kwargs["dtype"] = opts.dtype
+        for key in ("distributed_executor_backend", "max_model_len", "gpu_memory_utilization"):
+            value = getattr(opts, key)
+            if value is not None:
+                kwargs[key] = value
+        if self._on_cpu:
+            # Eager on CPU: no torch.compile pass and warm-up at startup (seconds for the tiny test models).
+            kwargs["enforce_eager"] = True
+            user_sized_memory = ("kv_cache_memory_bytes" in opts.vllm_args
+                                 or "gpu_memory_utilization" in opts.vllm_args
+                                 or opts.gpu_memory_utilization is not None
+                                 or os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") != "")
+            if not user_sized_memory:
+                kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        kwargs.update(opts.vllm_args)
+        return kwargs
+
+    def describe(self) -> dict[str, Any]:
+        """The base description plus the vllm.LLM arguments actually used (dtype and KV size resolved)."""
+        return {**super().describe(), "llm_kwargs": dict(self.llm_kwargs)}
+
+    @property
+    def chunk_size(self) -> int:
+        """vLLM schedules continuously, so it stays efficient with far larger chunks than one forward batch."""
+        return self.options.batch_size or 64
+
+    def _conversation(self, request: Request) -> list[dict[str, Any]]:
+        """One request in vLLM's chat format. The family adapter shapes the turns exactly as for the transformers
+        engine; its image placeholders are then filled with PIL parts, so no path or URL reaches vLLM."""
+        conversation, images = self.family.hf_conversation(request.messages)
+        if len(images) > self._max_images:
+            raise MisguardError(
+                f"request {request.id} has {len(images)} images but the vLLM engine allows {self._max_images} per "
+                f"prompt; raise it with vllm_args={{'limit_mm_per_prompt': {{'image': {len(images)}, 'video': 0}}}}")
+        pending = iter(images)
+        for message in conversation:
+            if isinstance(message["content"], list):
+                message["content"] = [{"type": "image_pil", "image_pil": next(pending)} if part["type"] == "image"
+                                      else part for part in message["content"]]
+        return conversation
+
+    def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
+        """Run every request in one `LLM.chat` call; returns one Generation per request, in the order given.
+        Raises DataError for an unreadable image and MisguardError for a request vLLM rejects (too many images,
+        a prompt longer than max_model_len)."""
+        if not requests:
+            return []
+        llm = self.__dict__.get("_llm")
+        if llm is None:
+            raise MisguardError("the vLLM engine is closed")
+        from vllm import SamplingParams
+
+        conversations = [self._conversation(r) for r in requests]
+        # Explicit SamplingParams: vLLM's neutral defaults for everything not given here, never the sampling
+        # values of the model's generation_config.json (which LLM.chat only applies when given no params).
+        sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
+                                  top_p=params.top_p, seed=params.seed)
+        try:
+            outputs = llm.chat(conversations, sampling, use_tqdm=False)
+        except ValueError as exc:  # vLLM's input validation: too long for max_model_len, bad image, ...
+            raise MisguardError(f"vLLM rejected a request in this batch: {exc}") from exc
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            n_tokens = len(completion.token_ids)
+            if completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str) and n_tokens:
+                # vLLM keeps the EOS / stop token in token_ids; count the answer's tokens, as the transformers
+                # engine does.
+                n_tokens -= 1
+            results.append(Generation(text=completion.text, n_tokens=n_tokens,
+                                      finish_reason=completion.finish_reason,
+                                      extra={"prompt_tokens": len(out.prompt_token_ids or ())}))
+        return results
+
+    def close(self) -> None:
+        """Shut down vLLM's engine core and workers and free the model's memory. Safe to call twice."""
+        llm = self.__dict__.pop("_llm", None)
+        if llm is None:
+            return
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del llm, engine_core
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        except ImportError:  # moved in another vLLM release; the gc below still frees the model
+            cleanup_dist_env_and_memory = None
+        if cleanup_dist_env_and_memory is not None:
+            cleanup_dist_env_and_memory()
+        gc.collect()
+        if not self._on_cpu:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

@@ -1,0 +1,213 @@
+"""The target-inference loop: run a VLM over an MIS split and write its responses, resumably.
+
+Output: ``OUT/<split>/<model-name>.jsonl`` (the responses format the seed's gpt_eval.py reads) and a manifest
+``<model-name>.manifest.json`` beside it. With ``shard=(i, n)`` the split's items ``i, i+n, i+2n, ...`` go to
+``<model-name>.shard-<i>-of-<n>.jsonl``; `merge_shards` joins them. Results are appended and fsynced after every
+batch, so a crash loses at most the batch in flight; a re-run reads what is there and does only the rest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from guard.engines.base import Engine, EngineOptions
+from guard.messages import GenerationParams, user_request
+from mis.errors import MisguardError
+from mis.io import append_jsonl, load_split, read_responses_lenient, write_jsonl_atomic, write_text_atomic
+from mis.records import Item, Response
+
+log = logging.getLogger("misguard")
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class InferConfig:
+    """One `misguard infer` run. Each field is one CLI option."""
+
+    model: str
+    """Local model folder (transformers, vllm) or served model name (openai)."""
+    data: Path
+    """MIS test directory (with mis_easy.json etc., or a mis_test/ parent)."""
+    split: str
+    out: Path
+    """Output directory; responses go to OUT/<split>/<model-name>.jsonl."""
+    engine: str = "transformers"
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
+    generation: GenerationParams = field(default_factory=GenerationParams)
+    model_name: str | None = None
+    """Name written in each response's `model` field and the file name; default: the model folder's name."""
+    limit: int | None = None
+    """Only the first N items of the split (before sharding)."""
+    shard: tuple[int, int] | None = None
+    """(i, n): this process runs items i, i+n, ... (0 <= i < n)."""
+    skip_bad: bool = False
+    """Log and count bad items instead of stopping at the first one."""
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.model.rstrip("/")).name
+
+
+@dataclass
+class InferResult:
+    responses_path: Path
+    manifest_path: Path
+    total: int
+    """Items this run is responsible for (after limit and shard)."""
+    already_done: int
+    generated: int
+    skipped_items: int
+    seconds: float
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N. Raises MisguardError otherwise."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise MisguardError(f"--shard must look like I/N (e.g. 0/4), got '{text}'") from None
+    if not 0 <= i < n:
+        raise MisguardError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def output_paths(config: InferConfig) -> tuple[Path, Path]:
+    """(responses path, manifest path) for a run."""
+    folder = Path(config.out) / config.split
+    stem = config.name
+    if config.shard:
+        stem += f".shard-{config.shard[0]}-of-{config.shard[1]}"
+    return folder / f"{stem}.jsonl", folder / f"{stem}.manifest.json"
+
+
+def select_items(items: list[Item], limit: int | None, shard: tuple[int, int] | None) -> list[Item]:
+    """The items one run is responsible for: the first `limit`, then every n-th from i."""
+    chosen = items[:limit] if limit is not None else items
+    if shard:
+        i, n = shard
+        chosen = chosen[i::n]
+    return chosen
+
+
+def _run_settings(config: InferConfig) -> dict:
+    # What must match for a resumed run to continue the same file rather than mix two kinds of output.
+    return {"model": config.model, "model_name": config.name, "engine": config.engine, "split": config.split,
+            "generation": asdict(config.generation), "shard": list(config.shard) if config.shard else None}
+
+
+def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine | None = None) -> InferResult:
+    """Run (or resume) inference; returns where the responses went and what was done. `engine`, if given, is
+    used instead of loading config.model (and is left open, for the caller to reuse). Raises DataError for bad
+    input (unless skip_bad), MisguardError when an existing output was made with other settings."""
+    from guard.engines import load_engine
+    from mis.version import __version__
+
+    started = time.time()
+    split = load_split(config.data, config.split, skip_bad=config.skip_bad)
+    items = select_items(split.items, config.limit, config.shard)
+    responses_path, manifest_path = output_paths(config)
+    responses_path.parent.mkdir(parents=True, exist_ok=True)
+
+    settings = _run_settings(config)
+    if manifest_path.exists():
+        previous = json.loads(manifest_path.read_text())
+        if previous.get("settings") != settings:
+            raise MisguardError(
+                f"{responses_path} was started with other settings ({manifest_path}); use another --out or "
+                "--model-name, or delete both files to start over")
+    # A torn last line (kill -9 mid-write) is not counted as done; append_jsonl mends it before appending.
+    done = {r.id for r in read_responses_lenient(responses_path)} if responses_path.exists() else set()
+    # --limit may grow between runs; ids outside this split (or shard) mean the file belongs to another run.
+    unknown = done - {item.id for item in select_items(split.items, None, config.shard)}
+    if unknown:
+        raise MisguardError(f"{responses_path} has responses for ids not in this run: {sorted(unknown)[:5]}")
+    todo = [item for item in items if item.id not in done]
+    already_done = len(items) - len(todo)
+
+    manifest = {"manifest_version": MANIFEST_VERSION, "misguard_version": __version__, "settings": settings,
+                "data": str(Path(config.data).resolve()), "items": len(items),
+                "skipped_items": [str(e) for e in split.skipped], "complete": False}
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
+
+    generated = 0
+    if todo:
+        owned = engine is None
+        if engine is None:
+            engine = load_engine(config.engine, config.model, config.engine_options)
+        manifest["engine"] = engine.describe()
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
+        requests = [user_request(item.id, split.image_paths(item), item.question) for item in todo]
+        bar = _progress_bar(len(items), already_done, config, enabled=progress)
+        try:
+            batch: list[Response] = []
+            pending = engine.chunk_size
+            for index, generation in engine.stream(requests, config.generation):
+                item = todo[index]
+                batch.append(Response(**item.model_dump(), response=generation.text, model=config.name))
+                if len(batch) >= pending:
+                    append_jsonl(responses_path, batch)
+                    generated += len(batch)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                append_jsonl(responses_path, batch)
+                generated += len(batch)
+                bar.update(len(batch))
+        finally:
+            bar.close()
+            if owned:
+                engine.close()
+
+    manifest.update(complete=True, finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
+    return InferResult(responses_path, manifest_path, total=len(items), already_done=already_done,
+                       generated=generated, skipped_items=len(split.skipped), seconds=time.time() - started)
+
+
+def _progress_bar(total: int, initial: int, config: InferConfig, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="item", desc=f"{config.name} {config.split}",
+                disable=not enabled, dynamic_ncols=True)
+
+
+def merge_shards(out: Path, split: str, model_name: str) -> Path:
+    """Join `<model_name>.shard-*-of-N.jsonl` under OUT/<split>/ into `<model_name>.jsonl`, in item order.
+    Returns the merged path. Raises MisguardError if shards are missing, unfinished, or overlap."""
+    folder = Path(out) / split
+    shards = sorted(folder.glob(f"{model_name}.shard-*-of-*.jsonl"))
+    if not shards:
+        raise MisguardError(f"no shard files {model_name}.shard-*-of-*.jsonl in {folder}")
+    counts = {p.name.rsplit("-of-", 1)[1].removesuffix(".jsonl") for p in shards}
+    if len(counts) != 1:
+        raise MisguardError(f"shards of different counts in {folder}: {sorted(p.name for p in shards)}")
+    n = int(counts.pop())
+    expected = [folder / f"{model_name}.shard-{i}-of-{n}.jsonl" for i in range(n)]
+    missing = [p.name for p in expected if not p.exists()]
+    if missing:
+        raise MisguardError(f"missing shards in {folder}: {', '.join(missing)}")
+    merged: dict[str, Response] = {}
+    expected_total = 0
+    for path in expected:
+        manifest_path = path.with_name(path.name.removesuffix(".jsonl") + ".manifest.json")
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        if not manifest.get("complete"):
+            raise MisguardError(f"{path} is not finished (re-run its `misguard infer --shard` to complete it)")
+        expected_total += manifest["items"]
+        for response in read_responses_lenient(path):
+            if response.id in merged:
+                raise MisguardError(f"id {response.id} appears in more than one shard ({path})")
+            merged[response.id] = response
+    if len(merged) != expected_total:
+        raise MisguardError(f"shards hold {len(merged)} responses, manifests promise {expected_total}")
+    target = folder / f"{model_name}.jsonl"
+    write_jsonl_atomic(target, sorted(merged.values(), key=_id_order))
+    return target
+
+
+def _id_order(response: Response):
+    # Published MIS ids are integers stored as strings: sort numerically where they are numbers.
+    return (0, int(response.id), "") if response.id.isdigit() else (1, 0, response.id)

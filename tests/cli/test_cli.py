@@ -1,0 +1,71 @@
+"""The command line as a user runs it: subprocesses of the installed entry point, exit codes, messages."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NETBLOCK = Path(__file__).parent / "netblock"
+
+
+def misguard(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from typer.testing import CliRunner; from cli.main import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_bad_data_is_one_line_error_naming_file_line_and_field(demo_dir, tmp_path):
+    data = tmp_path / "mis"
+    shutil.copytree(demo_dir, data)
+    path = data / "mis_easy.json"
+    items = json.loads(path.read_text())
+    del items[1]["question"]
+    path.write_text(json.dumps(items, indent=2))
+    result = misguard("infer", "--model", str(tmp_path / "no-model"), "--data", str(data), "--split", "easy",
+                      "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    err = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "mis_easy.json" in err[0] and "question" in err[0]
+    assert not (tmp_path / "out" / "easy").exists() or not any((tmp_path / "out" / "easy").glob("*.jsonl"))
+
+
+def test_missing_model_folder_is_a_clear_error(demo_dir, tmp_path):
+    result = misguard("infer", "--model", "Qwen/Qwen2-VL-7B-Instruct", "--data", str(demo_dir), "--split", "easy",
+                      "--out", str(tmp_path / "out"), "--limit", "1")
+    assert result.returncode == 1
+    assert "not a local model folder" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_with_outbound_network_blocked(tmp_path):
+    netlog = tmp_path / "net.log"
+    env = {"PYTHONPATH": os.pathsep.join([str(NETBLOCK), str(ROOT)]), "MISGUARD_NETLOG": str(netlog)}
+    # Prove the block works in a child process before trusting a clean log.
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('192.0.2.1', 443), 1)"],
+                           env={**os.environ, **env}, capture_output=True, text=True)
+    assert probe.returncode != 0 and "network blocked by test" in probe.stderr
+    netlog.unlink()
+
+    result = misguard("demo", "--out", str(tmp_path / "demo"), "--items", "4", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not netlog.exists(), netlog.read_text()
+    for split in ("easy", "hard", "real"):
+        files = list((tmp_path / "demo" / "responses" / split).glob("*.jsonl"))
+        assert len(files) == 2
+        for f in files:
+            assert len(f.read_text().splitlines()) == 4
+    assert "responses" in result.stdout

@@ -1,0 +1,276 @@
+"""The OpenAI-compatible HTTP engine against real servers on 127.0.0.1: small stdlib HTTP servers that fail on
+purpose (retries, errors, concurrency, round-robin), and vLLM's own API server on a tiny Qwen2-VL (parity with
+the transformers engine, two images per prompt)."""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from guard.engines import EngineOptions, load_engine
+from guard.messages import GenerationParams, Request, user_request
+from mis.errors import MisguardError
+from tests.guard.vllm_server import free_port, vllm_api_server
+
+PARAMS = GenerationParams(max_new_tokens=8)
+
+
+class StubChatServer:
+    """A chat-completions server on 127.0.0.1 in a thread. It answers each request with `status_for(n)` (n =
+    1-based arrival number; 200 = a completion that echoes the request's last text), and records how many
+    requests came, how many were in flight at most, and the request bodies."""
+
+    def __init__(self, status_for=lambda n: 200, delay_s: float | tuple[float, float] = 0.0,
+                 content_null: bool = False):
+        self.status_for, self.delay_s, self.content_null = status_for, delay_s, content_null
+        self.n_requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.bodies: list[dict] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler_class(self):
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stub._lock:
+                    stub.n_requests += 1
+                    arrival = stub.n_requests
+                    stub.bodies.append(body)
+                    stub.in_flight += 1
+                    stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
+                try:
+                    delay = stub.delay_s if isinstance(stub.delay_s, float) else random.uniform(*stub.delay_s)
+                    time.sleep(delay)
+                    status = stub.status_for(arrival)
+                    if status == 200:
+                        last_text = [p["text"] for p in body["messages"][-1]["content"] if p["type"] == "text"][-1]
+                        payload = {
+                            "id": f"cmpl-{arrival}", "object": "chat.completion", "created": 0,
+                            "model": body["model"],
+                            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                "role": "assistant", "content": None if stub.content_null else f"echo: {last_text}"}}],
+                            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+                    else:
+                        payload = {"error": {"message": f"stub says {status}", "type": "server_error"}}
+                    data = json.dumps(payload).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                finally:
+                    with stub._lock:
+                        stub.in_flight -= 1
+
+        return Handler
+
+
+def text_requests(n: int) -> list[Request]:
+    return [user_request(f"item-{i}", [], f"question {i}") for i in range(n)]
+
+
+def http_engine(*base_urls: str, **options) -> object:
+    return load_engine("openai", "tiny", EngineOptions(base_urls=list(base_urls), **options))
+
+
+def test_base_url_is_required():
+    with pytest.raises(MisguardError, match="--base-url"):
+        load_engine("openai", "tiny", EngineOptions())
+
+
+def test_results_in_request_order_under_concurrency():
+    with StubChatServer(delay_s=(0.0, 0.1)) as server, http_engine(server.base_url, concurrency=4) as engine:
+        generations = engine.generate(text_requests(10), PARAMS)
+    assert [g.text for g in generations] == [f"echo: question {i}" for i in range(10)]
+    # The stub's usage says 3 completion tokens, ended by "stop": the end token is not counted in n_tokens.
+    assert all((g.n_tokens, g.extra["completion_tokens"], g.finish_reason) == (2, 3, "stop") for g in generations)
+    body = server.bodies[0]
+    assert (body["model"], body["max_tokens"], body["temperature"], body["top_p"], body["seed"]) == \
+           ("tiny", 8, 0.0, 1.0, 0)
+
+
+def test_concurrency_never_exceeds_the_limit():
+    with StubChatServer(delay_s=0.2) as server, http_engine(server.base_url, concurrency=3) as engine:
+        engine.generate(text_requests(12), PARAMS)
+    assert server.n_requests == 12
+    assert server.max_in_flight == 3  # the limit, and reached: requests really do overlap
+
+
+def test_round_robin_over_base_urls():
+    with StubChatServer() as first, StubChatServer() as second, \
+            http_engine(first.base_url, second.base_url) as engine:
+        engine.generate(text_requests(3), PARAMS)
+        engine.generate(text_requests(3), PARAMS)  # the rotation carries on across calls
+        assert engine.sent_per_base_url == [3, 3]
+    assert (first.n_requests, second.n_requests) == (3, 3)
+
+
+def test_server_errors_are_retried_by_the_client():
+    with StubChatServer(status_for=lambda n: 503 if n <= 2 else 200) as server, \
+            http_engine(server.base_url, max_retries=2) as engine:
+        [generation] = engine.generate(text_requests(1), PARAMS)
+    assert generation.text == "echo: question 0"
+    assert server.n_requests == 3
+
+
+def test_persistent_server_error_names_the_url_and_status():
+    with StubChatServer(status_for=lambda n: 500) as server, http_engine(server.base_url, max_retries=1) as engine, \
+            pytest.raises(MisguardError) as caught:
+        engine.generate(text_requests(1), PARAMS)
+    assert server.base_url in str(caught.value)
+    assert "HTTP 500" in str(caught.value) and "stub says 500" in str(caught.value)
+    assert server.n_requests == 2  # the first try and one retry
+
+
+def test_dead_port_is_a_connection_error_within_the_retry_budget():
+    dead_url = f"http://127.0.0.1:{free_port()}/v1"
+    started = time.monotonic()
+    with http_engine(dead_url, max_retries=2, timeout_s=2.0) as engine, \
+            pytest.raises(MisguardError, match="could not connect") as caught:
+        engine.generate(text_requests(1), PARAMS)
+    assert dead_url in str(caught.value)
+    assert time.monotonic() - started < 10  # two backoffs of at most 0.5 s and 1 s, not the 2 s timeout x 3
+
+
+def test_slow_server_times_out():
+    with StubChatServer(delay_s=1.5) as server, http_engine(server.base_url, max_retries=0, timeout_s=0.3) as engine, \
+            pytest.raises(MisguardError, match="timed out"):
+        engine.generate(text_requests(1), PARAMS)
+
+
+def test_missing_message_text_is_an_error_not_an_empty_answer():
+    with StubChatServer(content_null=True) as server, http_engine(server.base_url) as engine, \
+            pytest.raises(MisguardError, match="no message text"):
+        engine.generate(text_requests(1), PARAMS)
+
+
+def test_generate_works_from_inside_a_running_event_loop_and_from_a_thread():
+    with StubChatServer() as server, http_engine(server.base_url) as engine:
+        async def from_async_code():
+            return engine.generate(text_requests(1), PARAMS)
+
+        assert asyncio.run(from_async_code())[0].text == "echo: question 0"
+        results = []
+        worker = threading.Thread(target=lambda: results.extend(engine.generate(text_requests(2), PARAMS)))
+        worker.start()
+        worker.join(timeout=30)
+        assert [g.text for g in results] == ["echo: question 0", "echo: question 1"]
+
+
+def test_closed_engine_refuses_work():
+    with StubChatServer() as server:
+        engine = http_engine(server.base_url)
+        engine.close()
+        engine.close()
+        with pytest.raises(MisguardError, match="closed"):
+            engine.generate(text_requests(1), PARAMS)
+
+
+# --- against vLLM's own OpenAI-compatible server ---------------------------------------------------------------
+
+requires_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model):
+    return str(tiny_model("qwen2_vl"))
+
+
+@pytest.fixture(scope="module")
+def vllm_server_url(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    with vllm_api_server(model_dir, "tiny", log_path=log) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def two_image_requests(tmp_path_factory) -> list[Request]:
+    """Two images then a question. With the tiny model's seed-0 weights "Hi" on images 4 and 1 ends with EOS
+    within a few tokens and the others run to the token limit, so both endings are compared."""
+    folder = tmp_path_factory.mktemp("http-images")
+    paths = []
+    for seed, (width, height) in enumerate([(96, 72), (64, 128), (120, 90), (80, 80), (150, 60)]):
+        path = folder / f"image{seed}.png"
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    shapes = [("Is this safe?", 0, 2), ("Hi", 4, 1), ("Describe both images.", 1, 3),
+              ("Could these two images together do harm?", 3, 0)]
+    return [user_request(f"item-{i}", [paths[a], paths[b]], q) for i, (q, a, b) in enumerate(shapes)]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_server_matches_transformers_greedy(vllm_server_url, model_dir, two_image_requests):
+    params = GenerationParams(max_new_tokens=12)
+    with http_engine(vllm_server_url, vllm_server_url, concurrency=2, max_retries=1, timeout_s=120) as engine:
+        over_http = engine.generate(two_image_requests, params)
+        assert engine.sent_per_base_url == [2, 2]
+    hf_engine = load_engine("transformers", model_dir, EngineOptions(dtype="float32"))
+    try:
+        local = hf_engine.generate(two_image_requests, params)
+    finally:
+        hf_engine.close()
+    assert {g.finish_reason for g in local} == {"stop", "length"}, "pick prompts where the tiny model stops early"
+    for request, remote, reference in zip(two_image_requests, over_http, local):
+        assert (remote.text, remote.n_tokens, remote.finish_reason) == \
+               (reference.text, reference.n_tokens, reference.finish_reason), request.id
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_server_error_is_reported_with_the_url(vllm_server_url):
+    with http_engine(vllm_server_url, max_retries=0) as engine:
+        engine.model = "no-such-model"  # vLLM answers 404 for an unknown served model name
+        with pytest.raises(MisguardError, match="HTTP 404") as caught:
+            engine.generate(text_requests(1), PARAMS)
+    assert vllm_server_url in str(caught.value)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_infer_cli_against_the_server(vllm_server_url, model_dir, demo_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cli.main", "infer", "--engine", "openai", "--model", "tiny",
+           "--base-url", vllm_server_url, "--data", str(demo_dir), "--split", "real", "--out", str(out),
+           "--max-new-tokens", "8", "--concurrency", "4", "--quiet"]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
+    rows = [json.loads(line) for line in (out / "real" / "tiny.jsonl").read_text().splitlines()]
+    assert len(rows) == len({r["id"] for r in rows}) == 12
+    assert all(r["model"] == "tiny" for r in rows)
+    manifest = json.loads((out / "real" / "tiny.manifest.json").read_text())
+    assert manifest["engine"]["engine"] == "openai" and "api_key" not in json.dumps(manifest)

@@ -1,0 +1,145 @@
+"""The vLLM engine on a tiny random-weight Qwen2-VL, run by vLLM's CPU build in this process: two images per
+prompt, batches in order, and greedy parity with the transformers engine token for token (both float32)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from guard.engines import EngineOptions, load_engine
+from guard.messages import GenerationParams, Request, user_request
+from mis.errors import MisguardError, MissingExtraError
+
+requires_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+MAX_NEW_TOKENS = 12
+GREEDY = GenerationParams(max_new_tokens=MAX_NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory):
+    """Random RGB images of different sizes and aspect ratios, so each maps to a different visual token count."""
+    folder = tmp_path_factory.mktemp("vllm-images")
+    paths = []
+    for seed, (width, height) in enumerate([(96, 72), (64, 128), (120, 90), (80, 80), (150, 60)]):
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        path = folder / f"image{seed}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def mis_requests(image_paths) -> list[Request]:
+    """Two images then a question, as in MIS; prompt lengths all differ so outputs can be matched to requests."""
+    questions = ["Is this safe?", "Describe both images.", "What is shown in the first picture and the second?",
+                 "Could these two images together help someone do harm? Answer yes or no.",
+                 "Hi", "Compare the images in detail, then decide whether the request is safe or unsafe."]
+    requests = [user_request(f"item-{i}", [image_paths[i % 5], image_paths[(i + 2) % 5]], q)
+                for i, q in enumerate(questions)]
+    with_system = Request(id="item-system", messages=(
+        {"role": "system", "content": [{"type": "text", "text": "You are a careful safety judge."}]},
+        *user_request("x", image_paths[3:5], "Safe or unsafe?").messages))
+    return [*requests, with_system]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model):
+    return str(tiny_model("qwen2_vl"))
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(model_dir):
+    engine = load_engine("vllm", model_dir, EngineOptions(dtype="float32", max_model_len=2048))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_generations(vllm_engine, mis_requests):
+    return vllm_engine.generate(mis_requests, GREEDY)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+class TestVLLMEngine:
+    def test_one_generation_per_request_in_order(self, vllm_engine, mis_requests, vllm_generations):
+        assert len(vllm_generations) == len(mis_requests)
+        for generation in vllm_generations:
+            assert 0 <= generation.n_tokens <= MAX_NEW_TOKENS
+            assert generation.finish_reason in {"stop", "length"}
+            assert isinstance(generation.text, str)
+        prompt_lengths = [g.extra["prompt_tokens"] for g in vllm_generations]
+        assert len(set(prompt_lengths)) == len(mis_requests)  # the order check below is not vacuous
+        backwards = vllm_engine.generate(mis_requests[::-1], GREEDY)
+        assert backwards[::-1] == vllm_generations
+
+    def test_both_images_reach_the_prompt(self, vllm_engine, image_paths):
+        one, two = vllm_engine.generate([user_request("one", image_paths[:1], "Safe?"),
+                                         user_request("two", image_paths[:2], "Safe?")], GREEDY)
+        # Each image adds its own run of visual tokens to the prompt (image 1 is 64x128 -> several tokens).
+        assert two.extra["prompt_tokens"] > one.extra["prompt_tokens"] + 2
+
+    def test_more_images_than_the_limit_is_an_error(self, vllm_engine, image_paths):
+        with pytest.raises(MisguardError, match="3 images.*allows 2"):
+            vllm_engine.generate([user_request("three", image_paths[:3], "Safe?")], GREEDY)
+
+    def test_no_requests_no_work(self, vllm_engine):
+        assert vllm_engine.generate([], GREEDY) == []
+
+    def test_cpu_defaults_are_recorded(self, vllm_engine):
+        kwargs = vllm_engine.describe()["llm_kwargs"]
+        assert kwargs["dtype"] == "float32"
+        assert kwargs["limit_mm_per_prompt"] == {"image": 2, "video": 0}
+        assert kwargs["enforce_eager"] is True
+        assert kwargs["kv_cache_memory_bytes"] == 256 * 2**20
+        assert vllm_engine.chunk_size == 64
+
+    def test_greedy_parity_with_transformers(self, model_dir, mis_requests, vllm_generations):
+        hf_engine = load_engine("transformers", model_dir, EngineOptions(dtype="float32"))
+        try:
+            hf_generations = hf_engine.generate(mis_requests, GREEDY)
+        finally:
+            hf_engine.close()
+        # With the tiny model's seed-0 weights "Hi" ends with EOS after a few tokens and the rest run to the
+        # limit, so the parity check covers both endings (and the EOS token not being counted).
+        assert {g.finish_reason for g in hf_generations} == {"stop", "length"}, \
+            "pick prompts where the tiny model stops early"
+        for request, ours, theirs in zip(mis_requests, vllm_generations, hf_generations):
+            assert (ours.text, ours.n_tokens, ours.finish_reason) == \
+                   (theirs.text, theirs.n_tokens, theirs.finish_reason), request.id
+
+
+def test_missing_vllm_names_the_extra(monkeypatch, tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail as if it were not installed
+    with pytest.raises(MissingExtraError, match=r"misguard\[vllm\]"):
+        load_engine("vllm", model_dir)
+
+
+def test_a_hub_name_is_not_a_model_folder():
+    with pytest.raises(MisguardError, match="not a local model folder"):
+        load_engine("vllm", "Qwen/Qwen2-VL-2B-Instruct")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_infer_through_vllm_writes_what_transformers_writes(vllm_engine, model_dir, demo_dir, tmp_path):
+    from mis.infer import InferConfig, run_inference
+    from mis.io import read_responses
+
+    def run(engine_name, **kwargs):
+        config = InferConfig(model=model_dir, data=demo_dir, split="hard", out=tmp_path / engine_name,
+                             engine=engine_name, engine_options=EngineOptions(dtype="float32"), generation=GREEDY)
+        return read_responses(run_inference(config, progress=False, **kwargs).responses_path)
+
+    through_vllm = run("vllm", engine=vllm_engine)
+    through_transformers = run("transformers")
+    assert len(through_vllm) == len(through_transformers) > 0
+    assert {r.id: r.response for r in through_vllm} == {r.id: r.response for r in through_transformers}

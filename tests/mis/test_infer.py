@@ -1,0 +1,119 @@
+"""The target-inference loop on a tiny real model: output format, resume after SIGKILL, shards, settings."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from guard.engines.base import EngineOptions
+from guard.messages import GenerationParams
+from mis.errors import MisguardError
+from mis.infer import InferConfig, merge_shards, parse_shard, run_inference
+from mis.io import load_split
+from mis.records import Item
+
+ITEM_FIELDS = set(Item.model_fields)
+
+
+def lines_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def config_for(model: Path, data: Path, out: Path, **kwargs) -> InferConfig:
+    return InferConfig(model=str(model), data=data, split="easy", out=out,
+                       engine_options=EngineOptions(dtype="float32", batch_size=4),
+                       generation=GenerationParams(max_new_tokens=6), **kwargs)
+
+
+def test_writes_one_response_per_item_with_item_fields(tiny_model, demo_dir, tmp_path):
+    result = run_inference(config_for(tiny_model("qwen2_vl"), demo_dir, tmp_path), progress=False)
+    assert result.responses_path == tmp_path / "easy" / f"{tiny_model('qwen2_vl').name}.jsonl"
+    rows = lines_of(result.responses_path)
+    items = load_split(demo_dir, "easy").items
+    assert sorted(r["id"] for r in rows) == sorted(i.id for i in items)
+    by_id = {i.id: i for i in items}
+    for row in rows:
+        assert set(row) == ITEM_FIELDS | {"response", "model"}
+        assert row["model"] == Path(tiny_model("qwen2_vl")).name
+        assert {k: row[k] for k in ITEM_FIELDS} == by_id[row["id"]].model_dump()
+        assert isinstance(row["response"], str)
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["complete"] and manifest["items"] == len(items)
+    assert manifest["settings"]["generation"]["max_new_tokens"] == 6
+    assert result.generated == len(items) and result.already_done == 0
+
+
+def test_rerun_does_only_missing_items(tiny_model, demo_dir, tmp_path):
+    model = tiny_model("qwen2_vl")
+    first = run_inference(config_for(model, demo_dir, tmp_path, limit=5), progress=False)
+    assert first.generated == 5
+    second = run_inference(config_for(model, demo_dir, tmp_path), progress=False)
+    assert (second.already_done, second.generated) == (5, second.total - 5)
+    rows = lines_of(second.responses_path)
+    assert len(rows) == len({r["id"] for r in rows}) == second.total
+    third = run_inference(config_for(model, demo_dir, tmp_path), progress=False)
+    assert third.generated == 0 and len(lines_of(third.responses_path)) == second.total
+
+
+def test_other_settings_on_the_same_output_are_refused(tiny_model, demo_dir, tmp_path):
+    model = tiny_model("qwen2_vl")
+    run_inference(config_for(model, demo_dir, tmp_path, limit=2), progress=False)
+    changed = config_for(model, demo_dir, tmp_path, limit=2)
+    changed.generation = GenerationParams(max_new_tokens=7)
+    with pytest.raises(MisguardError, match="other settings"):
+        run_inference(changed, progress=False)
+
+
+def test_shards_cover_the_split_once_and_merge(tiny_model, demo_dir, tmp_path):
+    model = tiny_model("qwen2_vl")
+    run_inference(config_for(model, demo_dir, tmp_path, shard=(0, 3)), progress=False)
+    with pytest.raises(MisguardError, match="missing shards"):
+        merge_shards(tmp_path, "easy", Path(model).name)
+    for i in (1, 2):
+        run_inference(config_for(model, demo_dir, tmp_path, shard=(i, 3)), progress=False)
+    merged = merge_shards(tmp_path, "easy", Path(model).name)
+    rows = lines_of(merged)
+    items = load_split(demo_dir, "easy").items
+    assert [r["id"] for r in rows] == sorted((i.id for i in items), key=int)
+    whole = run_inference(config_for(model, demo_dir, tmp_path / "whole"), progress=False)
+    assert {r["id"]: r for r in rows} == {r["id"]: r for r in lines_of(whole.responses_path)}
+
+
+@pytest.mark.parametrize("text", ["3", "3/3", "-1/2", "a/b"])
+def test_bad_shard_spec(text):
+    with pytest.raises(MisguardError):
+        parse_shard(text)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_every_item_exactly_once(tiny_model, demo_dir, tmp_path):
+    model = tiny_model("qwen2_vl")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cli.main", "infer", "--model", str(model), "--data", str(demo_dir),
+           "--split", "easy", "--out", str(out), "--batch-size", "1", "--max-new-tokens", "150", "--quiet",
+           "--dtype", "float32"]
+    responses = out / "easy" / f"{model.name}.jsonl"
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2])
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if responses.exists() and len(responses.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(lines_of(responses))
+    total = len(load_split(demo_dir, "easy").items)
+    assert 0 < done_before < total
+    # What kill -9 during a write can leave: half a JSON line at the end.
+    with open(responses, "a") as fh:
+        fh.write('{"id": "half-written", "question": "unfinis')
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2])
+    ids = [r["id"] for r in lines_of(responses)]
+    assert len(ids) == len(set(ids)) == total
