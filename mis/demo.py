@@ -27,6 +27,9 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, progress
     from mis.demo_data import make_demo_data
     from mis.infer import InferConfig, run_inference
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # tiny models load in milliseconds; their bars would only clutter the demo
     console = Console()
     out = Path(out)
     started = time.time()
@@ -46,6 +49,7 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, progress
 
     console.print("3. misguard infer (transformers engine, batched, resumable):")
     table = Table("target model", "split", "responses", "file")
+    table.columns[-1].overflow = "fold"
     responses = []
     for arch, folder in models.items():
         options = EngineOptions(dtype="float32")
