@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,6 +44,39 @@ class Generation:
     n_tokens: int | None = None
     finish_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A closed set of answer tokens to score: their ids in the model's tokenizer and their text (HTTP servers
+    that are not vLLM name tokens by text only)."""
+
+    ids: tuple[int, ...]
+    texts: tuple[str, ...]
+
+    def __post_init__(self):
+        if len(self.ids) != len(self.texts) or len(set(self.ids)) != len(self.ids) or not self.ids:
+            raise ValueError(f"label tokens must be distinct and non-empty: ids {self.ids}, texts {self.texts}")
+
+
+@dataclass(frozen=True)
+class LabelProbs:
+    """A model's next-token distribution at the start of its answer, over a closed set of label tokens."""
+
+    probs: tuple[float, ...]
+    """One probability per requested token id, in the order asked, renormalized to sum to 1."""
+    mass: float
+    """The labels' total probability before renormalizing: near 1 when the model follows the answer format,
+    small when it wanted to say something else (a diagnostic, and a signal for calibration)."""
+
+
+def label_probs_from_logprobs(logprobs: Sequence[float]) -> LabelProbs:
+    """LabelProbs from the full-vocabulary log-probabilities of the label tokens (a numerically stable
+    renormalization)."""
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    total = sum(weights)
+    return LabelProbs(probs=tuple(w / total for w in weights), mass=math.exp(top) * total)
 
 
 def user_request(request_id: str, images: Sequence[str | Path], text: str) -> Request:

@@ -74,3 +74,43 @@ class Verdict(BaseModel):
 def content_key(record: Item | Verdict) -> tuple[str, str, str, str]:
     """(image_path1, image_path2, question, response) — how id-less verdict files are matched back."""
     return (record.image_path1, record.image_path2, record.question, getattr(record, "response", ""))
+
+
+PERCEPTION_LEVELS: tuple[str, ...] = ("Level1", "Level2", "Level3")
+
+
+class Judgment(BaseModel):
+    """A judge's verdict on one response: the gpt_eval.py fields (so the seed's tools read it) plus the item's
+    id, split and sub-category, the target model, the judge's probabilities and where they came from.
+
+    An unscored judgment (the judge's output could not be read) has status "unscored", no labels and no
+    probabilities, and a `reason`; it is counted and reported, never given a default label.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    label_perception: Literal["Perception Level1", "Perception Level2", "Perception Level3"] | None
+    label_str: Literal["Safe", "Unsafe"] | None
+    category: str
+    question: str
+    response: str
+    image_path1: str
+    image_path2: str
+    id: str
+    split: str
+    sub_category: str
+    model: str
+    p_unsafe: float | None = None
+    p_perception: dict[str, float] | None = None
+    """{"Level1": p, "Level2": p, "Level3": p}, summing to 1."""
+    judge: str
+    """Which judge produced it: a judge folder's id, or "reference:<file>" for labels read from gpt_eval.py."""
+    template: str
+    """The judge prompt template id ("" for reference labels)."""
+    status: Literal["scored", "unscored"] = "scored"
+    reason: str | None = None
+    """Why a judgment is unscored."""
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return content_key(self)

@@ -5,7 +5,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Iterator, Sequence
 
-from guard.messages import Generation, GenerationParams, Request
+from guard.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request
+from mis.errors import MisguardError
 
 
 @dataclass
@@ -63,6 +64,12 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
         """Run every request; returns one Generation per request, in the order given."""
+
+    def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
+        """For each request, the probability of each label token as the first token of the model's answer
+        (one forward pass, no sampling). None for a request whose label tokens the engine could not see (e.g. an
+        HTTP server that returns only a few top logprobs); such items are unscored, never guessed."""
+        raise MisguardError(f"the {self.name} engine cannot score label tokens")
 
     def stream(self, requests: Sequence[Request], params: GenerationParams) -> Iterator[tuple[int, Generation]]:
         """Run every request, yielding (index into `requests`, Generation) as results become available, so a

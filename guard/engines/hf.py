@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 
 from guard.engines.base import Engine, EngineOptions
 from guard.families import family_for
-from guard.messages import Generation, GenerationParams, Request
+from guard.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, label_probs_from_logprobs
 from guard.offline import enforce_offline
 from mis.errors import MisguardError
 
@@ -97,6 +97,17 @@ class TransformersEngine(Engine):
         return results  # type: ignore[return-value]
 
     def stream(self, requests: Sequence[Request], params: GenerationParams) -> Iterator[tuple[int, Generation]]:
+        return self._batched(requests, lambda batch: self._generate_batch(batch, params))
+
+    def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
+        results: list[LabelProbs | None] = [None] * len(requests)
+        for index, probs in self._batched(requests, lambda batch: self._label_batch(batch, labels.ids)):
+            results[index] = probs
+        return results
+
+    def _batched(self, requests: Sequence[Request], run) -> Iterator[tuple[int, Any]]:
+        """Yield (index, result) for every request, running `run` on size-sorted batches; on CUDA out of
+        memory the batch size is halved and the batch retried."""
         prepared = [self.prepare(r) for r in requests]
         # Similar sizes together: fewer pad tokens per batch. Image area stands in for image-token count.
         order = sorted(range(len(requests)),
@@ -105,7 +116,7 @@ class TransformersEngine(Engine):
         while start < len(order):
             batch = order[start:start + self.batch_size]
             try:
-                generations = self._run_batch([prepared[i] for i in batch], params)
+                results = run([prepared[i] for i in batch])
             except Exception as exc:
                 if not _is_cuda_oom(exc) or self.batch_size == 1:
                     raise
@@ -113,18 +124,31 @@ class TransformersEngine(Engine):
                 log.warning("CUDA out of memory; retrying with batch size %d", self.batch_size)
                 _empty_cuda_cache()
                 continue
-            yield from zip(batch, generations)
+            yield from zip(batch, results)
             start += len(batch)
 
-    def _run_batch(self, prepared: list[tuple[str, list[Any]]], params: GenerationParams) -> list[Generation]:
-        import torch
-
+    def _inputs(self, prepared: list[tuple[str, list[Any]]]):
         prompts = [p for p, _ in prepared]
         images = [imgs for _, imgs in prepared]
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
         if any(images):
             kwargs["images"] = images
-        inputs = self.processor(**kwargs).to(self.device)
+        return self.processor(**kwargs).to(self.device)
+
+    def _label_batch(self, prepared: list[tuple[str, list[Any]]], token_ids: Sequence[int]) -> list[LabelProbs]:
+        import torch
+
+        inputs = self._inputs(prepared)
+        with torch.inference_mode():
+            # Only the last position's logits: the full [batch, length, vocab] tensor would not fit for 7B models.
+            logits = self.net(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+        logprobs = torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist()
+        return [label_probs_from_logprobs(row) for row in logprobs]
+
+    def _generate_batch(self, prepared: list[tuple[str, list[Any]]], params: GenerationParams) -> list[Generation]:
+        import torch
+
+        inputs = self._inputs(prepared)
         sampling = params.temperature > 0
         if sampling:
             torch.manual_seed(params.seed)
