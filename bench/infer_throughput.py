@@ -106,8 +106,8 @@ def main() -> None:
 
     engine = load_engine("transformers", str(model), config.engine_options)
     # Warm-up (kernels, allocator) outside the timings, for both.
-    from mis.io import load_split
     from guard.messages import user_request
+    from mis.io import load_split
     split = load_split(data, "easy")
     warm = [user_request(i.id, split.image_paths(i), i.question) for i in split.items[:2]]
     engine.generate(warm, GenerationParams(max_new_tokens=4))

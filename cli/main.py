@@ -23,7 +23,25 @@ app = typer.Typer(
     add_completion=False,
 )
 
+# Engine options shared by every command that runs a model (infer, score): declared once, built by engine_options.
 Engine = Annotated[str, typer.Option(help="transformers | vllm | openai")]
+BaseUrl = Annotated[Optional[list[str]], typer.Option(
+    help="OpenAI-compatible server URL ending in /v1 (--engine openai); repeat for round-robin.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Batch size; default: automatic.")]
+Dtype = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")]
+TensorParallel = Annotated[int, typer.Option(help="vLLM: GPUs per model replica.")]
+PipelineParallel = Annotated[int, typer.Option(help="vLLM: pipeline stages (multi-node with ray).")]
+ExecutorBackend = Annotated[Optional[str], typer.Option(help="vLLM: mp | ray.")]
+MaxModelLen = Annotated[Optional[int], typer.Option(help="vLLM: context length.")]
+GpuMemory = Annotated[Optional[float], typer.Option(help="vLLM: share of GPU memory.")]
+VllmArg = Annotated[Optional[list[str]], typer.Option(
+    help="vLLM: any further LLM() argument as KEY=VALUE (VALUE read as JSON if it parses), repeatable; "
+         "e.g. kv_cache_memory_bytes=2147483648.")]
+Concurrency = Annotated[int, typer.Option(help="openai: requests in flight.")]
+ApiKey = Annotated[str, typer.Option(envvar="MISGUARD_API_KEY", help="openai: API key.")]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Run code shipped in the model folder.")]
+SkipBad = Annotated[bool, typer.Option(help="Log and count bad items instead of stopping.")]
+Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
 
 
 @app.command()
@@ -33,40 +51,31 @@ def infer(
     split: Annotated[str, typer.Option(help="easy | hard | real")],
     out: Annotated[Path, typer.Option(help="Output directory: responses go to OUT/<split>/<model-name>.jsonl.")],
     engine: Engine = "transformers",
-    base_url: Annotated[Optional[list[str]], typer.Option(
-        help="OpenAI-compatible server URL ending in /v1 (--engine openai); repeat for round-robin.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size; default: automatic.")] = None,
+    base_url: BaseUrl = None,
+    batch_size: BatchSize = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per response.")] = 1024,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N items of the split.")] = None,
     shard: Annotated[Optional[str], typer.Option(help="I/N: run items I, I+N, ... (join with `misguard merge`).")] = None,
     model_name: Annotated[Optional[str], typer.Option(help="Name in the output; default: the folder's name.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
-    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per model replica.")] = 1,
-    pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM: pipeline stages (multi-node with ray).")] = 1,
-    distributed_executor_backend: Annotated[Optional[str], typer.Option(help="vLLM: mp | ray.")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help="vLLM: context length.")] = None,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM: share of GPU memory.")] = None,
-    vllm_arg: Annotated[Optional[list[str]], typer.Option(
-        help="vLLM: any further LLM() argument as KEY=VALUE (VALUE read as JSON if it parses), repeatable; "
-             "e.g. kv_cache_memory_bytes=2147483648.")] = None,
-    concurrency: Annotated[int, typer.Option(help="openai: requests in flight.")] = 16,
-    api_key: Annotated[str, typer.Option(envvar="MISGUARD_API_KEY", help="openai: API key.")] = "EMPTY",
-    trust_remote_code: Annotated[bool, typer.Option(help="Run code shipped in the model folder.")] = False,
-    skip_bad: Annotated[bool, typer.Option(help="Log and count bad items instead of stopping.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    dtype: Dtype = "auto",
+    tensor_parallel_size: TensorParallel = 1,
+    pipeline_parallel_size: PipelineParallel = 1,
+    distributed_executor_backend: ExecutorBackend = None,
+    max_model_len: MaxModelLen = None,
+    gpu_memory_utilization: GpuMemory = None,
+    vllm_arg: VllmArg = None,
+    concurrency: Concurrency = 16,
+    api_key: ApiKey = "EMPTY",
+    trust_remote_code: TrustRemoteCode = False,
+    skip_bad: SkipBad = False,
+    quiet: Quiet = False,
 ):
     """Run a target VLM over an MIS split and write its responses (resumable: re-run to finish)."""
-    from guard.engines.base import EngineOptions
     from guard.messages import GenerationParams
     from mis.infer import InferConfig, parse_shard, run_inference
 
-    options = EngineOptions(
-        batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code,
-        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-        distributed_executor_backend=distributed_executor_backend, max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization, vllm_args=parse_key_values(vllm_arg or [], "--vllm-arg"),
-        base_urls=list(base_url or []), api_key=api_key, concurrency=concurrency)
+    options = engine_options(locals())
     config = InferConfig(
         model=model, data=data, split=split, out=out, engine=engine, engine_options=options,
         generation=GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature),
@@ -76,6 +85,58 @@ def infer(
                f"{result.skipped_items} bad items skipped) in {result.seconds:.1f} s")
     typer.echo(f"responses: {result.responses_path}")
     typer.echo(f"manifest:  {result.manifest_path}")
+
+
+@app.command()
+def score(
+    responses: Annotated[Optional[list[Path]], typer.Argument(
+        help="Responses files (JSON Lines from `misguard infer`), one or more target models.")] = None,
+    data: Annotated[Path, typer.Option(help="The MIS test directory the responses were made on.")] = ...,
+    out: Annotated[Path, typer.Option(help="Output directory: judgments.jsonl, metrics.json, metrics.md.")] = ...,
+    judge: Annotated[Optional[Path], typer.Option(
+        help="Judge folder (model + judge.json), or a plain instruct VLM folder (zero-shot JSON).")] = None,
+    from_labels: Annotated[Optional[list[Path]], typer.Option(
+        help="Instead of judging: GPT-4o verdict files as gpt_eval.py writes them (one per target model).")] = None,
+    label_model_name: Annotated[Optional[list[str]], typer.Option(
+        help="With --from-labels: the target model of each file, in order (default: file names).")] = None,
+    engine: Engine = "transformers",
+    base_url: BaseUrl = None,
+    served_model: Annotated[Optional[str], typer.Option(
+        help="openai: the judge's model name on the server (default: the judge folder's path).")] = None,
+    batch_size: BatchSize = None,
+    dtype: Dtype = "auto",
+    tensor_parallel_size: TensorParallel = 1,
+    pipeline_parallel_size: PipelineParallel = 1,
+    distributed_executor_backend: ExecutorBackend = None,
+    max_model_len: MaxModelLen = None,
+    gpu_memory_utilization: GpuMemory = None,
+    vllm_arg: VllmArg = None,
+    concurrency: Concurrency = 16,
+    api_key: ApiKey = "EMPTY",
+    trust_remote_code: TrustRemoteCode = False,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% confidence intervals.")] = 1000,
+    skip_bad: SkipBad = False,
+    quiet: Quiet = False,
+):
+    """Judge responses with a local judge (or read GPT-4o's labels) and write the MIS metrics (resumable)."""
+    from mis.score import ScoreConfig, run_score, score_reference_labels
+
+    if from_labels:
+        if responses or judge:
+            raise MisguardError("--from-labels reads verdicts instead of judging: give no responses or --judge")
+        result = score_reference_labels(from_labels, data, out, model_names=label_model_name, skip_bad=skip_bad,
+                                        n_bootstrap=bootstrap)
+    else:
+        if not responses or judge is None:
+            raise MisguardError("give responses files and --judge (or --from-labels GPT_EVAL_FILES)")
+        options = engine_options(locals())
+        result = run_score(ScoreConfig(responses=list(responses), judge=judge, data=data, out=out, engine=engine,
+                                       engine_options=options, served_model=served_model, skip_bad=skip_bad,
+                                       n_bootstrap=bootstrap), progress=not quiet)
+        typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in {result.seconds:.1f} s")
+    typer.echo(f"{result.total} judgments, {result.unscored} unscored: {result.judgments_path}")
+    typer.echo(f"metrics:   {result.metrics_paths[0]}")
+    typer.echo(f"           {result.metrics_paths[1]}")
 
 
 @app.command()
@@ -102,6 +163,19 @@ def make_demo_data(
     typer.echo(f"synthetic MIS data: {make(out, n_items=items, seed=seed)}")
 
 
+@app.command("make-judge")
+def make_judge(
+    folder: Annotated[Path, typer.Argument(help="A model folder saved with save_pretrained.")],
+    judge_id: Annotated[Optional[str], typer.Option(help="The judge's id in judgments; default: folder name.")] = None,
+    template: Annotated[str, typer.Option(help="Prompt template id.")] = "mis-judge-codes-v1",
+):
+    """Make a model folder a judge folder: write its judge.json (template and answer-label token ids)."""
+    from guard.judge import write_judge_spec
+
+    spec = write_judge_spec(folder, judge_id=judge_id, template=template)
+    typer.echo(f"judge '{spec.id}' ({spec.template}): {folder / 'judge.json'}")
+
+
 @app.command("make-tiny-model")
 def make_tiny_model(
     out: Annotated[Path, typer.Argument(help="Directory to create.")],
@@ -123,6 +197,21 @@ def demo(
     from mis.demo import run_demo
 
     run_demo(out, n_items=items)
+
+
+def engine_options(command_args: dict):
+    """The EngineOptions from a command's arguments (its `locals()`), which declare the shared engine options
+    with the aliases at the top of this module."""
+    from guard.engines.base import EngineOptions
+
+    a = command_args
+    return EngineOptions(
+        batch_size=a["batch_size"], dtype=a["dtype"], trust_remote_code=a["trust_remote_code"],
+        tensor_parallel_size=a["tensor_parallel_size"], pipeline_parallel_size=a["pipeline_parallel_size"],
+        distributed_executor_backend=a["distributed_executor_backend"], max_model_len=a["max_model_len"],
+        gpu_memory_utilization=a["gpu_memory_utilization"],
+        vllm_args=parse_key_values(a["vllm_arg"] or [], "--vllm-arg"), base_urls=list(a["base_url"] or []),
+        api_key=a["api_key"], concurrency=a["concurrency"])
 
 
 def parse_key_values(pairs: list[str], option: str) -> dict:

@@ -306,6 +306,12 @@ def read_verdicts(path: str | Path, skip_bad: bool = False) -> list[Verdict]:
     return read_jsonl(path, Verdict, skip_bad=skip_bad)
 
 
+def read_jsonl_numbered(path: str | Path, model: type[ModelT], *, skip_bad: bool = False) -> list[tuple[int, ModelT]]:
+    """Like `read_jsonl`, with each record's 1-based line number, so a later check can name the line it
+    refuses. Returns (line, record) pairs in file order; raises DataError like `read_jsonl`."""
+    return list(_read_jsonl_lines(path, model, skip_bad=skip_bad, allow_torn_tail=False, skipped=None))
+
+
 def _read_jsonl_lines(path: str | Path, model: type[ModelT], *, skip_bad: bool, allow_torn_tail: bool,
                       skipped: list[DataError] | None) -> Iterator[tuple[int, ModelT]]:
     path = Path(path)

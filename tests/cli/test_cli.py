@@ -69,3 +69,43 @@ def test_demo_runs_with_outbound_network_blocked(tmp_path):
         for f in files:
             assert len(f.read_text().splitlines()) == 4
     assert "responses" in result.stdout
+    # infer -> score: one judgment per response (2 targets x 3 splits x 4 items), metrics per model and split.
+    judgments = [json.loads(line) for line in (tmp_path / "demo" / "scores" / "judgments.jsonl").open()]
+    assert len(judgments) == 24 and {j["status"] for j in judgments} == {"scored"}
+    assert all(abs(sum(j["p_perception"].values()) - 1) < 1e-6 for j in judgments)
+    groups = json.loads((tmp_path / "demo" / "scores" / "metrics.json").read_text())["groups"]
+    assert {(g["split"]) for g in groups} == {"easy", "hard", "real", "all"}
+    assert "metrics.md" in result.stdout
+
+
+def test_score_bad_input_is_one_line_error_naming_file_line_and_field(demo_dir, tmp_path):
+    items = json.loads((demo_dir / "mis_easy.json").read_text())
+    verdicts = tmp_path / "gpt4o.jsonl"
+    rows = [{"label_perception": "Perception Level1", "label_str": "Safe", "category": i["category"],
+             "question": i["question"], "response": "r", "image_path1": i["image_path1"],
+             "image_path2": i["image_path2"]} for i in items[:3]]
+    del rows[1]["label_str"]
+    verdicts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = misguard("score", "--from-labels", str(verdicts), "--data", str(demo_dir), "--out", str(tmp_path / "o"))
+    err = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(err) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "gpt4o.jsonl:2" in err[0] and "label_str" in err[0]
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+    responses = tmp_path / "responses.jsonl"
+    rows = [{**i, "response": "r", "model": "m"} for i in items[:3]]
+    rows[2]["question"] = "a question MIS never asked"
+    responses.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = misguard("score", str(responses), "--judge", str(tmp_path / "no-judge"), "--data", str(demo_dir),
+                      "--out", str(tmp_path / "o"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "not a judge folder" in result.stderr
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    (judge / "config.json").write_text("{}")  # a model folder: zero-shot spec; responses are checked before loading
+    result = misguard("score", str(responses), "--judge", str(judge), "--data", str(demo_dir),
+                      "--out", str(tmp_path / "o"))
+    err = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(err) == 1, result.stderr
+    assert "responses.jsonl:3" in err[0] and "'id'" in err[0]
+    assert not (tmp_path / "o" / "judgments.jsonl").exists()

@@ -1,0 +1,244 @@
+"""`misguard score`: judge target responses with a local judge and compute the MIS metrics.
+
+Stage files in OUT: `judgments.jsonl` (one line per (target model, split, item), appended and fsynced per
+chunk, so a crash loses at most the chunk in flight and a re-run judges only what is missing), a
+`score.manifest.json`, and `metrics.json` / `metrics.md` computed from the judgments file.
+`score_reference_labels` reads the seed's GPT-4o output (gpt_eval.py files, no ids) into the same judgments
+format, so reference and local metrics come from one code path.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from guard.engines.base import EngineOptions
+from mis.errors import DataError, MisguardError
+from mis.io import (
+    append_jsonl,
+    find_split_file,
+    load_split,
+    read_jsonl,
+    read_jsonl_numbered,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
+from mis.records import SPLITS, Item, Judgment, Response, Verdict
+
+JUDGMENTS_FILE = "judgments.jsonl"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreConfig:
+    """One `misguard score` run. Each field is one CLI option."""
+
+    responses: list[Path]
+    """Responses files (JSON Lines, as `misguard infer` writes), one or more target models."""
+    judge: Path
+    """Judge folder (model + judge.json), or a plain instruct VLM folder for zero-shot JSON judging."""
+    data: Path
+    """The MIS test directory the responses were made on."""
+    out: Path
+    engine: str = "transformers"
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
+    served_model: str | None = None
+    """With --engine openai: the judge's model name on the server."""
+    skip_bad: bool = False
+    n_bootstrap: int = 1000
+
+
+@dataclass
+class ScoreResult:
+    judgments_path: Path
+    metrics_paths: tuple[Path, Path]
+    total: int
+    already_done: int
+    judged: int
+    unscored: int
+    seconds: float
+
+
+class ItemIndex:
+    """Every item of an MIS directory, findable by its content (image paths + question): how responses and
+    id-less reference verdicts are matched back to their item and split."""
+
+    def __init__(self, data: Path, *, skip_bad: bool = False):
+        self.root: dict[str, Path] = {}
+        self.by_content: dict[tuple[str, str, str], tuple[str, Item]] = {}
+        for split in SPLITS:
+            try:
+                find_split_file(data, split)
+            except DataError:
+                continue  # a directory may hold only some splits
+            loaded = load_split(data, split, skip_bad=skip_bad)
+            self.root[split] = loaded.root
+            for item in loaded.items:
+                self.by_content[(item.image_path1, item.image_path2, item.question)] = (split, item)
+        if not self.root:
+            raise DataError("no MIS split file found (mis_easy.json, mis_hard.json, mis_real.json)", path=data)
+
+    def find(self, image_path1: str, image_path2: str, question: str) -> tuple[str, Item] | None:
+        return self.by_content.get((image_path1, image_path2, question))
+
+    def images(self, split: str, item: Item) -> tuple[Path, Path]:
+        return self.root[split] / item.image_path1, self.root[split] / item.image_path2
+
+
+def _cases(config: ScoreConfig, index: ItemIndex):
+    """Every response of every file as a judge Case, responses to one item side by side. Raises DataError
+    (file, line, field) for a response that matches no MIS item or is given twice."""
+    from guard.judge import Case
+
+    cases = []
+    seen: dict[tuple[str, str, str], str] = {}
+    for path in config.responses:
+        for line, response in read_jsonl_numbered(path, Response, skip_bad=config.skip_bad):
+            found = index.find(response.image_path1, response.image_path2, response.question)
+            if found is None or found[1].id != response.id:
+                error = DataError(f"no item with id {response.id}, this question and these image paths in "
+                                  f"{config.data}", path=path, line=line, field="id")
+                if not config.skip_bad:
+                    raise error
+                log.warning("skipping bad line: %s", error)
+                continue
+            split, item = found
+            key = (response.model, split, response.id)
+            if key in seen:
+                raise DataError(f"model {response.model!r}, {split} item {response.id} is also at {seen[key]}",
+                                path=path, line=line, field="id")
+            seen[key] = f"{path}:{line}"
+            cases.append(Case(response=response, images=index.images(split, item), split=split))
+    # Responses to the same item side by side: they share the judge prompt's image + question prefix.
+    cases.sort(key=lambda c: (c.split, _id_order(c.response.id), c.response.model))
+    return cases
+
+
+def _id_order(item_id: str):
+    return (0, int(item_id), "") if item_id.isdigit() else (1, 0, item_id)
+
+
+def judgment_key(j: Judgment | Response, split: str | None = None) -> tuple[str, str, str]:
+    return (j.model, split if split is not None else j.split, j.id)
+
+
+def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> ScoreResult:
+    """Judge every response not yet in OUT/judgments.jsonl, then write the metrics. `judge`, if given, is used
+    instead of loading config.judge. Raises DataError for responses that match no MIS item, MisguardError when
+    OUT holds judgments from another judge or template."""
+    from guard.judge import Judge, read_judge_spec
+    from mis.version import __version__
+
+    started = time.time()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    judgments_path = out / JUDGMENTS_FILE
+    spec = judge.spec if judge is not None else read_judge_spec(config.judge)
+    index = ItemIndex(config.data, skip_bad=config.skip_bad)
+    cases = _cases(config, index)
+
+    existing = read_jsonl(judgments_path, Judgment, allow_torn_tail=True) if judgments_path.exists() else []
+    others = {(j.judge, j.template) for j in existing} - {(spec.id, spec.template)}
+    if others:
+        raise MisguardError(f"{judgments_path} holds judgments by another judge or template {sorted(others)}; "
+                            "use another --out")
+    done = {judgment_key(j) for j in existing}
+    todo = [c for c in cases if judgment_key(c.response, c.split) not in done]
+    manifest_path = out / "score.manifest.json"
+    manifest = {"misguard_version": __version__, "judge_folder": str(config.judge), "judge": spec.model_dump(),
+                "responses": [str(p) for p in config.responses], "data": str(Path(config.data).resolve()),
+                "cases": len(cases), "complete": False}
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
+
+    judged = 0
+    if todo:
+        owned = judge is None
+        if judge is None:
+            judge = Judge(config.judge, config.engine, config.engine_options, served_model=config.served_model)
+        manifest["engine"] = judge.engine.describe()
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cases), initial=len(cases) - len(todo), unit="judgment", desc="score",
+                   disable=not progress, dynamic_ncols=True)
+        try:
+            step = max(1, judge.chunk_size)
+            for start in range(0, len(todo), step):
+                chunk = judge.judge(todo[start:start + step])
+                append_jsonl(judgments_path, chunk)
+                judged += len(chunk)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            if owned:
+                judge.close()
+
+    metrics_paths, unscored = _write_metrics(judgments_path, {judgment_key(c.response, c.split) for c in cases},
+                                             out, config.n_bootstrap)
+    manifest.update(complete=True, finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
+    return ScoreResult(judgments_path, metrics_paths, total=len(cases), already_done=len(cases) - len(todo),
+                       judged=judged, unscored=unscored, seconds=time.time() - started)
+
+
+def _write_metrics(judgments_path: Path, keys: set | None, out: Path, n_bootstrap: int):
+    from mis.metrics import compute_metrics, write_metrics
+
+    judgments = read_jsonl(judgments_path, Judgment)
+    if keys is not None:  # only this run's responses, if the folder also holds judgments of other files
+        judgments = [j for j in judgments if judgment_key(j) in keys]
+    report = compute_metrics(judgments, n_bootstrap=n_bootstrap)
+    return write_metrics(report, out), sum(j.status == "unscored" for j in judgments)
+
+
+def reference_judgments(verdict_files: Iterable[Path], data: Path, *, model_names: list[str] | None = None,
+                        skip_bad: bool = False) -> list[Judgment]:
+    """The seed's GPT-4o verdicts (gpt_eval.py output) as Judgments, matched back to their MIS items by
+    (image_path1, image_path2, question). Each file is one target model, named by `model_names` or the file's
+    stem. Raises DataError for a verdict that matches no item."""
+    index = ItemIndex(data, skip_bad=skip_bad)
+    files = list(verdict_files)
+    if model_names is not None and len(model_names) != len(files):
+        raise MisguardError(f"{len(model_names)} model names for {len(files)} label files")
+    judgments = []
+    for n, path in enumerate(files):
+        model = model_names[n] if model_names else Path(path).stem
+        seen: set[tuple[str, str]] = set()
+        for line, verdict in read_jsonl_numbered(path, Verdict, skip_bad=skip_bad):
+            found = index.find(verdict.image_path1, verdict.image_path2, verdict.question)
+            if found is None:
+                error = DataError(f"no item in {data} has this question and these image paths "
+                                  f"({verdict.image_path1}, {verdict.image_path2})", path=path, line=line,
+                                  field="question")
+                if not skip_bad:
+                    raise error
+                log.warning("skipping bad line: %s", error)
+                continue
+            split, item = found
+            if (split, item.id) in seen:
+                raise DataError(f"a second verdict for {split} item {item.id}", path=path, line=line,
+                                field="question")
+            seen.add((split, item.id))
+            judgments.append(Judgment(
+                label_perception=verdict.label_perception, label_str=verdict.label_str, category=item.category,
+                question=verdict.question, response=verdict.response, image_path1=verdict.image_path1,
+                image_path2=verdict.image_path2, id=item.id, split=split, sub_category=item.sub_category,
+                model=model, judge=f"reference:{Path(path).name}", template=""))
+    return judgments
+
+
+def score_reference_labels(verdict_files: list[Path], data: Path, out: Path, *,
+                           model_names: list[str] | None = None, skip_bad: bool = False,
+                           n_bootstrap: int = 1000) -> ScoreResult:
+    """`misguard score --from-labels`: GPT-4o's verdicts to judgments.jsonl + metrics, like a local judge's."""
+    started = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    judgments = reference_judgments(verdict_files, data, model_names=model_names, skip_bad=skip_bad)
+    path = out / JUDGMENTS_FILE
+    write_jsonl_atomic(path, judgments)
+    metrics_paths, unscored = _write_metrics(path, None, out, n_bootstrap)
+    return ScoreResult(path, metrics_paths, total=len(judgments), already_done=0, judged=len(judgments),
+                       unscored=unscored, seconds=time.time() - started)

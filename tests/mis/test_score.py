@@ -1,0 +1,155 @@
+"""`misguard score` end to end on tiny real models: judgments, metrics, resume, reference labels, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from guard.engines import EngineOptions
+from guard.judge import write_judge_spec
+from guard.messages import GenerationParams
+from mis.errors import DataError, MisguardError
+from mis.infer import InferConfig, run_inference
+from mis.io import load_split, read_jsonl, write_verdicts
+from mis.records import Judgment, Verdict
+from mis.score import ScoreConfig, run_score, score_reference_labels
+
+ROOT = Path(__file__).resolve().parents[2]
+GPT_EVAL_FIELDS = {"label_perception", "label_str", "category", "question", "response", "image_path1",
+                   "image_path2"}
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("score-judge") / "tiny-judge"
+    shutil.copytree(tiny_model("qwen2_vl"), folder)
+    write_judge_spec(folder, judge_id="tiny-judge")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def responses(tiny_model, demo_dir, tmp_path_factory):
+    """Responses of two tiny target models on the easy and real splits (6 items each)."""
+    out = tmp_path_factory.mktemp("score-responses")
+    paths = []
+    for arch in ("qwen2_vl", "qwen2_5_vl"):
+        for split in ("easy", "real"):
+            config = InferConfig(model=str(tiny_model(arch)), data=demo_dir, split=split, out=out, limit=6,
+                                 model_name=f"target-{arch}", engine_options=EngineOptions(dtype="float32"),
+                                 generation=GenerationParams(max_new_tokens=5))
+            paths.append(run_inference(config, progress=False).responses_path)
+    return paths
+
+
+def score_config(responses, judge_dir, demo_dir, out, **kwargs):
+    return ScoreConfig(responses=list(responses), judge=judge_dir, data=demo_dir, out=out,
+                       engine_options=EngineOptions(dtype="float32", batch_size=4), n_bootstrap=200, **kwargs)
+
+
+def test_score_writes_one_judgment_per_response_and_metrics(responses, judge_dir, demo_dir, tmp_path):
+    result = run_score(score_config(responses, judge_dir, demo_dir, tmp_path), progress=False)
+    judgments = read_jsonl(result.judgments_path, Judgment)
+    assert result.total == result.judged == len(judgments) == 24
+    assert len({(j.model, j.split, j.id) for j in judgments}) == 24
+    rows = [json.loads(line) for line in result.judgments_path.read_text().splitlines()]
+    assert GPT_EVAL_FIELDS | {"id", "model", "p_unsafe", "p_perception", "judge", "template", "status"} <= set(rows[0])
+    easy = {i.id: i for i in load_split(demo_dir, "easy").items}
+    for j in judgments:
+        assert j.status == "scored" and j.judge == "tiny-judge"
+        if j.split == "easy":
+            assert (j.question, j.sub_category) == (easy[j.id].question, easy[j.id].sub_category)
+    metrics = json.loads(result.metrics_paths[0].read_text())
+    text = json.dumps(metrics)
+    assert "target-qwen2_vl" in text and "target-qwen2_5_vl" in text
+    assert result.metrics_paths[1].read_text().count("ASR") >= 2
+    again = run_score(score_config(responses, judge_dir, demo_dir, tmp_path), progress=False)
+    assert again.judged == 0 and len(read_jsonl(again.judgments_path, Judgment)) == 24
+
+
+def test_reference_labels_give_the_same_metrics_through_the_same_path(responses, judge_dir, demo_dir, tmp_path):
+    local = run_score(score_config(responses, judge_dir, demo_dir, tmp_path / "local"), progress=False)
+    judgments = read_jsonl(local.judgments_path, Judgment)
+    # Write the local judge's labels as gpt_eval.py files (no ids), one per target model, and read them back.
+    files = []
+    for model in sorted({j.model for j in judgments}):
+        path = tmp_path / f"{model}.jsonl"
+        write_verdicts(path, [Verdict(**j.model_dump(include=GPT_EVAL_FIELDS)) for j in judgments if j.model == model])
+        files.append(path)
+    reference = score_reference_labels(files, demo_dir, tmp_path / "reference", n_bootstrap=200)
+    read_back = read_jsonl(reference.judgments_path, Judgment)
+    assert {(j.model, j.split, j.id, j.label_str, j.label_perception) for j in read_back} == \
+           {(j.model, j.split, j.id, j.label_str, j.label_perception) for j in judgments}
+    assert all(j.judge.startswith("reference:") for j in read_back)
+
+    def values(path):
+        return [(g["model"], g["split"], g["overall"]["values"]) for g in json.loads(path.read_text())["groups"]]
+
+    assert values(reference.metrics_paths[0]) == values(local.metrics_paths[0])
+
+
+def test_responses_to_unknown_items_are_refused(responses, judge_dir, demo_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    rows = [json.loads(line) for line in responses[0].read_text().splitlines()]
+    rows[2]["question"] = "a question MIS never asked"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="bad.jsonl.*id"):
+        run_score(score_config([bad], judge_dir, demo_dir, tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "judgments.jsonl").exists()
+
+
+def test_verdicts_for_unknown_items_are_refused(demo_dir, tmp_path):
+    item = load_split(demo_dir, "easy").items[0]
+    path = tmp_path / "gpt.jsonl"
+    write_verdicts(path, [Verdict(label_perception="Perception Level1", label_str="Safe", category=item.category,
+                                  question="not an MIS question", response="r", image_path1=item.image_path1,
+                                  image_path2=item.image_path2)])
+    with pytest.raises(DataError, match="gpt.jsonl"):
+        score_reference_labels([path], demo_dir, tmp_path / "out")
+
+
+def test_another_judge_into_the_same_output_is_refused(responses, judge_dir, demo_dir, tmp_path):
+    run_score(score_config(responses[:1], judge_dir, demo_dir, tmp_path), progress=False)
+    other = tmp_path / "other-judge"
+    shutil.copytree(judge_dir, other)
+    write_judge_spec(other, judge_id="another-judge")
+    with pytest.raises(MisguardError, match="another judge"):
+        run_score(score_config(responses[:1], other, demo_dir, tmp_path), progress=False)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_score_then_rerun_judges_each_response_once(tiny_model, judge_dir, tmp_path):
+    from mis.demo_data import make_demo_data
+
+    data = make_demo_data(tmp_path / "data", n_items=60, seed=1)
+    config = InferConfig(model=str(tiny_model("qwen2_vl")), data=data, split="easy", out=tmp_path / "responses",
+                         engine_options=EngineOptions(dtype="float32", batch_size=16),
+                         generation=GenerationParams(max_new_tokens=3))
+    responses = run_inference(config, progress=False).responses_path
+    out = tmp_path / "scored"
+    cmd = [sys.executable, "-m", "cli.main", "score", str(responses), "--judge", str(judge_dir), "--data", str(data),
+           "--out", str(out), "--batch-size", "1", "--dtype", "float32", "--quiet", "--bootstrap", "100"]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    judgments = out / "judgments.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if judgments.exists() and len(judgments.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "scoring ended before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = len(judgments.read_text().splitlines())
+    assert 0 < before < 60
+    with open(judgments, "a") as fh:
+        fh.write('{"label_perception": "Percep')  # half a line, as kill -9 during a write leaves it
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=300)
+    keys = [(j.model, j.split, j.id) for j in read_jsonl(judgments, Judgment)]
+    assert len(keys) == len(set(keys)) == 60
+    assert (out / "metrics.json").exists()
