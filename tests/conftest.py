@@ -39,3 +39,16 @@ def demo_dir(tmp_path_factory) -> Path:
     from mis.demo_data import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("mis-demo"), n_items=12, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tiny_model, tmp_path_factory) -> Path:
+    """A judge folder: a copy of the tiny Qwen2-VL with a judge.json (codes template, id "tiny-judge")."""
+    import shutil
+
+    from guard.judge import write_judge_spec
+
+    folder = tmp_path_factory.mktemp("judge") / "tiny-judge"
+    shutil.copytree(tiny_model("qwen2_vl"), folder)
+    write_judge_spec(folder, judge_id="tiny-judge")
+    return folder

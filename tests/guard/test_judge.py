@@ -8,7 +8,7 @@ import pytest
 
 from guard.engines import EngineOptions
 from guard.engines.base import Engine
-from guard.judge import JUDGE_FILE, Case, Judge, read_judge_spec, write_judge_spec
+from guard.judge import JUDGE_FILE, Case, Judge, read_judge_spec
 from guard.judge.parse import parse_json_verdict
 from guard.judge.rubric import CODES, TEMPLATES, get_template
 from guard.messages import Generation
@@ -18,11 +18,8 @@ from mis.records import Response
 
 
 @pytest.fixture(scope="module")
-def judge_dir(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("judge") / "tiny-judge"
-    shutil.copytree(tiny_model("qwen2_vl"), folder)
-    write_judge_spec(folder, judge_id="tiny-judge")
-    return folder
+def judge_dir(tiny_judge):
+    return tiny_judge
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,8 @@ GPT_EVAL_FIELDS = {"label_perception", "label_str", "category", "question", "res
 
 
 @pytest.fixture(scope="module")
-def judge_dir(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("score-judge") / "tiny-judge"
-    shutil.copytree(tiny_model("qwen2_vl"), folder)
-    write_judge_spec(folder, judge_id="tiny-judge")
-    return folder
+def judge_dir(tiny_judge):
+    return tiny_judge
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +89,18 @@ def test_reference_labels_give_the_same_metrics_through_the_same_path(responses,
         return [(g["model"], g["split"], g["overall"]["values"]) for g in json.loads(path.read_text())["groups"]]
 
     assert values(reference.metrics_paths[0]) == values(local.metrics_paths[0])
+
+
+def test_unreadable_verdicts_are_unscored_and_counted_never_labelled(tiny_model, responses, demo_dir, tmp_path):
+    # A plain model folder is a zero-shot JSON judge; random weights never write a readable verdict.
+    result = run_score(score_config(responses[:2], tiny_model("qwen2_vl"), demo_dir, tmp_path), progress=False)
+    judgments = read_jsonl(result.judgments_path, Judgment)
+    assert result.unscored == len(judgments) == 12
+    assert all(j.status == "unscored" and j.label_str is None and j.reason for j in judgments)
+    groups = json.loads(result.metrics_paths[0].read_text())["groups"]
+    assert groups and all(g["unscored"] == g["n"] and g["overall"]["values"] is None for g in groups)
+    again = run_score(score_config(responses[:2], tiny_model("qwen2_vl"), demo_dir, tmp_path), progress=False)
+    assert again.judged == 0  # unscored is a result too: a re-run does not judge them again
 
 
 def test_responses_to_unknown_items_are_refused(responses, judge_dir, demo_dir, tmp_path):
