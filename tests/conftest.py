@@ -52,3 +52,11 @@ def tiny_judge(tiny_model, tmp_path_factory) -> Path:
     shutil.copytree(tiny_model("qwen2_vl"), folder)
     write_judge_spec(folder, judge_id="tiny-judge")
     return folder
+
+
+@pytest.fixture(scope="session")
+def code_labels(tiny_judge):
+    """The judge's answer codes "1".."6" as label tokens of the tiny Qwen2-VL's tokenizer (a LabelSet)."""
+    from guard.judge import read_judge_spec
+
+    return read_judge_spec(tiny_judge).label_set()

@@ -7,20 +7,53 @@ times. Nothing but the given base URLs is ever contacted.
 
 The API key is `options.api_key`; when that is left at its default "EMPTY" and OPENAI_API_KEY is set, the
 environment variable is used, as the openai client itself would (a vLLM server started with --api-key).
+
+Label scoring asks for one token with logprobs. The first label request to each base URL also sends vLLM's own
+request fields, `logprob_token_ids` (the labels' logprobs, whatever their rank) and `return_tokens_as_token_ids`
+(tokens named "token_id:N", matched by id). A server that rejects them (HTTP 400 or 422, as OpenAI's API does for
+unknown fields) gets that request again without them, and every later one too, and its labels are matched by text
+among the top 20 logprobs; a server that ignores them answers by text as well. A label that is not among what
+came back leaves that request unscored (None), never guessed. Probing by request rather than by asking the server
+what it is also works through proxies that pass vLLM's fields on. A vLLM server that refuses the ids themselves
+(not in its vocabulary: a judge.json for another tokenizer) falls back the same way; the warning logged says why.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from guard.engines.base import Engine, EngineOptions
-from guard.messages import Generation, GenerationParams, Request, content_parts, image_data_url
+from guard.messages import (
+    Generation,
+    GenerationParams,
+    LabelProbs,
+    LabelSet,
+    Request,
+    content_parts,
+    image_data_url,
+    label_probs_from_logprobs,
+)
 from mis.errors import MisguardError, MissingExtraError
 
+log = logging.getLogger("misguard")
+
 DEFAULT_API_KEY = "EMPTY"
+TOP_LOGPROBS = 20
+"""Top logprobs asked for when scoring labels by text: the OpenAI API's maximum and vLLM's default max_logprobs."""
+TOKEN_ID_PREFIX = "token_id:"
+"""How vLLM names a token when asked for return_tokens_as_token_ids."""
+
+
+class ServerRequestError(MisguardError):
+    """A request the server still refused after the client's retries; `status_code` is its HTTP status."""
+
+    def __init__(self, message: str, status_code: int):
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class OpenAIEngine(Engine):
@@ -48,6 +81,8 @@ class OpenAIEngine(Engine):
         self.sent_per_base_url = [0] * len(self.base_urls)
         """Requests sent to each base URL (same order as base_urls), for round-robin checks and diagnostics."""
         self._next_url = 0
+        self.sends_token_ids: list[bool | None] = [None] * len(self.base_urls)
+        """Per base URL: whether label requests carry vLLM's logprob_token_ids (None until the first one)."""
         api_key = opts.api_key
         if api_key == DEFAULT_API_KEY:
             api_key = os.environ.get("OPENAI_API_KEY") or DEFAULT_API_KEY
@@ -60,6 +95,7 @@ class OpenAIEngine(Engine):
 
     async def _open_clients(self, api_key: str) -> list[Any]:
         self._semaphore = asyncio.Semaphore(self.options.concurrency)
+        self._probe_locks = [asyncio.Lock() for _ in self.base_urls]
         return [self._openai.AsyncOpenAI(base_url=url, api_key=api_key, max_retries=self.options.max_retries,
                                          timeout=self.options.timeout_s)
                 for url in self.base_urls]
@@ -101,17 +137,31 @@ class OpenAIEngine(Engine):
         """Send every request; returns one Generation per request, in the order given. Raises DataError for an
         unreadable image and MisguardError naming the base URL when a request still fails after the client's
         retries (HTTP status and reason, timeout, or connection error) or the server returns no text."""
+        return self._send_all(requests, lambda request_id, messages, url_index:
+                              self._complete(request_id, messages, url_index, params))
+
+    def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
+        """For each request, the label tokens' probabilities as the first token of the answer, renormalized over
+        the labels, from a one-token completion with logprobs (see the module docstring for how labels are
+        matched). None for a request whose label tokens did not all come back. Raises DataError and
+        MisguardError as `generate` does."""
+        return self._send_all(requests, lambda request_id, messages, url_index:
+                              self._score(request_id, messages, url_index, labels))
+
+    def _send_all(self, requests: Sequence[Request], send: Callable[[str, list, int], Coroutine]) -> list:
+        """`send(request id, chat messages, base URL index)` for every request, round-robin over the base URLs,
+        concurrently; the results in the order given."""
         if not requests:
             return []
         payloads = []
         for request in requests:
             payloads.append((request.id, self._chat_messages(request), self._next_url))
             self._next_url = (self._next_url + 1) % len(self.base_urls)
-        return self._run(self._generate_all(payloads, params))
+        return self._run(self._gather(payloads, send))
 
-    async def _generate_all(self, payloads, params: GenerationParams) -> list[Generation]:
-        tasks = [asyncio.ensure_future(self._complete(request_id, messages, url_index, params))
-                 for request_id, messages, url_index in payloads]
+    @staticmethod
+    async def _gather(payloads, send) -> list:
+        tasks = [asyncio.ensure_future(send(*payload)) for payload in payloads]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -121,20 +171,21 @@ class OpenAIEngine(Engine):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def _complete(self, request_id: str, messages, url_index: int, params: GenerationParams) -> Generation:
+    async def _create(self, request_id: str, url_index: int, **body):
+        """The server's chat completion for one request (`body`: the create() arguments besides the model).
+        Raises ServerRequestError for an HTTP error status and MisguardError for a timeout or connection error,
+        each naming the base URL, after the client's retries."""
         openai = self._openai
         url = self.base_urls[url_index]
         async with self._semaphore:
             self.sent_per_base_url[url_index] += 1
             try:
-                response = await self._clients[url_index].chat.completions.create(
-                    model=self.model, messages=messages, max_tokens=params.max_new_tokens,
-                    temperature=params.temperature, top_p=params.top_p, seed=params.seed)
+                return await self._clients[url_index].chat.completions.create(model=self.model, **body)
             except openai.APIStatusError as exc:
                 reason = exc.response.reason_phrase if exc.response is not None else ""
-                raise MisguardError(
+                raise ServerRequestError(
                     f"{url}: request {request_id} failed with HTTP {exc.status_code} {reason} "
-                    f"(after up to {self.options.max_retries} retries): {exc.message}") from None
+                    f"(after up to {self.options.max_retries} retries): {exc.message}", exc.status_code) from None
             except openai.APITimeoutError:
                 raise MisguardError(
                     f"{url}: request {request_id} timed out after {self.options.timeout_s:g} s "
@@ -144,6 +195,11 @@ class OpenAIEngine(Engine):
                 raise MisguardError(
                     f"{url}: request {request_id} could not connect (after {self.options.max_retries} retries): "
                     f"{cause.__class__.__name__}: {cause}") from None
+
+    async def _complete(self, request_id: str, messages, url_index: int, params: GenerationParams) -> Generation:
+        url = self.base_urls[url_index]
+        response = await self._create(request_id, url_index, messages=messages, max_tokens=params.max_new_tokens,
+                                       temperature=params.temperature, top_p=params.top_p, seed=params.seed)
         if not response.choices or response.choices[0].message.content is None:
             raise MisguardError(f"{url}: request {request_id}: the server returned no message text "
                                 f"(finish_reason={response.choices[0].finish_reason if response.choices else None})")
@@ -156,6 +212,31 @@ class OpenAIEngine(Engine):
             n_tokens -= 1
         return Generation(text=choice.message.content, n_tokens=n_tokens, finish_reason=choice.finish_reason,
                           extra={"base_url": url, "completion_tokens": completion_tokens})
+
+    async def _score(self, request_id: str, messages, url_index: int, labels: LabelSet) -> LabelProbs | None:
+        body: dict[str, Any] = {"messages": messages, "max_tokens": 1, "temperature": 0.0, "logprobs": True,
+                                "top_logprobs": TOP_LOGPROBS}
+        vllm_fields = {"extra_body": {"logprob_token_ids": list(labels.ids), "return_tokens_as_token_ids": True}}
+        if self.sends_token_ids[url_index] is None:
+            # The first label request to a server finds out whether it takes vLLM's fields; the others for that
+            # server wait for the answer rather than each being refused once.
+            async with self._probe_locks[url_index]:
+                if self.sends_token_ids[url_index] is None:
+                    try:
+                        response = await self._create(request_id, url_index, **body, **vllm_fields)
+                    except ServerRequestError as exc:
+                        if exc.status_code not in (400, 422):
+                            raise
+                        response = await self._create(request_id, url_index, **body)
+                        self.sends_token_ids[url_index] = False
+                        log.warning("%s does not take vLLM's logprob_token_ids (%s); matching label tokens by "
+                                    "text among the top %d logprobs", self.base_urls[url_index], exc, TOP_LOGPROBS)
+                    else:
+                        self.sends_token_ids[url_index] = True
+                    return label_probs_from_response(response, labels)
+        extra = vllm_fields if self.sends_token_ids[url_index] else {}
+        response = await self._create(request_id, url_index, **body, **extra)
+        return label_probs_from_response(response, labels)
 
     def close(self) -> None:
         """Close the HTTP clients and stop the engine's event loop. Safe to call twice."""
@@ -172,3 +253,27 @@ class OpenAIEngine(Engine):
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             self._loop.close()
+
+
+def label_probs_from_response(response, labels: LabelSet) -> LabelProbs | None:
+    """LabelProbs from the logprobs of a chat completion's first token, or None when any label is missing from
+    them or named twice with different values. Tokens come back as vLLM's "token_id:N" (matched to `labels.ids`)
+    or as text (matched to `labels.texts`)."""
+    choice = response.choices[0] if response.choices else None
+    content = choice.logprobs.content if choice is not None and choice.logprobs is not None else None
+    if not content:
+        return None
+    first = content[0]
+    # The sampled token counts too: a server need not repeat it among its top logprobs.
+    entries = [(first.token, first.logprob), *((top.token, top.logprob) for top in first.top_logprobs or ())]
+    by_id = all(token.startswith(TOKEN_ID_PREFIX) for token, _ in entries)
+    seen: dict[Any, set[float]] = {}
+    for token, logprob in entries:
+        key = int(token[len(TOKEN_ID_PREFIX):]) if by_id else token
+        seen.setdefault(key, set()).add(logprob)
+    found = [seen.get(key, set()) for key in (labels.ids if by_id else labels.texts)]
+    # Missing, or two tokens with the label's text and different logprobs (e.g. an undecodable byte "\ufffd"):
+    # either way the label's probability is not known.
+    if any(len(values) != 1 for values in found):
+        return None
+    return label_probs_from_logprobs([values.pop() for values in found])

@@ -2,7 +2,8 @@
 vLLM's own Ray support), fed whole chunks of requests so its continuous batching stays full.
 
 Prompts go through `LLM.chat`, so vLLM renders them with the model's own chat template, the same template the
-transformers engine applies through the HF processor; in float32 both engines give the same greedy tokens.
+transformers engine applies through the HF processor; in float32 both engines give the same greedy tokens and the
+same label-token probabilities.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 from guard.engines.base import Engine, EngineOptions
 from guard.engines.hf import check_model_folder
 from guard.families import family_for
-from guard.messages import Generation, GenerationParams, Request
+from guard.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, label_probs_from_logprobs
 from guard.offline import enforce_offline
 from mis.errors import MisguardError, MissingExtraError
 
@@ -105,28 +106,32 @@ class VLLMEngine(Engine):
                                       else part for part in message["content"]]
         return conversation
 
+    def _chat(self, requests: Sequence[Request], sampling) -> list[Any]:
+        """vLLM's RequestOutputs for every request from one `LLM.chat` call, in the order given. Raises DataError
+        for an unreadable image and MisguardError when the engine is closed or vLLM rejects a request."""
+        llm = self.__dict__.get("_llm")
+        if llm is None:
+            raise MisguardError("the vLLM engine is closed")
+        conversations = [self._conversation(r) for r in requests]
+        try:
+            return llm.chat(conversations, sampling, use_tqdm=False)
+        except ValueError as exc:  # vLLM's input validation: too long for max_model_len, bad image, ...
+            raise MisguardError(f"vLLM rejected a request in this batch: {exc}") from exc
+
     def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
         """Run every request in one `LLM.chat` call; returns one Generation per request, in the order given.
         Raises DataError for an unreadable image and MisguardError for a request vLLM rejects (too many images,
         a prompt longer than max_model_len)."""
         if not requests:
             return []
-        llm = self.__dict__.get("_llm")
-        if llm is None:
-            raise MisguardError("the vLLM engine is closed")
         from vllm import SamplingParams
 
-        conversations = [self._conversation(r) for r in requests]
         # Explicit SamplingParams: vLLM's neutral defaults for everything not given here, never the sampling
         # values of the model's generation_config.json (which LLM.chat only applies when given no params).
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p, seed=params.seed)
-        try:
-            outputs = llm.chat(conversations, sampling, use_tqdm=False)
-        except ValueError as exc:  # vLLM's input validation: too long for max_model_len, bad image, ...
-            raise MisguardError(f"vLLM rejected a request in this batch: {exc}") from exc
         results = []
-        for out in outputs:
+        for out in self._chat(requests, sampling):
             completion = out.outputs[0]
             n_tokens = len(completion.token_ids)
             if completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str) and n_tokens:
@@ -136,6 +141,42 @@ class VLLMEngine(Engine):
             results.append(Generation(text=completion.text, n_tokens=n_tokens,
                                       finish_reason=completion.finish_reason,
                                       extra={"prompt_tokens": len(out.prompt_token_ids or ())}))
+        return results
+
+    def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
+        """For each request, the label tokens' probabilities as the first token of the answer, renormalized over
+        the labels, from one `LLM.chat` call that generates one token. None for a request whose output lacks a
+        label's logprob (never guessed). Raises MisguardError as `generate` does, and when the engine was started
+        with a `logprobs_mode` other than vLLM's default 'raw_logprobs'."""
+        if not requests:
+            return []
+        llm = self.__dict__.get("_llm")
+        if llm is None:
+            raise MisguardError("the vLLM engine is closed")
+        # vLLM's v1 Sampler computes logprobs from the model's logits before logits processors, penalties and
+        # temperature only in 'raw_logprobs' mode (ModelConfig's default); the other modes return processed
+        # values or bare logits, which are not the distribution the transformers engine scores.
+        mode = llm.model_config.logprobs_mode
+        if mode != "raw_logprobs":
+            raise MisguardError(f"label scoring needs vLLM's logprobs_mode 'raw_logprobs', but the engine runs "
+                                f"with '{mode}'; drop logprobs_mode from vllm_args")
+        from vllm import SamplingParams
+
+        # logprob_token_ids (vLLM 0.32's SamplingParams): the sampler gathers exactly these ids from the
+        # full-vocabulary log-softmax (Sampler.gather_specific_token_logprobs), uncapped by max_logprobs (20 by
+        # default; the cap is 128 ids). logprobs=-1 would instead ship the whole vocabulary back for every
+        # request and need max_logprobs=-1. `logprobs` stays unset: vLLM requires it to equal len(ids) if given.
+        sampling = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(labels.ids))
+        results: list[LabelProbs | None] = []
+        for out in self._chat(requests, sampling):
+            steps = out.outputs[0].logprobs
+            # First (only) generated position: the sampled token plus each requested id, keyed by token id.
+            first = steps[0] if steps else {}
+            found = [first.get(token_id) for token_id in labels.ids]
+            if any(logprob is None for logprob in found):
+                results.append(None)
+            else:
+                results.append(label_probs_from_logprobs([logprob.logprob for logprob in found]))
         return results
 
     def close(self) -> None:

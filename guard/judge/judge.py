@@ -40,6 +40,11 @@ class JudgeSpec(BaseModel):
     calibration: dict | None = None
     base_model: str | None = None
 
+    def label_set(self) -> LabelSet:
+        """The answer codes as label tokens, in CODES order (codes templates only)."""
+        tokens = self.label_tokens or {}
+        return LabelSet(ids=tuple(tokens[c] for c in CODES), texts=tuple(CODES))
+
 
 @dataclass(frozen=True)
 class Case:
@@ -119,8 +124,7 @@ class Judge:
         self.engine = engine_instance or load_engine(engine, served_model or str(self.folder), options)
         self._owns_engine = engine_instance is None
         if self.template.mode == "codes":
-            tokens = self.spec.label_tokens or {}
-            self.labels = LabelSet(ids=tuple(tokens[c] for c in CODES), texts=tuple(CODES))
+            self.labels = self.spec.label_set()
 
     @property
     def id(self) -> str:

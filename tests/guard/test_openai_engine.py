@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import math
 import random
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from guard.engines import EngineOptions, load_engine
-from guard.messages import GenerationParams, Request, user_request
+from guard.messages import GenerationParams, LabelSet, Request, user_request
 from mis.errors import MisguardError
 from tests.guard.vllm_server import free_port, vllm_api_server
 
@@ -29,8 +30,12 @@ class StubChatServer:
     requests came, how many were in flight at most, and the request bodies."""
 
     def __init__(self, status_for=lambda n: 200, delay_s: float | tuple[float, float] = 0.0,
-                 content_null: bool = False):
+                 content_null: bool = False, logprobs_for=None, unknown_fields: tuple[str, ...] = ()):
         self.status_for, self.delay_s, self.content_null = status_for, delay_s, content_null
+        self.logprobs_for = logprobs_for
+        """body -> the choice's "logprobs" object (None: no logprobs, as a server that does not do them)."""
+        self.unknown_fields = unknown_fields
+        """Request fields answered with HTTP 400, as OpenAI's API answers fields it does not know."""
         self.n_requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -70,14 +75,21 @@ class StubChatServer:
                     delay = stub.delay_s if isinstance(stub.delay_s, float) else random.uniform(*stub.delay_s)
                     time.sleep(delay)
                     status = stub.status_for(arrival)
+                    unknown = [name for name in stub.unknown_fields if name in body]
+                    if status == 200 and unknown:
+                        status = 400
                     if status == 200:
                         last_text = [p["text"] for p in body["messages"][-1]["content"] if p["type"] == "text"][-1]
                         payload = {
                             "id": f"cmpl-{arrival}", "object": "chat.completion", "created": 0,
                             "model": body["model"],
                             "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                "role": "assistant", "content": None if stub.content_null else f"echo: {last_text}"}}],
+                                "role": "assistant", "content": None if stub.content_null else f"echo: {last_text}"},
+                                "logprobs": stub.logprobs_for(body) if stub.logprobs_for else None}],
                             "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+                    elif unknown:
+                        payload = {"error": {"message": f"Unrecognized request argument supplied: {', '.join(unknown)}",
+                                             "type": "invalid_request_error"}}
                     else:
                         payload = {"error": {"message": f"stub says {status}", "type": "server_error"}}
                     data = json.dumps(payload).encode()
@@ -194,6 +206,104 @@ def test_closed_engine_refuses_work():
             engine.generate(text_requests(1), PARAMS)
 
 
+# --- label scoring against stub servers -------------------------------------------------------------------------
+
+LABELS = LabelSet(ids=(16, 17, 18, 19, 20, 21), texts=("1", "2", "3", "4", "5", "6"))
+LABEL_PROBS = (0.4, 0.2, 0.15, 0.1, 0.1, 0.05)
+LABEL_MASS = 0.8
+VLLM_FIELDS = ("logprob_token_ids", "return_tokens_as_token_ids")
+
+
+def last_text(body: dict) -> str:
+    return [p["text"] for p in body["messages"][-1]["content"] if p["type"] == "text"][-1]
+
+
+def first_token_logprobs(by_id: bool, missing: str | None = None, duplicate: str | None = None) -> dict:
+    """A chat completion's "logprobs" for one generated token: the labels at LABEL_MASS in all, split as
+    LABEL_PROBS, plus another token; tokens named "token_id:N" (vLLM's return_tokens_as_token_ids) or by text.
+    `missing` leaves that label out; `duplicate` adds a second token with that label's text."""
+    entries = [("token_id:7" if by_id else "The", math.log(0.1))]
+    for token_id, text, p in zip(LABELS.ids, LABELS.texts, LABEL_PROBS):
+        if text != missing:
+            entries.append((f"token_id:{token_id}" if by_id else text, math.log(LABEL_MASS * p)))
+    if duplicate:
+        entries.append((duplicate, math.log(0.01)))
+    entries.sort(key=lambda entry: -entry[1])
+    top = [{"token": token, "logprob": logprob, "bytes": None} for token, logprob in entries]
+    return {"content": [{**top[0], "top_logprobs": top}]}
+
+
+def assert_label_probs(scored) -> None:
+    assert scored is not None
+    assert scored.probs == pytest.approx(LABEL_PROBS, abs=1e-9)
+    assert scored.mass == pytest.approx(LABEL_MASS, rel=1e-9)
+
+
+def test_label_probs_by_token_id_from_a_vllm_style_server():
+    def logprobs_for(body):
+        # Honours vLLM's fields as vLLM does; question 1's answer lacks label "6".
+        missing = "6" if last_text(body) == "question 1" else None
+        return first_token_logprobs(by_id=body.get("return_tokens_as_token_ids") is True, missing=missing)
+
+    with StubChatServer(logprobs_for=logprobs_for) as server, \
+            http_engine(server.base_url, concurrency=4) as engine:
+        scored = engine.label_probs(text_requests(3), LABELS)
+        assert engine.sends_token_ids == [True]
+    assert_label_probs(scored[0])
+    assert scored[1] is None  # a label that did not come back is unscored, not given probability 0
+    assert_label_probs(scored[2])
+    assert server.n_requests == 3
+    for body in server.bodies:
+        assert (body["max_tokens"], body["temperature"], body["logprobs"]) == (1, 0.0, True)
+        assert body["logprob_token_ids"] == list(LABELS.ids) and body["return_tokens_as_token_ids"] is True
+
+
+@pytest.mark.parametrize("server_kind", ["rejects vLLM's fields", "ignores vLLM's fields"])
+def test_label_probs_by_text_when_the_server_does_not_do_logprob_token_ids(server_kind):
+    rejects = server_kind.startswith("rejects")
+
+    def logprobs_for(body):
+        question = last_text(body)
+        return first_token_logprobs(by_id=False, missing="6" if question == "question 1" else None,
+                                    duplicate="3" if question == "question 2" else None)
+
+    with StubChatServer(logprobs_for=logprobs_for, unknown_fields=VLLM_FIELDS if rejects else ()) as server, \
+            http_engine(server.base_url, concurrency=4) as engine:
+        scored = engine.label_probs(text_requests(4), LABELS)
+        [again] = engine.label_probs(text_requests(1), LABELS)
+        assert engine.sends_token_ids == [not rejects]
+    assert_label_probs(scored[0])
+    assert scored[1] is None  # label "6" is not among the top logprobs
+    assert scored[2] is None  # two tokens read "3": which one is the label's is not known
+    assert_label_probs(scored[3])
+    assert_label_probs(again)
+    assert all(body["top_logprobs"] == 20 for body in server.bodies)
+    if rejects:
+        # Only the first request was refused; it was sent again without the fields, and so were all the others.
+        assert server.n_requests == 6
+        assert [any(name in body for name in VLLM_FIELDS) for body in server.bodies] == [True] + [False] * 5
+    else:
+        assert server.n_requests == 5
+
+
+def test_label_probs_without_logprobs_are_unscored():
+    with StubChatServer() as server, http_engine(server.base_url) as engine:
+        assert engine.label_probs(text_requests(2), LABELS) == [None, None]
+
+
+def test_label_probs_server_error_is_not_taken_for_a_refused_field():
+    with StubChatServer(status_for=lambda n: 500) as server, http_engine(server.base_url, max_retries=0) as engine, \
+            pytest.raises(MisguardError, match="HTTP 500"):
+        engine.label_probs(text_requests(1), LABELS)
+    assert server.n_requests == 1 and engine.sends_token_ids == [None]
+
+
+def test_label_probs_of_no_requests():
+    with StubChatServer() as server, http_engine(server.base_url) as engine:
+        assert engine.label_probs([], LABELS) == []
+    assert server.n_requests == 0
+
+
 # --- against vLLM's own OpenAI-compatible server ---------------------------------------------------------------
 
 requires_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
@@ -274,3 +384,36 @@ def test_infer_cli_against_the_server(vllm_server_url, model_dir, demo_dir, tmp_
     assert all(r["model"] == "tiny" for r in rows)
     manifest = json.loads((out / "real" / "tiny.manifest.json").read_text())
     assert manifest["engine"]["engine"] == "openai" and "api_key" not in json.dumps(manifest)
+
+
+@pytest.fixture(scope="module")
+def transformers_label_probs(model_dir, two_image_requests, code_labels):
+    hf_engine = load_engine("transformers", model_dir, EngineOptions(dtype="float32"))
+    try:
+        return hf_engine.label_probs(two_image_requests, code_labels)
+    finally:
+        hf_engine.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_server_label_probs_match_transformers(vllm_server_url, two_image_requests, code_labels,
+                                                    transformers_label_probs):
+    with http_engine(vllm_server_url, vllm_server_url, concurrency=2, max_retries=1, timeout_s=120) as engine:
+        over_http = engine.label_probs(two_image_requests, code_labels)
+        assert engine.sends_token_ids == [True, True]  # vLLM took logprob_token_ids: every label came back
+    for request, remote, reference in zip(two_image_requests, over_http, transformers_label_probs):
+        assert remote is not None and reference is not None, request.id
+        assert sum(remote.probs) == pytest.approx(1.0, abs=1e-6)
+        assert 0 < remote.mass <= 1
+        # Same bounds as the offline vLLM engine's parity test (measured: ~1e-7 apart).
+        assert remote.probs == pytest.approx(reference.probs, abs=1e-5), request.id
+        assert remote.mass == pytest.approx(reference.mass, rel=1e-4), request.id
+
+    with http_engine(vllm_server_url, max_retries=1, timeout_s=120) as engine:
+        engine.sends_token_ids = [False]  # as if the server had refused vLLM's fields: labels matched by text
+        by_text = engine.label_probs(two_image_requests, code_labels)
+    # The tiny random model spreads its probability nearly evenly over 1,014 tokens (~1e-3 each): the digits are
+    # not all among its top 20, and a request missing any label is unscored, never filled in.
+    assert by_text == [None] * len(two_image_requests)

@@ -143,3 +143,67 @@ def test_infer_through_vllm_writes_what_transformers_writes(vllm_engine, model_d
     through_transformers = run("transformers")
     assert len(through_vllm) == len(through_transformers) > 0
     assert {r.id: r.response for r in through_vllm} == {r.id: r.response for r in through_transformers}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+class TestVLLMLabelProbs:
+    def test_label_probs_match_transformers(self, vllm_engine, model_dir, mis_requests, code_labels):
+        ours = vllm_engine.label_probs(mis_requests, code_labels)
+        hf_engine = load_engine("transformers", model_dir, EngineOptions(dtype="float32"))
+        try:
+            theirs = hf_engine.label_probs(mis_requests, code_labels)
+        finally:
+            hf_engine.close()
+        assert len(ours) == len(theirs) == len(mis_requests)
+        for request, mine, reference in zip(mis_requests, ours, theirs):
+            assert mine is not None and reference is not None, request.id
+            assert len(mine.probs) == len(code_labels.ids)
+            assert sum(mine.probs) == pytest.approx(1.0, abs=1e-6), request.id
+            assert 0 < mine.mass <= 1, request.id
+            # Both float32 on the same weights and prompt: measured at most 9e-8 apart (probs) and 4e-7 relative
+            # (mass). The bounds leave 100x for other CPUs' kernels; a different prompt or answer position moves
+            # the probabilities by ~1e-2.
+            assert mine.probs == pytest.approx(reference.probs, abs=1e-5), request.id
+            assert mine.mass == pytest.approx(reference.mass, rel=1e-4), request.id
+        # Not vacuous: the requests' distributions differ from each other by far more than the tolerance.
+        assert max(abs(a - b) for a, b in zip(ours[0].probs, ours[1].probs)) > 1e-3
+
+    def test_label_probs_in_request_order(self, vllm_engine, mis_requests, code_labels):
+        forwards = vllm_engine.label_probs(mis_requests, code_labels)
+        backwards = vllm_engine.label_probs(mis_requests[::-1], code_labels)
+        for mine, reversed_run in zip(forwards, backwards[::-1]):
+            assert mine.probs == pytest.approx(reversed_run.probs, abs=1e-6)
+
+    def test_label_probs_of_no_requests(self, vllm_engine, code_labels):
+        assert vllm_engine.label_probs([], code_labels) == []
+
+    def test_processed_logprobs_are_refused(self, vllm_engine, mis_requests, code_labels, monkeypatch):
+        # vllm_args={"logprobs_mode": "raw_logits"} would make vLLM return logits, not log-probabilities.
+        monkeypatch.setattr(vllm_engine._llm.model_config, "logprobs_mode", "raw_logits")
+        with pytest.raises(MisguardError, match="raw_logprobs"):
+            vllm_engine.label_probs(mis_requests[:1], code_labels)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_judge_on_vllm_gives_the_transformers_judgments(vllm_engine, tiny_judge, demo_dir):
+    from guard.judge import Case, Judge
+    from mis.io import load_split
+    from mis.records import Response
+
+    split = load_split(demo_dir, "easy")
+    cases = [Case(response=Response(**item.model_dump(), response=f"answer number {n}", model="target"),
+                  images=split.image_paths(item), split="easy") for n, item in enumerate(split.items[:6])]
+    on_vllm = Judge(tiny_judge, engine_instance=vllm_engine).judge(cases)
+    with Judge(tiny_judge, "transformers", EngineOptions(dtype="float32")) as judge:
+        on_transformers = judge.judge(cases)
+    for a, b in zip(on_vllm, on_transformers):
+        assert a.status == b.status == "scored"
+        assert sum(a.p_perception.values()) == pytest.approx(1.0, abs=1e-6)
+        assert a.p_unsafe == pytest.approx(b.p_unsafe, abs=1e-5)
+        assert a.p_perception == pytest.approx(b.p_perception, abs=1e-5)
+        if abs(b.p_unsafe - 0.5) > 1e-4:  # labels follow the probabilities; only a near-tie could flip one
+            assert a.label_str == b.label_str
