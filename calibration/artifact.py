@@ -1,0 +1,301 @@
+"""A judge's calibration as one versioned JSON file: the safety-head calibrator, the optional perception-head
+calibrator, the Unsafe decision threshold, what it was fitted on, and a before/after report.
+
+    calibration = fit_calibration(p_unsafe, safety_labels, p_perception, perception_labels)
+    calibration.save("calibration.json")
+    p_unsafe_cal, p_perception_cal = Calibration.load("calibration.json").apply(p_unsafe, p_perception)
+    unsafe = calibration.threshold.is_unsafe(p_unsafe_cal)
+
+The file ({"format": "misguard-calibration", "version": 1, ...}) is plain JSON, never a pickle; loading it
+gives bit-identical predictions.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration._checks import CalibrationFormatError, check_labels, check_probabilities
+from calibration.calibrators import BaseCalibrator, calibrator_from_dict, make_calibrator, select_method
+from calibration.scores import calibration_report
+from calibration.thresholds import DEFAULT_THRESHOLD, Threshold, fit_threshold
+from mis.errors import DataError
+from mis.io import write_text_atomic
+from mis.records import PERCEPTION_LEVELS, SAFETY_LABELS
+
+FORMAT = "misguard-calibration"
+VERSION = 1
+_FIELDS = ("format", "version", "safety", "perception", "threshold", "fitted_on", "report")
+MISSING_LABEL = -1
+"""What encode_perception returns for a reference without a perception label (a binary-only reference)."""
+
+
+class CalibrationFileError(DataError, ValueError):
+    """A calibration file that cannot be read or is malformed: its message names the file and the field.
+
+    Both a DataError (the CLI prints it as one line) and a ValueError.
+    """
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reference labels -> class indices
+# --------------------------------------------------------------------------------------------------------
+
+def encode_safety(labels: Iterable[str]) -> np.ndarray:
+    """Return class indices for reference safety labels: "Safe" -> 0, "Unsafe" -> 1.
+
+    Raises ValueError naming the first row whose label is neither.
+    """
+    indices = []
+    for row, label in enumerate(labels):
+        if label not in SAFETY_LABELS:
+            raise ValueError(f"safety label at row {row} is {label!r}; expected one of: {', '.join(SAFETY_LABELS)}")
+        indices.append(SAFETY_LABELS.index(label))
+    return np.asarray(indices, dtype=np.int64)
+
+
+def encode_perception(labels: Iterable[str | None], allow_missing: bool = False) -> np.ndarray:
+    """Return class indices for reference perception labels: "Level1"/"Perception Level1" -> 0, ... Level3 -> 2.
+
+    With allow_missing, None (a binary-only reference) becomes MISSING_LABEL (-1).
+    Raises ValueError naming the first row whose label is not a perception level.
+    """
+    indices = []
+    for row, label in enumerate(labels):
+        if label is None and allow_missing:
+            indices.append(MISSING_LABEL)
+            continue
+        level = label.removeprefix("Perception ") if isinstance(label, str) else label
+        if level not in PERCEPTION_LEVELS:
+            raise ValueError(f"perception label at row {row} is {label!r}; expected one of: "
+                             f"{', '.join(PERCEPTION_LEVELS)} (optionally prefixed 'Perception ')"
+                             + ("" if allow_missing else ", or pass allow_missing=True for binary-only references"))
+        indices.append(PERCEPTION_LEVELS.index(level))
+    return np.asarray(indices, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The calibration file
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    """Everything needed to turn a judge's raw probabilities into calibrated ones and an Unsafe decision."""
+
+    safety: BaseCalibrator
+    """Fitted on the binary safety head (1-D p_unsafe)."""
+    perception: BaseCalibrator | None = None
+    """Fitted on the perception head ([n, 3]), or None: perception probabilities pass through unchanged."""
+    threshold: Threshold = field(default_factory=lambda: Threshold(DEFAULT_THRESHOLD, "fixed"))
+    """Applies to the calibrated p_unsafe."""
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+    """Free-form JSON metadata: the judge, reference files, sample counts."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """Free-form JSON: calibration_report before / after per head, CV log-losses."""
+
+    def __post_init__(self):
+        self.safety._check_fitted()
+        if self.safety.head_ != "binary":
+            raise ValueError(f"the safety calibrator must be fitted on the binary head, not {self.safety.head_}")
+        if self.perception is not None:
+            self.perception._check_fitted()
+            if self.perception.head_ != "multiclass":
+                raise ValueError("the perception calibrator must be fitted on the multiclass perception head")
+
+    def apply(self, p_unsafe, p_perception=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return (calibrated p_unsafe [n], calibrated p_perception [n, k] or None).
+
+        p_perception is None -> None; with no perception calibrator it is returned checked but unchanged.
+        Raises ValueError for malformed arrays (shape, NaN, outside [0, 1]) or row counts that differ.
+        """
+        unsafe = check_probabilities(p_unsafe, "p_unsafe")
+        if unsafe.ndim != 1:
+            raise ValueError(f"p_unsafe must be a 1-D array of P(Unsafe), got shape {unsafe.shape}")
+        calibrated_unsafe = self.safety.predict_proba(unsafe)[:, 1]
+        if p_perception is None:
+            return calibrated_unsafe, None
+        perception = check_probabilities(p_perception, "p_perception")
+        if perception.ndim != 2:
+            raise ValueError(f"p_perception must be a 2-D array [n, k] of level probabilities, got shape "
+                             f"{perception.shape}")
+        if perception.shape[0] != unsafe.shape[0]:
+            raise ValueError(f"p_perception has {perception.shape[0]} rows but p_unsafe has {unsafe.shape[0]}")
+        if self.perception is None:
+            return calibrated_unsafe, perception
+        return calibrated_unsafe, self.perception.predict_proba(perception)
+
+    # ---- JSON ----
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready dict that `save` writes."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "safety": self.safety.to_dict(),
+            "perception": None if self.perception is None else self.perception.to_dict(),
+            "threshold": self.threshold.to_dict(),
+            "fitted_on": self.fitted_on,
+            "report": self.report,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Calibration:
+        """Rebuild from `to_dict`'s output. Raises CalibrationFormatError (a ValueError naming the field) for
+        another format, a newer or unknown version, or any malformed field."""
+        if not isinstance(data, dict):
+            raise CalibrationFormatError("<root>", "expected a JSON object")
+        if data.get("format") != FORMAT:
+            raise CalibrationFormatError("format", f"expected {FORMAT!r}, got {data.get('format')!r}: "
+                                         "not a misguard calibration file")
+        version = data.get("version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise CalibrationFormatError("version", f"expected an integer, got {version!r}")
+        if version > VERSION:
+            raise CalibrationFormatError("version", f"version {version} was written by a newer misguard; this one "
+                                         f"reads version {VERSION} (upgrade misguard)")
+        if version < 1:
+            raise CalibrationFormatError("version", f"unknown version {version}; expected {VERSION}")
+        unknown = sorted(set(data) - set(_FIELDS))
+        if unknown:
+            raise CalibrationFormatError(unknown[0], f"unknown field; expected only {list(_FIELDS)}")
+        if "safety" not in data:
+            raise CalibrationFormatError("safety", "missing")
+        safety = _nested(calibrator_from_dict, data["safety"], "safety")
+        if safety.head_ != "binary":
+            raise CalibrationFormatError("safety.head", f"the safety calibrator must be 'binary', got {safety.head_!r}")
+        perception = None
+        if data.get("perception") is not None:
+            perception = _nested(calibrator_from_dict, data["perception"], "perception")
+            if perception.head_ != "multiclass":
+                raise CalibrationFormatError("perception.head", "the perception calibrator must be 'multiclass'")
+        threshold = (_nested(Threshold.from_dict, data["threshold"], "threshold") if "threshold" in data
+                     else Threshold(DEFAULT_THRESHOLD, "fixed"))
+        metadata = {}
+        for key in ("fitted_on", "report"):
+            value = data.get(key, {})
+            if not isinstance(value, dict):
+                raise CalibrationFormatError(key, "expected an object")
+            metadata[key] = value
+        return cls(safety=safety, perception=perception, threshold=threshold, **metadata)
+
+    def save(self, path: str | Path) -> None:
+        """Write the calibration as JSON, atomically (a crash leaves the old file or the new one).
+
+        Raises TypeError if fitted_on or report hold something JSON cannot represent, OSError on write failure.
+        """
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+        write_text_atomic(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a calibration file written by `save`.
+
+        Raises CalibrationFileError (a ValueError and a DataError) naming the file, and the field where there is
+        one, for a missing or unreadable file, invalid JSON, another format, a newer version, or a bad field.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CalibrationFileError(f"cannot read calibration file: {error}", path=path) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise CalibrationFileError(f"not valid JSON: {error.msg} (column {error.colno})", path=path,
+                                       line=error.lineno) from None
+        try:
+            return cls.from_dict(data)
+        except CalibrationFormatError as error:
+            raise CalibrationFileError(error.reason, path=path, field=error.field) from None
+
+
+def _nested(load, data: Any, prefix: str):
+    try:
+        return load(data)
+    except CalibrationFormatError as error:
+        inner = "" if error.field.startswith("<") else "." + error.field
+        raise CalibrationFormatError(prefix + inner, error.reason) from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fitting a whole calibration
+# --------------------------------------------------------------------------------------------------------
+
+def fit_calibration(p_unsafe, y_safety, p_perception=None, y_perception=None, *, method: str = "auto",
+                    perception_method: str = "auto", threshold_rule: str = "max_kappa",
+                    methods: tuple[str, ...] = ("temperature", "platt", "isotonic"), cv: int = 5, seed: int = 0,
+                    fitted_on: dict[str, Any] | None = None) -> Calibration:
+    """Fit a Calibration on a judge's probabilities and the reference labels of the same responses.
+
+    y_safety: "Safe"/"Unsafe" or 0/1 per response. y_perception (optional): levels as strings or 0..2, with
+    None or -1 for binary-only references; only rows with a perception label fit the perception head, and no
+    perception calibrator is fitted when p_perception or y_perception is None. `method` / `perception_method`:
+    a method name, or "auto" to pick by cross-validated log-loss among `methods` (select_method). The
+    threshold (rule "fixed", "max_kappa" or "match_rate") is fitted on the calibrated p_unsafe. The report
+    holds calibration_report before and after per head on the fitting data itself (in-sample: "after" is
+    optimistic; hold out data to measure it honestly).
+
+    Returns the Calibration. Raises ValueError for malformed input, an unknown method or rule, or too few
+    labels for the fit or the cross-validation.
+    """
+    unsafe = check_probabilities(p_unsafe, "p_unsafe")
+    if unsafe.ndim != 1:
+        raise ValueError(f"p_unsafe must be a 1-D array of P(Unsafe), got shape {unsafe.shape}")
+    safety_labels = _as_indices(y_safety, encode_safety)
+    check_labels(safety_labels, unsafe.size, 2, "y_safety")
+    safety, safety_losses = _fit_head(unsafe, safety_labels, method, methods, cv, seed)
+    calibrated_unsafe = safety.predict_proba(unsafe)[:, 1]
+    report: dict[str, Any] = {"safety": {
+        "method": safety.method, "cv_log_loss": safety_losses,
+        "before": calibration_report(unsafe, safety_labels), "after": calibration_report(calibrated_unsafe,
+                                                                                         safety_labels)}}
+    threshold = fit_threshold(calibrated_unsafe, safety_labels, threshold_rule)
+    report["threshold"] = threshold.to_dict()
+    metadata = {"n_safety": int(unsafe.size), "n_perception": 0}
+
+    perception = None
+    if p_perception is not None and y_perception is not None and _any_perception_label(y_perception):
+        probs = check_probabilities(p_perception, "p_perception")
+        if probs.ndim != 2:
+            raise ValueError(f"p_perception must be a 2-D array [n, k], got shape {probs.shape}")
+        if probs.shape[0] != unsafe.size:
+            raise ValueError(f"p_perception has {probs.shape[0]} rows but p_unsafe has {unsafe.size}")
+        levels = np.asarray(_as_indices(y_perception, lambda labels: encode_perception(labels, allow_missing=True)))
+        if levels.shape != (probs.shape[0],):
+            raise ValueError(f"y_perception has shape {levels.shape} but p_perception has {probs.shape[0]} rows")
+        labelled = levels != MISSING_LABEL
+        levels = check_labels(levels[labelled], int(labelled.sum()), probs.shape[1], "y_perception")
+        probs = probs[labelled]
+        perception, perception_losses = _fit_head(probs, levels, perception_method, methods, cv, seed)
+        report["perception"] = {
+            "method": perception.method, "cv_log_loss": perception_losses,
+            "before": calibration_report(probs, levels),
+            "after": calibration_report(perception.predict_proba(probs), levels)}
+        metadata["n_perception"] = int(probs.shape[0])
+    return Calibration(safety=safety, perception=perception, threshold=threshold,
+                       fitted_on={**metadata, **(fitted_on or {})}, report=report)
+
+
+def _as_indices(labels, encode) -> np.ndarray:
+    values = list(labels)
+    if any(isinstance(value, str) or value is None for value in values):
+        return encode(values)
+    return np.asarray(values)
+
+
+def _fit_head(probs: np.ndarray, labels: np.ndarray, method: str, methods: tuple[str, ...], cv: int,
+              seed: int) -> tuple[BaseCalibrator, dict[str, float]]:
+    if method == "auto":
+        method, losses = select_method(probs, labels, methods=methods, cv=cv, seed=seed)
+    else:
+        losses = {}
+    return make_calibrator(method).fit(probs, labels), losses
+
+
+def _any_perception_label(labels) -> bool:
+    return any(label is not None and not (isinstance(label, (int, np.integer)) and label == MISSING_LABEL)
+               for label in labels)

@@ -1,0 +1,369 @@
+"""Label files of any origin read into one shape, so that a local judge can be compared with a reference.
+
+Three kinds of file are read by `read_labels`, all JSON Lines:
+- misguard's judgments.jsonl (`label_str`, `label_perception`, `id`, `split`, `model`, `p_unsafe`,
+  `p_perception`, `status`); an unscored judgment is kept with no labels (safety None);
+- the seed's gpt_eval.py output: the same label fields and the item's content, but no id and no model (one file
+  per target model), so its rows are keyed by content (image_path1, image_path2, question, response);
+- third-party files such as MSTS, with other field names, nested verdicts (`auto_eval.gpt-4o-2024-05-13`) and
+  other spellings of the labels (`safe`, `1 - safe`), mapped with `value_map`.
+
+`join_labels` pairs a judge's records with a reference's, by id when both sides have ids, else by content.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import RootModel
+
+from mis.errors import DataError
+from mis.io import read_jsonl_numbered
+from mis.records import PERCEPTION_LEVELS
+
+logger = logging.getLogger("misguard")
+
+SAFETY_VALUES: tuple[str, ...] = ("Safe", "Unsafe")
+CONTENT_FIELDS: tuple[str, ...] = ("image_path1", "image_path2", "question", "response")
+"""The fields of `mis.records.content_key`, in its order: how id-less verdicts are matched."""
+
+_PERCEPTION_PATTERN = re.compile(r"^(?:perception[\s_-]*)?(?:level[\s_-]*)?([123])$")
+_MISSING = object()
+
+
+class _Row(RootModel[dict[str, Any]]):
+    """One JSON line as a plain object (mis.io checks that it is valid JSON and an object)."""
+
+
+@dataclass(frozen=True)
+class LabelRecord:
+    """One row's labels, whatever file it came from. `safety` is None only for an unscored judgment."""
+
+    key: str
+    """The row's id, or, for a row without one, its content key as a JSON array (see `content_key`)."""
+    safety: str | None
+    """"Safe" or "Unsafe"; None for an unscored judgment."""
+    perception: str | None
+    """"Level1", "Level2" or "Level3" (PERCEPTION_LEVELS); None when the file has no perception labels."""
+    p_unsafe: float | None = None
+    p_perception: tuple[float, float, float] | None = None
+    """(p Level1, p Level2, p Level3), as misguard judgments carry them."""
+    model: str | None = None
+    """The target model that wrote the response."""
+    category: str | None = None
+    line: int = 0
+    """1-based line in `path`."""
+    image_path1: str | None = None
+    image_path2: str | None = None
+    question: str | None = None
+    response: str | None = None
+    id: str | None = None
+    """The row's own id; None for gpt_eval.py rows."""
+    split: str | None = None
+    path: str | None = None
+    """The file the row was read from."""
+
+    @property
+    def scored(self) -> bool:
+        """Whether the row has a safety label (False for an unscored judgment)."""
+        return self.safety is not None
+
+    @property
+    def content_key(self) -> tuple[str, str, str, str] | None:
+        """(image_path1, image_path2, question, response) as in mis.records.content_key; None unless all four
+        are present."""
+        values = tuple(getattr(self, name) for name in CONTENT_FIELDS)
+        return None if any(value is None for value in values) else values  # type: ignore[return-value]
+
+    @property
+    def where(self) -> str:
+        """`path:line`, for messages."""
+        return f"{self.path}:{self.line}" if self.path else f"line {self.line}"
+
+
+def resolve_field(row: dict[str, Any], dotted: str) -> Any:
+    """Return the value at a dotted path in a nested object, or a private MISSING marker when there is none.
+
+    Keys may themselves hold dots (MSTS's `auto_eval.gpt-4o-2024-05-13`, or a judge named `gpt-4.1`): at each
+    level the longest run of remaining parts that is an existing key is taken, so `a.b.c` reads row["a.b.c"]
+    if it exists, else row["a.b"]["c"], else row["a"]["b.c"], else row["a"]["b"]["c"].
+    """
+    parts = dotted.split(".")
+    value: Any = row
+    start = 0
+    while start < len(parts):
+        if not isinstance(value, dict):
+            return _MISSING
+        for end in range(len(parts), start, -1):
+            name = ".".join(parts[start:end])
+            if name in value:
+                value, start = value[name], end
+                break
+        else:
+            return _MISSING
+    return value
+
+
+def normalise_safety(value: Any, value_map: dict[str, str] | None = None) -> str:
+    """Return "Safe" or "Unsafe" for a safety label in any case (after `value_map`).
+
+    Raises ValueError naming the value when it is neither.
+    """
+    text = _mapped_text(value, value_map)
+    folded = text.strip().casefold()
+    for label in SAFETY_VALUES:
+        if folded == label.casefold():
+            return label
+    raise ValueError(f"unrecognised safety label {value!r}; expected Safe or Unsafe (any case), or map it with "
+                     f"value_map")
+
+
+def normalise_perception(value: Any, value_map: dict[str, str] | None = None) -> str:
+    """Return "Level1", "Level2" or "Level3" for "Perception Level1", "Level1", "level 1", "1" (any case) and so
+    on (after `value_map`). Raises ValueError naming the value otherwise."""
+    text = _mapped_text(value, value_map)
+    match = _PERCEPTION_PATTERN.match(text.strip().casefold())
+    if match is None:
+        raise ValueError(f"unrecognised perception label {value!r}; expected Perception Level1/2/3, Level1/2/3 or "
+                         f"1/2/3, or map it with value_map")
+    return PERCEPTION_LEVELS[int(match.group(1)) - 1]
+
+
+def _mapped_text(value: Any, value_map: dict[str, str] | None) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"expected a label as a string, got {json.dumps(value)}")  # noqa: TRY004 -- callers map ValueError to DataError
+    text = str(value)
+    if value_map:
+        if text in value_map:
+            return value_map[text]
+        folded = {key.strip().casefold(): mapped for key, mapped in value_map.items()}
+        return folded.get(text.strip().casefold(), text)
+    return text
+
+
+def read_labels(path: str | Path, *, safety_field: str = "label_str", perception_field: str | None = "label_perception",
+                id_field: str = "id", value_map: dict[str, str] | None = None, model_field: str = "model",
+                category_field: str = "category", split_field: str = "split", model_name: str | None = None,
+                skip_bad: bool = False, skipped: list[DataError] | None = None) -> list[LabelRecord]:
+    """Read a JSON Lines label file (misguard judgments, gpt_eval.py output, MSTS, ...) as LabelRecords.
+
+    Every field name may be a dotted path into nested objects (see `resolve_field`). Label values go through
+    `value_map` (exact key first, then case-insensitively), then are normalised: safe/unsafe in any case →
+    Safe/Unsafe; "Perception Level1", "Level1", "1" → Level1 (see `normalise_perception`).
+    A row with `"status": "unscored"` (a misguard judgment the judge could not read) is kept with safety and
+    perception None. When no row has `perception_field` (or it is None), the file is binary-only and every
+    perception is None. A row without an id is keyed by its content (CONTENT_FIELDS). `model_name` names the
+    target model of rows that have no `model_field` (gpt_eval.py writes one file per target model).
+    `p_unsafe` and `p_perception` are read when a row has them.
+
+    Returns the records in file order.
+    Raises DataError (file, 1-based line, field) for a line that is not a JSON object, a missing or null safety
+    label on a scored row, a missing perception label in a file that has them, an unrecognised label, bad
+    probabilities, or a row with neither an id nor all content fields. With skip_bad=True a bad row is logged,
+    appended to `skipped` (when given) and left out instead; lines that are not JSON objects are then logged
+    and left out by mis.io.
+    """
+    path = Path(path)
+    rows = [(line, row.root) for line, row in read_jsonl_numbered(path, _Row, skip_bad=skip_bad)]
+    has_perception = perception_field is not None and any(
+        resolve_field(row, perception_field) is not _MISSING for _, row in rows)
+    records: list[LabelRecord] = []
+    bad = 0
+    for line, row in rows:
+        try:
+            records.append(_record(row, path, line, safety_field=safety_field,
+                                   perception_field=perception_field if has_perception else None,
+                                   id_field=id_field, value_map=value_map, model_field=model_field,
+                                   category_field=category_field, split_field=split_field, model_name=model_name))
+        except DataError as error:
+            if not skip_bad:
+                raise
+            logger.warning("skipping bad line: %s", error)
+            bad += 1
+            if skipped is not None:
+                skipped.append(error)
+    if bad:
+        logger.warning("%s: %d bad line(s) skipped, %d read", path, bad, len(records))
+    unscored = sum(1 for record in records if not record.scored)
+    if unscored:
+        logger.info("%s: %d unscored row(s) kept without labels", path, unscored)
+    return records
+
+
+def _record(row: dict[str, Any], path: Path, line: int, *, safety_field: str, perception_field: str | None,
+            id_field: str, value_map: dict[str, str] | None, model_field: str, category_field: str,
+            split_field: str, model_name: str | None) -> LabelRecord:
+    def text(name: str) -> str | None:
+        value = resolve_field(row, name)
+        if value is _MISSING or value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise DataError(f"must be a string (got {json.dumps(value)})", path=path, line=line, field=name)
+        return str(value)
+
+    def label(name: str, normalise) -> str:
+        value = resolve_field(row, name)
+        if value is _MISSING or value is None:
+            raise DataError("missing" if value is _MISSING else "is null", path=path, line=line, field=name)
+        try:
+            return normalise(value, value_map)
+        except ValueError as exc:
+            raise DataError(str(exc), path=path, line=line, field=name) from None
+
+    unscored = row.get("status") == "unscored"
+    safety = perception = None
+    if not unscored:
+        safety = label(safety_field, normalise_safety)
+        if perception_field is not None:
+            perception = label(perception_field, normalise_perception)
+
+    content = {name: text(name) for name in CONTENT_FIELDS}
+    row_id = text(id_field)
+    if row_id is not None:
+        key = row_id
+    elif all(value is not None for value in content.values()):
+        key = json.dumps([content[name] for name in CONTENT_FIELDS], ensure_ascii=False)
+    else:
+        missing = [name for name in CONTENT_FIELDS if content[name] is None]
+        raise DataError(f"no id and no {', '.join(missing)} to key the row by content", path=path, line=line,
+                        field=id_field)
+    return LabelRecord(
+        key=key, safety=safety, perception=perception,
+        p_unsafe=None if unscored else _probability(row, path, line),
+        p_perception=None if unscored else _perception_probabilities(row, path, line),
+        model=text(model_field) or model_name, category=text(category_field), line=line,
+        id=row_id, split=text(split_field), path=str(path), **content)
+
+
+def _probability(row: dict[str, Any], path: Path, line: int) -> float | None:
+    value = row.get("p_unsafe")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise DataError(f"must be a number from 0 to 1 (got {json.dumps(value)})", path=path, line=line,
+                        field="p_unsafe")
+    return float(value)
+
+
+def _perception_probabilities(row: dict[str, Any], path: Path, line: int) -> tuple[float, float, float] | None:
+    value = row.get("p_perception")
+    if value is None:
+        return None
+    if isinstance(value, dict) and set(value) == set(PERCEPTION_LEVELS):
+        values = [value[level] for level in PERCEPTION_LEVELS]
+    elif isinstance(value, list) and len(value) == len(PERCEPTION_LEVELS):
+        values = value
+    else:
+        raise DataError(f"must be an object with keys {', '.join(PERCEPTION_LEVELS)} (got {json.dumps(value)})",
+                        path=path, line=line, field="p_perception")
+    if any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0 for p in values):
+        raise DataError(f"probabilities must be numbers from 0 to 1 (got {json.dumps(value)})", path=path,
+                        line=line, field="p_perception")
+    return tuple(float(p) for p in values)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Joining a judge's labels with a reference's
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Joined:
+    """A judge's records paired with a reference's, and what matched nothing on either side."""
+
+    pairs: list[tuple[LabelRecord, LabelRecord]]
+    """(judge, reference), in the judge's order."""
+    unmatched_judge: int
+    unmatched_reference: int
+    join_by: str
+    """"id" or "content"."""
+    key_fields: tuple[str, ...]
+    """What the join key is made of, e.g. ("model", "split", "id") or ("content",)."""
+    unmatched_judge_rows: list[LabelRecord] = field(default_factory=list)
+    unmatched_reference_rows: list[LabelRecord] = field(default_factory=list)
+
+
+def join_labels(judge: list[LabelRecord], reference: list[LabelRecord], *,
+                max_unmatched_share: float = 0.02) -> Joined:
+    """Pair each judge record with the reference record of the same row.
+
+    The key is the id when every record on both sides has one, else the content key (every record must then
+    have all of CONTENT_FIELDS). Either is qualified by `model` and by `split` when every record on both sides
+    has that field, since a judgments file holds one row per (model, split, id) and ids repeat across them.
+
+    Returns a Joined with the pairs and the unmatched records of both sides.
+    Raises DataError for an empty side, a side that has neither ids nor content, a key that occurs twice on
+    one side (naming both lines), or when more than `max_unmatched_share` of either side is unmatched (with up
+    to 3 unmatched rows as examples).
+    """
+    if not 0.0 <= max_unmatched_share <= 1.0:
+        raise ValueError(f"max_unmatched_share must be from 0 to 1, got {max_unmatched_share}")
+    for side, records in (("judge", judge), ("reference", reference)):
+        if not records:
+            raise DataError(f"no {side} labels to join")
+    both = [*judge, *reference]
+    if all(record.id is not None for record in both):
+        join_by = "id"
+    elif all(record.content_key is not None for record in both):
+        join_by = "content"
+    else:
+        raise DataError("cannot join: ids are missing on one side and image_path1, image_path2, question and "
+                        "response on the other (or on some rows)")
+    qualifiers = tuple(name for name in ("model", "split") if all(getattr(r, name) is not None for r in both))
+    key_fields = (*qualifiers, join_by)
+
+    def key(record: LabelRecord) -> tuple:
+        own = record.id if join_by == "id" else record.content_key
+        return (*(getattr(record, name) for name in qualifiers), own)
+
+    judge_index = _index(judge, key, "judge", key_fields)
+    reference_index = _index(reference, key, "reference", key_fields)
+    pairs = [(record, reference_index[k]) for k, record in judge_index.items() if k in reference_index]
+    judge_unmatched = [record for k, record in judge_index.items() if k not in reference_index]
+    reference_unmatched = [record for k, record in reference_index.items() if k not in judge_index]
+
+    problems = []
+    for side, unmatched, total, other in (("judge", judge_unmatched, len(judge), "reference"),
+                                          ("reference", reference_unmatched, len(reference), "judge")):
+        if len(unmatched) > max_unmatched_share * total:
+            examples = "; ".join(f"{record.where} ({_describe(record, join_by)})" for record in unmatched[:3])
+            problems.append(f"{len(unmatched)} of {total} {side} rows ({100.0 * len(unmatched) / total:.1f}%) "
+                            f"have no {other} row, e.g. {examples}")
+    if problems:
+        raise DataError(f"joining by {' + '.join(key_fields)}: " + "; and ".join(problems)
+                        + f" (limit {100.0 * max_unmatched_share:.1f}% unmatched per side)")
+    if judge_unmatched or reference_unmatched:
+        logger.warning("joining by %s: %d judge and %d reference row(s) unmatched", " + ".join(key_fields),
+                       len(judge_unmatched), len(reference_unmatched))
+    return Joined(pairs=pairs, unmatched_judge=len(judge_unmatched), unmatched_reference=len(reference_unmatched),
+                  join_by=join_by, key_fields=key_fields, unmatched_judge_rows=judge_unmatched,
+                  unmatched_reference_rows=reference_unmatched)
+
+
+def _index(records: list[LabelRecord], key, side: str, key_fields: tuple[str, ...]) -> dict[tuple, LabelRecord]:
+    index: dict[tuple, LabelRecord] = {}
+    for record in records:
+        k = key(record)
+        first = index.get(k)
+        if first is not None:
+            where_first = f"line {first.line}" if first.path == record.path else first.where
+            raise DataError(f"duplicate {' + '.join(key_fields)} on the {side} side: {_describe(record, key_fields[-1])}"
+                            f" (first at {where_first}, again at line {record.line})", path=record.path,
+                            line=record.line)
+        index[k] = record
+    return index
+
+
+def _describe(record: LabelRecord, join_by: str) -> str:
+    parts = [f"model {record.model!r}"] if record.model is not None else []
+    if record.split is not None:
+        parts.append(f"split {record.split!r}")
+    if join_by == "id":
+        parts.append(f"id {record.id!r}")
+    else:
+        question = record.question or ""
+        parts.append(f"question {question[:60]!r}" + ("..." if len(question) > 60 else ""))
+    return ", ".join(parts)
