@@ -233,13 +233,13 @@ _HEAD_TITLES = {"safety": "Safety (Safe / Unsafe, positive = Unsafe)",
                 "outcome": "MIS outcome (ASR / HR / RSR / RR)"}
 
 
-def agreement_markdown(report: dict[str, Any]) -> str:
+def agreement_markdown(report: dict[str, Any], title: str = "Judge agreement with the reference") -> str:
     """Return a readable Markdown version of an `agreement_report` dict: how the pairs were joined, per head a
     table of n / accuracy / kappa / F1 overall, per model and per category, the overall confusion matrix (rows
     = reference, columns = judge) and per-class figures, then the metric deltas with their 95% CIs overall and
     per model. Missing figures read `–`."""
     overall = report["overall"]
-    lines = ["# Judge agreement with the reference", ""]
+    lines = [f"# {title}", ""]
     join = report.get("join")
     if join:
         lines.append(f"Joined by {' + '.join(join['key_fields'])}: {join['matched']} pairs; unmatched: "
