@@ -148,7 +148,8 @@ def _mapped_text(value: Any, value_map: dict[str, str] | None) -> str:
 def read_labels(path: str | Path, *, safety_field: str = "label_str", perception_field: str | None = "label_perception",
                 id_field: str = "id", value_map: dict[str, str] | None = None, model_field: str = "model",
                 category_field: str = "category", split_field: str = "split", model_name: str | None = None,
-                skip_bad: bool = False, skipped: list[DataError] | None = None) -> list[LabelRecord]:
+                raw_probabilities: bool = False, skip_bad: bool = False,
+                skipped: list[DataError] | None = None) -> list[LabelRecord]:
     """Read a JSON Lines label file (misguard judgments, gpt_eval.py output, MSTS, ...) as LabelRecords.
 
     Every field name may be a dotted path into nested objects (see `resolve_field`). Label values go through
@@ -158,7 +159,8 @@ def read_labels(path: str | Path, *, safety_field: str = "label_str", perception
     perception None. When no row has `perception_field` (or it is None), the file is binary-only and every
     perception is None. A row without an id is keyed by its content (CONTENT_FIELDS). `model_name` names the
     target model of rows that have no `model_field` (gpt_eval.py writes one file per target model).
-    `p_unsafe` and `p_perception` are read when a row has them.
+    `p_unsafe` and `p_perception` are read when a row has them; with raw_probabilities=True, a calibrated
+    judgment's `p_unsafe_raw` / `p_perception_raw` are read instead (what a calibration is fitted on).
 
     Returns the records in file order.
     Raises DataError (file, 1-based line, field) for a line that is not a JSON object, a missing or null safety
@@ -178,7 +180,8 @@ def read_labels(path: str | Path, *, safety_field: str = "label_str", perception
             records.append(_record(row, path, line, safety_field=safety_field,
                                    perception_field=perception_field if has_perception else None,
                                    id_field=id_field, value_map=value_map, model_field=model_field,
-                                   category_field=category_field, split_field=split_field, model_name=model_name))
+                                   category_field=category_field, split_field=split_field, model_name=model_name,
+                                   raw_probabilities=raw_probabilities))
         except DataError as error:
             if not skip_bad:
                 raise
@@ -196,7 +199,7 @@ def read_labels(path: str | Path, *, safety_field: str = "label_str", perception
 
 def _record(row: dict[str, Any], path: Path, line: int, *, safety_field: str, perception_field: str | None,
             id_field: str, value_map: dict[str, str] | None, model_field: str, category_field: str,
-            split_field: str, model_name: str | None) -> LabelRecord:
+            split_field: str, model_name: str | None, raw_probabilities: bool = False) -> LabelRecord:
     def text(name: str) -> str | None:
         value = resolve_field(row, name)
         if value is _MISSING or value is None:
@@ -233,24 +236,27 @@ def _record(row: dict[str, Any], path: Path, line: int, *, safety_field: str, pe
                         field=id_field)
     return LabelRecord(
         key=key, safety=safety, perception=perception,
-        p_unsafe=None if unscored else _probability(row, path, line),
-        p_perception=None if unscored else _perception_probabilities(row, path, line),
+        p_unsafe=None if unscored else _probability(row, path, line, raw_probabilities),
+        p_perception=None if unscored else _perception_probabilities(row, path, line, raw_probabilities),
         model=text(model_field) or model_name, category=text(category_field), line=line,
         id=row_id, split=text(split_field), path=str(path), **content)
 
 
-def _probability(row: dict[str, Any], path: Path, line: int) -> float | None:
-    value = row.get("p_unsafe")
+def _probability(row: dict[str, Any], path: Path, line: int, raw: bool = False) -> float | None:
+    name = "p_unsafe_raw" if raw and row.get("p_unsafe_raw") is not None else "p_unsafe"
+    value = row.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise DataError(f"must be a number from 0 to 1 (got {json.dumps(value)})", path=path, line=line,
-                        field="p_unsafe")
+                        field=name)
     return float(value)
 
 
-def _perception_probabilities(row: dict[str, Any], path: Path, line: int) -> tuple[float, float, float] | None:
-    value = row.get("p_perception")
+def _perception_probabilities(row: dict[str, Any], path: Path, line: int,
+                              raw: bool = False) -> tuple[float, float, float] | None:
+    name = "p_perception_raw" if raw and row.get("p_perception_raw") is not None else "p_perception"
+    value = row.get(name)
     if value is None:
         return None
     if isinstance(value, dict) and set(value) == set(PERCEPTION_LEVELS):
@@ -259,10 +265,10 @@ def _perception_probabilities(row: dict[str, Any], path: Path, line: int) -> tup
         values = value
     else:
         raise DataError(f"must be an object with keys {', '.join(PERCEPTION_LEVELS)} (got {json.dumps(value)})",
-                        path=path, line=line, field="p_perception")
+                        path=path, line=line, field=name)
     if any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0 for p in values):
         raise DataError(f"probabilities must be numbers from 0 to 1 (got {json.dumps(value)})", path=path,
-                        line=line, field="p_perception")
+                        line=line, field=name)
     return tuple(float(p) for p in values)  # type: ignore[return-value]
 
 

@@ -99,6 +99,8 @@ def score(
         help="Instead of judging: GPT-4o verdict files as gpt_eval.py writes them (one per target model).")] = None,
     label_model_name: Annotated[Optional[list[str]], typer.Option(
         help="With --from-labels: the target model of each file, in order (default: file names).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        help="Calibration file from `misguard calibrate` (default: the one in the judge's judge.json).")] = None,
     engine: Engine = "transformers",
     base_url: BaseUrl = None,
     served_model: Annotated[Optional[str], typer.Option(
@@ -115,12 +117,15 @@ def score(
     api_key: ApiKey = "EMPTY",
     trust_remote_code: TrustRemoteCode = False,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% confidence intervals.")] = 1000,
+    escalate: Annotated[Optional[str], typer.Option(
+        help="Also list this share of least confident judgments for GPT-4o or human review, e.g. 10%.")] = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ):
     """Judge responses with a local judge (or read GPT-4o's labels) and write the MIS metrics (resumable)."""
     from mis.score import ScoreConfig, run_score, score_reference_labels
 
+    share = share_option(escalate) if escalate is not None else None  # a bad value fails before any work
     if from_labels:
         if responses or judge:
             raise MisguardError("--from-labels reads verdicts instead of judging: give no responses or --judge")
@@ -131,12 +136,131 @@ def score(
             raise MisguardError("give responses files and --judge (or --from-labels GPT_EVAL_FILES)")
         options = engine_options(locals())
         result = run_score(ScoreConfig(responses=list(responses), judge=judge, data=data, out=out, engine=engine,
-                                       engine_options=options, served_model=served_model, skip_bad=skip_bad,
-                                       n_bootstrap=bootstrap), progress=not quiet)
+                                       engine_options=options, served_model=served_model, calibration=calibration,
+                                       skip_bad=skip_bad, n_bootstrap=bootstrap), progress=not quiet)
         typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in {result.seconds:.1f} s")
     typer.echo(f"{result.total} judgments, {result.unscored} unscored: {result.judgments_path}")
     typer.echo(f"metrics:   {result.metrics_paths[0]}")
     typer.echo(f"           {result.metrics_paths[1]}")
+    if share is not None:
+        from calibration.pipeline import score_escalation
+
+        typer.echo(f"escalate:  {score_escalation(result.judgments_path, share, out)}")
+
+
+PerceptionField = Annotated[str, typer.Option(help="Field of the perception label; 'none' for binary-only labels.")]
+ValueMap = Annotated[Optional[list[str]], typer.Option(
+    help="RAW=LABEL: read a raw label value as Safe/Unsafe/Level1-3 (e.g. '1 - safe=Safe'); repeatable.")]
+
+
+def label_source(path: Path, safety_field: str, perception_field: str, value_map: list[str] | None, *,
+                 id_field: str = "id", model_name: str | None = None):
+    """A LabelSource from a command's label-file options."""
+    from calibration.pipeline import LabelSource
+
+    return LabelSource(path=path, safety_field=safety_field,
+                       perception_field=None if perception_field.lower() == "none" else perception_field,
+                       id_field=id_field, value_map={str(k): str(v) for k, v in
+                                                     parse_key_values(value_map or [], "--value-map", raw=True).items()},
+                       model_name=model_name)
+
+
+@app.command()
+def calibrate(
+    judgments: Annotated[Path, typer.Argument(help="judgments.jsonl from `misguard score` (a judge with p_unsafe).")],
+    reference: Annotated[Path, typer.Option(help="Reference labels (GPT-4o's gpt_eval.py output, or any JSONL).")],
+    out: Annotated[Path, typer.Option(help="The calibration file to write (JSON).")],
+    method: Annotated[str, typer.Option(help="temperature | platt | isotonic | none | auto (by CV log-loss).")] = "auto",
+    perception_method: Annotated[str, typer.Option(help="temperature | isotonic | none | auto.")] = "auto",
+    threshold: Annotated[str, typer.Option(
+        help="Unsafe threshold: max_kappa (vs the reference) | match_rate (the reference's ASR) | fixed (0.5).")
+    ] = "max_kappa",
+    into_judge: Annotated[Optional[Path], typer.Option(
+        help="Also embed it in this judge folder's judge.json, so `misguard score` applies it by default.")] = None,
+    reference_field: Annotated[str, typer.Option(help="Field of the reference's Safe/Unsafe label.")] = "label_str",
+    reference_perception_field: PerceptionField = "label_perception",
+    reference_model_name: Annotated[Optional[str], typer.Option(
+        help="Target model of reference rows that name none (one gpt_eval.py file per model).")] = None,
+    value_map: ValueMap = None,
+    skip_bad: SkipBad = False,
+):
+    """Fit a calibration of the judge's probabilities (and its Unsafe threshold) against reference labels."""
+    from calibration.pipeline import CalibrateConfig, run_calibrate
+
+    calibration = run_calibrate(CalibrateConfig(
+        judgments=label_source(judgments, "label_str", "label_perception", None),
+        reference=label_source(reference, reference_field, reference_perception_field, value_map,
+                               model_name=reference_model_name),
+        out=out, method=method, perception_method=perception_method, threshold_rule=threshold,
+        into_judge=into_judge, skip_bad=skip_bad))
+    for head in ("safety", "perception"):
+        section = calibration.report.get(head)
+        if section:
+            before, after = section["before"], section["after"]
+            typer.echo(f"{head}: {section['method']}; log-loss {before['log_loss']:.4f} -> {after['log_loss']:.4f}, "
+                       f"ECE {before['ece_uniform']:.4f} -> {after['ece_uniform']:.4f} (on the fitting data)")
+    typer.echo(f"Unsafe threshold {calibration.threshold.value:.4f} ({calibration.threshold.rule})")
+    typer.echo(f"calibration: {out}" + (f" (also in {into_judge / 'judge.json'})" if into_judge else ""))
+
+
+@app.command()
+def agree(
+    judgments: Annotated[Path, typer.Argument(help="The judge's labels: judgments.jsonl, or any JSONL label file.")],
+    reference: Annotated[Path, typer.Option(help="Reference labels (GPT-4o's gpt_eval.py output, or any JSONL).")],
+    out: Annotated[Path, typer.Option(help="Output directory: agreement.json, agreement.md, PNG plots.")],
+    human: Annotated[Optional[Path], typer.Option(help="Human labels for the same responses.")] = None,
+    escalate: Annotated[Optional[str], typer.Option(
+        help="List this share of least confident responses for review, e.g. 10%, with the agreement curve.")] = None,
+    judge_field: Annotated[str, typer.Option(help="Field of the judge's Safe/Unsafe label.")] = "label_str",
+    judge_perception_field: PerceptionField = "label_perception",
+    reference_field: Annotated[str, typer.Option(help="Field of the reference's Safe/Unsafe label.")] = "label_str",
+    reference_perception_field: PerceptionField = "label_perception",
+    reference_model_name: Annotated[Optional[str], typer.Option(
+        help="Target model of reference rows that name none (one gpt_eval.py file per model).")] = None,
+    human_field: Annotated[str, typer.Option(help="Field of the human Safe/Unsafe label.")] = "label_str",
+    human_perception_field: PerceptionField = "none",
+    value_map: ValueMap = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% confidence intervals.")] = 1000,
+    max_unmatched: Annotated[float, typer.Option(
+        help="Fail when more than this share of either side matches nothing.")] = 0.02,
+    plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
+    skip_bad: SkipBad = False,
+):
+    """Agreement of the judge with reference (GPT-4o) and human labels: kappa, confusion, metric deltas."""
+    from calibration.pipeline import AgreeConfig, run_agree
+
+    share = share_option(escalate) if escalate is not None else None
+    result = run_agree(AgreeConfig(
+        judgments=label_source(judgments, judge_field, judge_perception_field, value_map),
+        reference=label_source(reference, reference_field, reference_perception_field, value_map,
+                               model_name=reference_model_name),
+        human=label_source(human, human_field, human_perception_field, value_map) if human else None,
+        out=out, escalate=share, n_bootstrap=bootstrap, max_unmatched_share=max_unmatched, plots=plots,
+        skip_bad=skip_bad))
+    overall = result.report["judge_vs_reference"]["overall"]
+    safety = overall["safety"]
+    typer.echo(f"{overall['n_pairs']} pairs; safety: accuracy {safety['accuracy']:.3f}, "
+               f"Cohen's kappa {_fmt(safety['kappa'])}, F1 (Unsafe) {_fmt(safety.get('f1'))}")
+    typer.echo(f"report:    {result.report_path}")
+    typer.echo(f"           {result.markdown_path}")
+    for path in result.plots:
+        typer.echo(f"plot:      {path}")
+    if result.escalation_path:
+        typer.echo(f"escalate:  {result.escalation_path}")
+
+
+def share_option(text: str) -> float:
+    """--escalate's value ("10%" or "0.1") as a share; a bad value is a MisguardError naming the option."""
+    from calibration.escalation import parse_share
+
+    try:
+        return parse_share(text)
+    except ValueError as error:
+        raise MisguardError(f"--escalate: {error}") from None
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @app.command()
@@ -214,15 +338,19 @@ def engine_options(command_args: dict):
         api_key=a["api_key"], concurrency=a["concurrency"])
 
 
-def parse_key_values(pairs: list[str], option: str) -> dict:
-    """['a=1', 'b=x'] -> {'a': 1, 'b': 'x'}: values parsed as JSON where they parse, else kept as strings."""
+def parse_key_values(pairs: list[str], option: str, *, raw: bool = False) -> dict:
+    """['a=1', 'b=x'] -> {'a': 1, 'b': 'x'}: values parsed as JSON where they parse, else kept as strings
+    (raw=True: always strings). The key ends at the last '=', so keys may contain '=' but values may not."""
     import json
 
     parsed = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
+        key, sep, value = pair.rpartition("=") if raw else pair.partition("=")
         if not sep or not key:
             raise MisguardError(f"{option} takes KEY=VALUE, got '{pair}'")
+        if raw:
+            parsed[key] = value
+            continue
         try:
             parsed[key] = json.loads(value)
         except json.JSONDecodeError:

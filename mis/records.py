@@ -110,6 +110,11 @@ class Judgment(BaseModel):
     status: Literal["scored", "unscored"] = "scored"
     reason: str | None = None
     """Why a judgment is unscored."""
+    calibration: str | None = None
+    """The calibration applied to p_unsafe / p_perception (its id, "sha256:..."), or None for raw probabilities."""
+    p_unsafe_raw: float | None = None
+    """With a calibration: the judge's own p_unsafe before it (what `misguard calibrate` fits on)."""
+    p_perception_raw: dict[str, float] | None = None
 
     @property
     def key(self) -> tuple[str, str, str, str]:

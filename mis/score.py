@@ -47,6 +47,8 @@ class ScoreConfig:
     engine_options: EngineOptions = field(default_factory=EngineOptions)
     served_model: str | None = None
     """With --engine openai: the judge's model name on the server."""
+    calibration: Path | None = None
+    """A calibration file from `misguard calibrate`; default: the one in the judge's judge.json, if any."""
     skip_bad: bool = False
     n_bootstrap: int = 1000
 
@@ -130,6 +132,7 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     instead of loading config.judge. Raises DataError for responses that match no MIS item, MisguardError when
     OUT holds judgments from another judge or template."""
     from guard.judge import Judge, read_judge_spec
+    from guard.judge.judge import calibration_id, spec_calibration
     from mis.version import __version__
 
     started = time.time()
@@ -137,18 +140,28 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     out.mkdir(parents=True, exist_ok=True)
     judgments_path = out / JUDGMENTS_FILE
     spec = judge.spec if judge is not None else read_judge_spec(config.judge)
+    if judge is not None:
+        calibration = judge.calibration
+    elif config.calibration is not None:
+        from calibration import Calibration
+
+        calibration = Calibration.load(config.calibration)
+    else:
+        calibration = spec_calibration(spec, Path(config.judge))
+    run_id = (spec.id, spec.template, calibration_id(calibration))
     index = ItemIndex(config.data, skip_bad=config.skip_bad)
     cases = _cases(config, index)
 
     existing = read_jsonl(judgments_path, Judgment, allow_torn_tail=True) if judgments_path.exists() else []
-    others = {(j.judge, j.template) for j in existing} - {(spec.id, spec.template)}
+    others = {(j.judge, j.template, j.calibration) for j in existing} - {run_id}
     if others:
-        raise MisguardError(f"{judgments_path} holds judgments by another judge or template {sorted(others)}; "
-                            "use another --out")
+        raise MisguardError(f"{judgments_path} holds judgments by another judge, template or calibration "
+                            f"{sorted(others, key=str)}; use another --out")
     done = {judgment_key(j) for j in existing}
     todo = [c for c in cases if judgment_key(c.response, c.split) not in done]
     manifest_path = out / "score.manifest.json"
     manifest = {"misguard_version": __version__, "judge_folder": str(config.judge), "judge": spec.model_dump(),
+                "calibration": run_id[2], "calibration_file": str(config.calibration) if config.calibration else None,
                 "responses": [str(p) for p in config.responses], "data": str(Path(config.data).resolve()),
                 "cases": len(cases), "complete": False}
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
@@ -157,7 +170,8 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     if todo:
         owned = judge is None
         if judge is None:
-            judge = Judge(config.judge, config.engine, config.engine_options, served_model=config.served_model)
+            judge = Judge(config.judge, config.engine, config.engine_options, served_model=config.served_model,
+                          calibration=calibration)
         manifest["engine"] = judge.engine.describe()
         from tqdm import tqdm
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from pydantic import BaseModel, ValidationError
 
@@ -21,6 +21,9 @@ from guard.messages import GenerationParams, LabelProbs, LabelSet
 from mis.errors import DataError, MisguardError
 from mis.io import write_text_atomic
 from mis.records import PERCEPTION_LEVELS, Judgment, Response
+
+if TYPE_CHECKING:
+    from calibration import Calibration
 
 JUDGE_FILE = "judge.json"
 JUDGE_FORMAT_VERSION = 1
@@ -79,6 +82,29 @@ def read_judge_spec(folder: str | Path) -> JudgeSpec:
     return spec
 
 
+def spec_calibration(spec: JudgeSpec, folder: Path) -> Calibration | None:
+    """The calibration embedded in judge.json, or None. Raises DataError naming judge.json and the field."""
+    if spec.calibration is None:
+        return None
+    from calibration import Calibration, CalibrationFormatError
+
+    try:
+        return Calibration.from_dict(spec.calibration)
+    except CalibrationFormatError as error:
+        raise DataError(error.reason, path=folder / JUDGE_FILE, field=f"calibration.{error.field}") from None
+
+
+def calibration_id(calibration: Calibration | None) -> str | None:
+    """A calibration's id: "sha256:" and the first 16 hex digits of its canonical JSON (None for no calibration).
+    Judgments carry it, so judgments made with different calibrations are never mixed."""
+    if calibration is None:
+        return None
+    import hashlib
+
+    canonical = json.dumps(calibration.to_dict(), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def code_token_ids(tokenizer) -> dict[str, int]:
     """Each answer code's token id. Raises MisguardError when a code is not one distinct token."""
     ids = {}
@@ -117,10 +143,15 @@ class Judge:
     engine is "openai" (the folder still supplies judge.json)."""
 
     def __init__(self, folder: str | Path, engine: str = "transformers", options: EngineOptions | None = None, *,
-                 served_model: str | None = None, engine_instance: Engine | None = None):
+                 served_model: str | None = None, engine_instance: Engine | None = None,
+                 calibration: Calibration | None = None):
         self.folder = Path(folder)
         self.spec = read_judge_spec(self.folder)
         self.template = get_template(self.spec.template)
+        self.calibration = calibration if calibration is not None else spec_calibration(self.spec, self.folder)
+        self.calibration_id = calibration_id(self.calibration)
+        self.unsafe_threshold = (self.calibration.threshold.value if self.calibration is not None
+                                 else self.spec.unsafe_threshold)
         self.engine = engine_instance or load_engine(engine, served_model or str(self.folder), options)
         self._owns_engine = engine_instance is None
         if self.template.mode == "codes":
@@ -140,7 +171,7 @@ class Judge:
                                           c.response.question, c.response.response) for c in cases]
         if self.template.mode == "codes":
             scored = self.engine.label_probs(requests, self.labels)
-            return [self._from_probs(case, probs) for case, probs in zip(cases, scored)]
+            return self._from_probs(cases, scored)
         generations = self.engine.generate(requests, GenerationParams(max_new_tokens=JSON_VERDICT_TOKENS))
         return [self._from_text(case, g.text) for case, g in zip(cases, generations)]
 
@@ -148,23 +179,43 @@ class Judge:
         r = case.response
         return dict(category=r.category, question=r.question, response=r.response, image_path1=r.image_path1,
                     image_path2=r.image_path2, id=r.id, split=case.split, sub_category=r.sub_category,
-                    model=r.model, judge=self.id, template=self.template.id)
+                    model=r.model, judge=self.id, template=self.template.id, calibration=self.calibration_id)
 
-    def _from_probs(self, case: Case, probs: LabelProbs | None) -> Judgment:
-        if probs is None:
-            return Judgment(**self._base(case), label_perception=None, label_str=None, status="unscored",
-                            reason="the engine did not return the label tokens' probabilities")
-        p_perception = dict.fromkeys(PERCEPTION_LEVELS, 0.0)
-        p_unsafe = 0.0
-        for code, p in zip(CODES, probs.probs):
-            level, safety = CODES[code]
-            p_perception[level] += p
-            if safety == "Unsafe":
-                p_unsafe += p
-        level = max(PERCEPTION_LEVELS, key=p_perception.__getitem__)
-        safety = "Unsafe" if p_unsafe >= self.spec.unsafe_threshold else "Safe"
-        return Judgment(**self._base(case), label_perception=f"Perception {level}", label_str=safety,
-                        p_unsafe=p_unsafe, p_perception=p_perception)
+    def _from_probs(self, cases: Sequence[Case], scored: Sequence[LabelProbs | None]) -> list[Judgment]:
+        """Judgments from the six codes' probabilities: each head's marginals, calibrated when the judge has a
+        calibration (the raw values kept beside), then labelled."""
+        import numpy as np
+
+        found = [i for i, probs in enumerate(scored) if probs is not None]
+        raw_unsafe = np.zeros(len(found))
+        raw_perception = np.zeros((len(found), len(PERCEPTION_LEVELS)))
+        for row, i in enumerate(found):
+            for code, p in zip(CODES, scored[i].probs):
+                level, safety = CODES[code]
+                raw_perception[row, PERCEPTION_LEVELS.index(level)] += p
+                raw_unsafe[row] += p if safety == "Unsafe" else 0.0
+        p_unsafe, p_perception = raw_unsafe, raw_perception
+        if self.calibration is not None and found:
+            p_unsafe, p_perception = self.calibration.apply(raw_unsafe, raw_perception)
+        judgments: list[Judgment] = []
+        rows = {i: row for row, i in enumerate(found)}
+        for i, case in enumerate(cases):
+            if i not in rows:
+                judgments.append(Judgment(**self._base(case), label_perception=None, label_str=None,
+                                          status="unscored",
+                                          reason="the engine did not return the label tokens' probabilities"))
+                continue
+            row = rows[i]
+            perception = dict(zip(PERCEPTION_LEVELS, (float(p) for p in p_perception[row])))
+            level = max(PERCEPTION_LEVELS, key=perception.__getitem__)
+            safety = "Unsafe" if p_unsafe[row] >= self.unsafe_threshold else "Safe"
+            extra = {}
+            if self.calibration is not None:
+                extra = dict(p_unsafe_raw=float(raw_unsafe[row]),
+                             p_perception_raw=dict(zip(PERCEPTION_LEVELS, map(float, raw_perception[row]))))
+            judgments.append(Judgment(**self._base(case), label_perception=f"Perception {level}", label_str=safety,
+                                      p_unsafe=float(p_unsafe[row]), p_perception=perception, **extra))
+        return judgments
 
     def _from_text(self, case: Case, text: str) -> Judgment:
         parsed = parse_json_verdict(text)
@@ -175,7 +226,8 @@ class Judge:
         return Judgment(**self._base(case), label_perception=perception, label_str=safety)
 
     def describe(self) -> dict:
-        return {"judge": self.spec.model_dump(), "engine": self.engine.describe()}
+        return {"judge": self.spec.model_dump(), "engine": self.engine.describe(), "calibration": self.calibration_id,
+                "unsafe_threshold": self.unsafe_threshold}
 
     def close(self) -> None:
         if self._owns_engine:
