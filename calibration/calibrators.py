@@ -28,6 +28,7 @@ from sklearn.metrics import log_loss as sklearn_log_loss
 from sklearn.model_selection import StratifiedKFold
 
 from calibration._checks import CalibrationFormatError, check_labels, check_probabilities
+from mis.io import json_type
 
 MIN_FIT_SAMPLES = 10
 """Fewer reference labels than this cannot calibrate anything; `fit` refuses them."""
@@ -117,13 +118,13 @@ class BaseCalibrator(BaseEstimator):
         Raises CalibrationFormatError (a ValueError naming the field) for anything malformed.
         """
         if not isinstance(data, dict):
-            raise CalibrationFormatError("<calibrator>", f"expected an object, got {_json_type(data)}")
+            raise CalibrationFormatError("<calibrator>", f"expected an object, got {json_type(data)}")
         method = data.get("method")
         if method != cls.method:
             raise CalibrationFormatError("method", f"expected {cls.method!r} for {cls.__name__}, got {method!r}")
         params = data.get("params", {})
         if not isinstance(params, dict):
-            raise CalibrationFormatError("params", f"expected an object, got {_json_type(params)}")
+            raise CalibrationFormatError("params", f"expected an object, got {json_type(params)}")
         known = set(cls._get_param_names())
         unknown = sorted(set(params) - known)
         if unknown:
@@ -367,7 +368,7 @@ class IsotonicCalibration(BaseCalibrator):
         expected = 1 if self.head_ == "binary" else self.n_classes_
         if not isinstance(maps, list) or len(maps) != expected:
             raise CalibrationFormatError("state.maps", f"expected a list of {expected} map(s) for the {self.head_} "
-                                         f"head, got {_json_type(maps) if not isinstance(maps, list) else len(maps)}")
+                                         f"head, got {json_type(maps) if not isinstance(maps, list) else len(maps)}")
         self.thresholds_ = []
         for index, one_map in enumerate(maps):
             where = f"state.maps[{index}]"
@@ -403,7 +404,7 @@ def calibrator_from_dict(data: Any) -> BaseCalibrator:
     Raises CalibrationFormatError (a ValueError naming the field) for an unknown method or malformed data.
     """
     if not isinstance(data, dict):
-        raise CalibrationFormatError("<calibrator>", f"expected an object, got {_json_type(data)}")
+        raise CalibrationFormatError("<calibrator>", f"expected an object, got {json_type(data)}")
     method = data.get("method")
     if method not in METHODS:
         raise CalibrationFormatError("method", f"unknown calibration method {method!r}; expected one of: "
@@ -462,25 +463,9 @@ def select_method(scores, y, methods: tuple[str, ...] | list[str] = ("temperatur
 # Reading saved state
 # --------------------------------------------------------------------------------------------------------
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
 def _state_object(state: Any, keys: tuple[str, ...], where: str = "state") -> dict[str, Any]:
     if not isinstance(state, dict):
-        raise CalibrationFormatError(where, f"expected an object, got {_json_type(state)}")
+        raise CalibrationFormatError(where, f"expected an object, got {json_type(state)}")
     for key in keys:
         if key not in state:
             raise CalibrationFormatError(f"{where}.{key}", "missing")

@@ -358,7 +358,7 @@ def _iter_jsonl_text(text: str, path: Path, *, allow_torn_tail: bool) -> Iterato
 def _validate(model: type[ModelT], value: Any, path: Path, line: int) -> ModelT:
     """Return `value` as a `model` record, or raise DataError naming the first bad field."""
     if not isinstance(value, dict):
-        raise DataError(f"expected a JSON object, got {_json_type(value)}", path=path, line=line)
+        raise DataError(f"expected a JSON object, got {json_type(value)}", path=path, line=line)
     try:
         return model.model_validate(value)
     except ValidationError as exc:
@@ -367,15 +367,16 @@ def _validate(model: type[ModelT], value: Any, path: Path, line: int) -> ModelT:
         if first["type"] == "missing":
             message = "missing"
         elif first["type"] == "string_type":
-            message = f"must be a string (got {_json_type(first.get('input'))})"
+            message = f"must be a string (got {json_type(first.get('input'))})"
         elif first["type"].endswith("_type"):
-            message = f"{first['msg']} (got {_json_type(first.get('input'))})"
+            message = f"{first['msg']} (got {json_type(first.get('input'))})"
         else:
             message = first["msg"].removeprefix("Value error, ")
         raise DataError(message, path=path, line=line, field=field_name) from None
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """How a JSON value's type reads in an error message: "null", "a number", "an object", ..."""
     if value is None:
         return "null"
     if isinstance(value, bool):

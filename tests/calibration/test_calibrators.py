@@ -211,7 +211,7 @@ def test_malformed_saved_calibrators_raise_a_value_error_naming_the_field(method
 
 
 def test_from_dict_refuses_a_non_object():
-    with pytest.raises(ValueError, match="expected an object, got a list"):
+    with pytest.raises(ValueError, match="expected an object, got an array"):
         calibrator_from_dict([1, 2])
 
 
