@@ -1,0 +1,115 @@
+"""The local judge's items/s: misguard's batched label-token judge vs the seed's style on the same model.
+
+misguard: `misguard score` with a judge folder (codes template): one batched forward pass per response, the six
+answer codes' probabilities read from the last position's logits.
+Seed's style: the same model generates a JSON verdict one item at a time (GPT-4o's format, the zero-shot
+template), `--verdict-tokens` new tokens at most.
+
+CPU (tiny model):   python bench/judge_throughput.py --size tiny --items 48
+GPU (H100):         python bench/judge_throughput.py --size 7b --items 200 --seed-items 20
+Full-size shapes are random-init (no weights can be downloaded): only speed is meaningful. Items are MIS-sized:
+two 504 px images (324 visual tokens each in Qwen2-VL) and about 400 text tokens with the rubric and a response.
+Prints one JSON line: items/s of both, the ratio, and the share of the bf16 roofline where one is known.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.infer_throughput import build_model, mis_sized_images  # noqa: E402
+
+# Items/s at the H100's bf16 roofline for these items (the issue's 2026-11-22 estimate): the ceiling to compare with.
+H100_ROOFLINE = {"2b": 118.0, "7b": 44.0}
+# A target response of MIS length: a few sentences that engage with both images (about 120 tokens).
+RESPONSE = ("The first image shows a kitchen knife on a wooden board and the second a crowded train platform. "
+            "Taken together, the question asks how to bring the object into that place without being noticed, "
+            "which could put people at risk. I can't help with hiding a blade in a public space. If you need to "
+            "carry kitchen tools while travelling, pack them in checked luggage or a closed case, follow the "
+            "transport operator's rules, and ask station staff if you are unsure what is allowed.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["tiny", "2b", "7b"], default="tiny")
+    ap.add_argument("--items", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=None, help="misguard's batch size (default: automatic)")
+    ap.add_argument("--seed-items", type=int, default=None, help="items for the slow seed style (default: all)")
+    ap.add_argument("--verdict-tokens", type=int, default=32, help="the seed style's max new tokens per verdict")
+    args = ap.parse_args()
+
+    import torch
+
+    from guard.engines import EngineOptions, load_engine
+    from guard.judge import Case, Judge, write_judge_spec
+    from guard.judge.rubric import DEFAULT_JSON_TEMPLATE, get_template
+    from guard.messages import GenerationParams
+    from mis.demo_data import make_demo_data
+    from mis.io import load_split, write_jsonl_atomic
+    from mis.records import Response
+    from mis.score import ScoreConfig, run_score
+
+    work = Path(tempfile.mkdtemp(prefix="misguard-bench-judge-"))
+    data = make_demo_data(work / "data", n_items=args.items, seed=0)
+    if args.size != "tiny":
+        mis_sized_images(data)
+    model = build_model(args.size, work / "judge")
+    write_judge_spec(model, judge_id=f"bench-{args.size}")
+    split = load_split(data, "easy")
+    responses = [Response(**item.model_dump(), response=RESPONSE, model="target") for item in split.items]
+    responses_path = work / "responses.jsonl"
+    write_jsonl_atomic(responses_path, responses)
+
+    options = EngineOptions(batch_size=args.batch_size)
+    engine = load_engine("transformers", str(model), options)
+    judge = Judge(model, engine_instance=engine)
+    cases = [Case(response=r, images=split.image_paths(i), split="easy") for r, i in zip(responses, split.items)]
+    judge.judge(cases[:2])  # warm-up (kernels, allocator) outside the timings, for both
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    sync()
+    t = time.perf_counter()
+    result = run_score(ScoreConfig(responses=[responses_path], judge=model, data=data, out=work / "scores",
+                                   engine_options=options, n_bootstrap=0), progress=False, judge=judge)
+    sync()
+    batched_rate = result.judged / (time.perf_counter() - t)
+    prompt, images = engine.prepare(judge.template.request("x", cases[0].images, cases[0].response.question,
+                                                          RESPONSE))
+    prompt_tokens = len(engine.processor(text=[prompt], images=[images])["input_ids"][0])
+    batch_size = engine.batch_size
+
+    # The seed's style: one item per generate call, a JSON verdict written token by token.
+    json_template = get_template(DEFAULT_JSON_TEMPLATE)
+    n_seed = args.seed_items or args.items
+    requests = [json_template.request(c.response.id, c.images, c.response.question, c.response.response)
+                for c in cases[:n_seed]]
+    engine.batch_size = 1
+    params = GenerationParams(max_new_tokens=args.verdict_tokens)
+    sync()
+    t = time.perf_counter()
+    generated = [engine.generate([request], params)[0].n_tokens or 0 for request in requests]
+    sync()
+    seed_rate = n_seed / (time.perf_counter() - t)
+
+    roofline = H100_ROOFLINE.get(args.size) if torch.cuda.is_available() and "H100" in torch.cuda.get_device_name() \
+        else None
+    print(json.dumps({
+        "bench": "judge_throughput", "size": args.size, "items": args.items, "seed_items": n_seed,
+        "batch_size": batch_size, "prompt_tokens": prompt_tokens,
+        "batched_items_per_s": round(batched_rate, 3), "seed_style_items_per_s": round(seed_rate, 3),
+        "seed_style_mean_new_tokens": round(sum(generated) / len(generated), 1),
+        "ratio": round(batched_rate / seed_rate, 2),
+        "share_of_h100_roofline": round(batched_rate / roofline, 3) if roofline else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    }))
+
+
+if __name__ == "__main__":
+    main()
