@@ -1,0 +1,454 @@
+"""Training data for the judge: target responses joined with GPT-4o's verdicts, split by MIS item.
+
+`build_examples` reads the responses files `misguard infer` writes and the label files, and pairs each response
+with its verdict. Two kinds of label file are read, told apart by their first row:
+- the seed's gpt_eval.py output: one file per target model, no ids; a verdict is matched back to its MIS item
+  by (image_path1, image_path2, question) through `mis.score.ItemIndex`, and to the response by the target
+  model (the file's) and the response text, so two models that answered one item word for word stay separate;
+- misguard judgments.jsonl (a judge's own, or `misguard score --from-labels` output): rows carry id, split and
+  model; unscored rows have no labels and are left out.
+
+`split_by_item` splits examples into train and validation by MIS item, stratified by category;
+`to_dataset` / `examples_from_dataset` convert to and from a `datasets.Dataset`; `label_counts` and
+`data_hashes` describe the data for the judge card.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from guard.judge.rubric import CODES
+from judge_training.examples import TrainingExample
+from mis.errors import DataError, MisguardError
+from mis.io import read_jsonl_numbered
+from mis.records import CATEGORIES, PERCEPTION_LABELS, PERCEPTION_LEVELS, SAFETY_LABELS, Judgment, Response, Verdict
+from mis.score import ItemIndex
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger("misguard")
+
+MAX_UNMATCHED_SHARE = 0.02
+"""More than this share of label rows matching no response is an error (the wrong files or model names)."""
+COLUMNS: tuple[str, ...] = ("item_key", "split", "id", "model", "category", "sub_category", "image1", "image2",
+                            "question", "response", "label_str", "label_perception", "answer")
+"""The columns of `to_dataset`, in order; all strings (image1/image2 are absolute paths)."""
+_JUDGMENT_FIELDS = frozenset({"id", "split", "model"})
+_EXAMPLES_SHOWN = 3
+
+
+# --------------------------------------------------------------------------------------------------------
+# Joining responses with their verdicts
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuiltExamples:
+    """What `build_examples` returns: the examples and what was left out on either side."""
+
+    examples: list[TrainingExample]
+    """One per labelled response, in the order of the responses files."""
+    responses: int
+    """Responses read."""
+    labels: int
+    """Label rows read (verdicts and judgments, unscored judgments included)."""
+    unscored_labels: int
+    """Unscored judgments: rows without labels, left out (their responses count as without a label)."""
+    responses_without_label: int
+    """Responses no label row matched: left out of the examples."""
+    labels_without_response: int
+    """Scored label rows that matched no response (no such MIS item, model, item or response text)."""
+
+
+@dataclass(frozen=True)
+class _Label:
+    model: str
+    split: str
+    id: str
+    response: str
+    label_str: str
+    label_perception: str
+    where: str
+    """path:line, for messages."""
+
+
+def build_examples(responses: Sequence[str | Path], labels: Sequence[str | Path], data: str | Path, *,
+                   label_model_names: Sequence[str | None] | None = None, skip_bad: bool = False,
+                   max_unmatched_share: float = MAX_UNMATCHED_SHARE) -> BuiltExamples:
+    """Pair every target response with the reference verdict on it, as TrainingExamples.
+
+    responses: files as `misguard infer` writes them (one or more target models each).
+    labels: gpt_eval.py verdict files (one per target model) and/or misguard judgments.jsonl files.
+    data: the MIS directory the responses were made on; the examples' image paths are absolute paths in it.
+    label_model_names: one entry per labels file. For a gpt_eval.py file it names the target model (default,
+    or None: the file's stem); it must equal the responses' `model` for the verdicts to match. For a
+    judgments file, whose rows name their model, a given name must be the model of every row.
+    skip_bad: log and leave out bad lines and responses to no MIS item instead of raising.
+
+    A response without a label is left out and counted (logged as a warning). A scored label row that matches
+    no response (no MIS item with its question and image paths, no response by its model to its item, or a
+    different response text) is counted, and is an error when more than `max_unmatched_share` of the scored
+    label rows are such.
+
+    Returns a BuiltExamples: the examples in the responses files' order, and the counts.
+    Raises MisguardError when label_model_names does not give one entry per labels file; DataError for a bad
+    line (file, line, field), a response to no MIS item, a second response or label for the same (model,
+    split, id), a judgments row whose model is not its file's given name, no responses or no scored labels,
+    or too many unmatched label rows (with up to 3 of them as examples).
+    """
+    if not 0.0 <= max_unmatched_share <= 1.0:
+        raise ValueError(f"max_unmatched_share must be from 0 to 1, got {max_unmatched_share}")
+    label_files = [Path(p) for p in labels]
+    if label_model_names is not None and len(label_model_names) != len(label_files):
+        raise MisguardError(f"{len(label_model_names)} model names for {len(label_files)} label files")
+    index = ItemIndex(Path(data), skip_bad=skip_bad)
+
+    by_key, where = _read_responses([Path(p) for p in responses], index, skip_bad=skip_bad)
+    if not by_key:
+        raise DataError(f"no responses in {', '.join(str(p) for p in responses) or '(no files)'}")
+
+    scored: list[_Label] = []
+    unmatched: list[str] = []  # descriptions of the scored label rows that match no response
+    n_labels = n_unscored = n_no_item = 0
+    for n, path in enumerate(label_files):
+        name = label_model_names[n] if label_model_names is not None else None
+        if _is_judgments_file(path):
+            rows, unscored = _read_judgments(path, name, skip_bad=skip_bad)
+            n_labels += len(rows) + unscored
+            n_unscored += unscored
+            scored += rows
+        else:
+            rows, no_item = _read_verdicts(path, name or path.stem, index, skip_bad=skip_bad)
+            n_labels += len(rows) + len(no_item)
+            n_no_item += len(no_item)
+            scored += rows
+            unmatched += no_item
+    if not scored and not unmatched:
+        raise DataError(f"no scored labels in {', '.join(str(p) for p in label_files) or '(no files)'}")
+
+    matched: dict[tuple[str, str, str], _Label] = {}
+    first: dict[tuple[str, str, str], _Label] = {}
+    for label in scored:
+        key = (label.model, label.split, label.id)
+        if key in first:
+            error = DataError(f"a second label for model {label.model!r}, {label.split} item {label.id} (first at "
+                              f"{first[key].where}, again at {label.where})")
+            if not skip_bad:
+                raise error
+            logger.warning("skipping bad line: %s", error)
+            continue
+        first[key] = label
+        response = by_key.get(key)
+        if response is None:
+            unmatched.append(f"{label.where} (model {label.model!r}, {label.split} item {label.id}: no such "
+                             f"response)")
+        elif response.response != label.response:
+            unmatched.append(f"{label.where} (model {label.model!r}, {label.split} item {label.id}: the response "
+                             f"differs from the one at {where[key]})")
+        else:
+            matched[key] = label
+
+    n_scored = len(scored) + n_no_item  # every label row with labels, matched or not
+    if unmatched and len(unmatched) > max_unmatched_share * n_scored:
+        message = (f"{len(unmatched)} of {n_scored} label rows ({100.0 * len(unmatched) / n_scored:.1f}%) match "
+                   f"no response, e.g. {'; '.join(unmatched[:_EXAMPLES_SHOWN])} (limit "
+                   f"{100.0 * max_unmatched_share:.1f}%)")
+        label_models = {label.model for label in scored}
+        response_models = {key[0] for key in by_key}
+        if not label_models <= response_models:
+            message += (f"; label files are for models {sorted(label_models)}, responses are by "
+                        f"{sorted(response_models)} (a gpt_eval.py file's target model is its file name's stem unless named otherwise)")
+        raise DataError(message)
+    if unmatched:
+        logger.warning("%d of %d label row(s) match no response, e.g. %s", len(unmatched), n_scored, unmatched[0])
+
+    examples = []
+    for key, response in by_key.items():
+        label = matched.get(key)
+        if label is None:
+            continue
+        model, split, item_id = key
+        item = index.find(response.image_path1, response.image_path2, response.question)[1]
+        image1, image2 = index.images(split, item)
+        examples.append(TrainingExample(
+            item_key=f"{split}/{item_id}", split=split, id=item_id, model=model, category=item.category,
+            sub_category=item.sub_category, images=(str(image1), str(image2)), question=response.question,
+            response=response.response, label_str=label.label_str, label_perception=label.label_perception))
+    without = len(by_key) - len(examples)
+    if without:
+        logger.warning("%d of %d response(s) have no label and are left out", without, len(by_key))
+    logger.info("%d training examples from %d responses and %d label rows", len(examples), len(by_key), n_labels)
+    return BuiltExamples(examples=examples, responses=len(by_key), labels=n_labels, unscored_labels=n_unscored,
+                         responses_without_label=without, labels_without_response=len(unmatched))
+
+
+def _read_responses(paths: list[Path], index: ItemIndex, *, skip_bad: bool):
+    """Every response by (model, split, id), in file order, and where each was read (path:line)."""
+    by_key: dict[tuple[str, str, str], Response] = {}
+    where: dict[tuple[str, str, str], str] = {}
+    for path in paths:
+        for line, response in read_jsonl_numbered(path, Response, skip_bad=skip_bad):
+            found = index.find(response.image_path1, response.image_path2, response.question)
+            error = None
+            if found is None or found[1].id != response.id:
+                error = DataError(f"no MIS item with id {response.id}, this question and these image paths",
+                                  path=path, line=line, field="id")
+            elif (response.model, found[0], response.id) in by_key:
+                error = DataError(f"model {response.model!r}, {found[0]} item {response.id} is also at "
+                                  f"{where[(response.model, found[0], response.id)]}", path=path, line=line,
+                                  field="id")
+            if error is not None:
+                if not skip_bad:
+                    raise error
+                logger.warning("skipping bad line: %s", error)
+                continue
+            key = (response.model, found[0], response.id)
+            by_key[key] = response
+            where[key] = f"{path}:{line}"
+    return by_key, where
+
+
+def _is_judgments_file(path: Path) -> bool:
+    """Whether a label file's first row has id, split and model (a misguard judgments file); a file that cannot
+    be read this way is left to the verdict reader, which names the problem."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            for raw in handle:
+                if raw.strip():
+                    row = json.loads(raw)
+                    return isinstance(row, dict) and _JUDGMENT_FIELDS <= row.keys()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return False
+
+
+def _read_verdicts(path: Path, model: str, index: ItemIndex, *, skip_bad: bool):
+    """A gpt_eval.py file's verdicts as labels of `model`, and the descriptions of those that match no item."""
+    labels, no_item = [], []
+    for line, verdict in read_jsonl_numbered(path, Verdict, skip_bad=skip_bad):
+        found = index.find(verdict.image_path1, verdict.image_path2, verdict.question)
+        if found is None:
+            no_item.append(f"{path}:{line} (no MIS item has this question and these image paths: "
+                           f"{verdict.image_path1}, {verdict.image_path2})")
+            continue
+        split, item = found
+        labels.append(_Label(model=model, split=split, id=item.id, response=verdict.response,
+                             label_str=verdict.label_str, label_perception=verdict.label_perception,
+                             where=f"{path}:{line}"))
+    return labels, no_item
+
+
+def _read_judgments(path: Path, model: str | None, *, skip_bad: bool):
+    """A judgments file's scored rows as labels, and how many rows were unscored."""
+    labels, unscored = [], 0
+    for line, judgment in read_jsonl_numbered(path, Judgment, skip_bad=skip_bad):
+        if model is not None and judgment.model != model:
+            error = DataError(f"model {judgment.model!r}, but this file was named as labels for {model!r}",
+                              path=path, line=line, field="model")
+            if not skip_bad:
+                raise error
+            logger.warning("skipping bad line: %s", error)
+            continue
+        if judgment.status == "unscored" or judgment.label_str is None or judgment.label_perception is None:
+            unscored += 1
+            continue
+        labels.append(_Label(model=judgment.model, split=judgment.split, id=judgment.id, response=judgment.response,
+                             label_str=judgment.label_str, label_perception=judgment.label_perception,
+                             where=f"{path}:{line}"))
+    if unscored:
+        logger.info("%s: %d unscored judgment(s) have no labels and are left out", path, unscored)
+    return labels, unscored
+
+
+# --------------------------------------------------------------------------------------------------------
+# Train / validation split
+# --------------------------------------------------------------------------------------------------------
+
+def split_by_item(examples: Sequence[TrainingExample], val_frac: float = 0.1,
+                  seed: int = 0) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """Split examples into (train, validation) by MIS item: all responses to one item land on the same side.
+
+    round(val_frac * items) items go to validation, apportioned over categories in proportion to their items
+    (largest remainders, ties broken by the seed) while every category keeps at least one item on the train
+    side; only when that is impossible does a category go to validation whole (logged). Which items of a
+    category go is drawn by `seed`. The result depends only on the examples, val_frac and seed, not on the
+    examples' order; both lists keep the input order. val_frac=0 puts everything in train.
+
+    Returns (train, validation).
+    Raises ValueError for val_frac outside [0, 1), and, for val_frac > 0, when the items are too few for at
+    least one validation item and one train item.
+    """
+    if isinstance(val_frac, bool) or not isinstance(val_frac, (int, float)) or not 0.0 <= val_frac < 1.0:
+        raise ValueError(f"val_frac must be a number from 0 to less than 1, got {val_frac!r}")
+    examples = list(examples)
+    if val_frac == 0:
+        return examples, []
+    category_of: dict[str, str] = {}
+    for example in examples:
+        category_of.setdefault(example.item_key, example.category)
+    n_items = len(category_of)
+    n_val = math.floor(val_frac * n_items + 0.5)
+    if n_val < 1 or n_val >= n_items:
+        raise ValueError(f"val_frac {val_frac} of {n_items} item(s) leaves "
+                         f"{'no validation item' if n_val < 1 else 'no train item'}; use more data, another "
+                         f"val_frac, or val_frac=0")
+
+    rng = random.Random(seed)
+    by_category: dict[str, list[str]] = {}
+    for key in sorted(category_of, key=_item_order):
+        by_category.setdefault(category_of[key], []).append(key)
+    categories = sorted(by_category)
+    for category in categories:
+        rng.shuffle(by_category[category])
+    quota = _apportion({c: len(by_category[c]) for c in categories}, n_val, rng)
+    val_items = {key for c in categories for key in by_category[c][:quota[c]]}
+    train = [e for e in examples if e.item_key not in val_items]
+    val = [e for e in examples if e.item_key in val_items]
+    return train, val
+
+
+def _apportion(sizes: dict[str, int], n_val: int, rng: random.Random) -> dict[str, int]:
+    """Validation items per category: proportional to its size, largest remainders first, each category
+    keeping one train item where the total allows."""
+    total = sum(sizes.values())
+    exact = {c: n_val * n / total for c, n in sizes.items()}
+    tie = {c: rng.random() for c in sizes}
+    quota = {c: min(math.floor(exact[c]), n - 1) for c, n in sizes.items()}
+    left = n_val - sum(quota.values())
+    # Largest remainder first, then (when keeping a train item per category capped some) the categories with
+    # the most items still on the train side.
+    for c in sorted(sizes, key=lambda c: (-(exact[c] - math.floor(exact[c])), tie[c])):
+        if left and quota[c] < sizes[c] - 1:
+            quota[c] += 1
+            left -= 1
+    while left:
+        open_ = [c for c in sizes if quota[c] < sizes[c] - 1]
+        if not open_:
+            break
+        c = max(open_, key=lambda c: (sizes[c] - quota[c], tie[c]))
+        quota[c] += 1
+        left -= 1
+    if left:
+        # Too many categories with a single item for every one to keep a train item.
+        for c in sorted(sizes, key=lambda c: (sizes[c] - quota[c], tie[c])):
+            if left and quota[c] < sizes[c]:
+                logger.warning("category %r has all its items on the validation side", c)
+                step = min(left, sizes[c] - quota[c])
+                quota[c] += step
+                left -= step
+    return quota
+
+
+def _item_order(item_key: str):
+    split, _, item_id = item_key.partition("/")
+    return (split, 0, int(item_id), "") if item_id.isdigit() else (split, 1, 0, item_id)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Counts, datasets and hashes
+# --------------------------------------------------------------------------------------------------------
+
+def label_counts(examples: Iterable[TrainingExample]) -> dict:
+    """What the examples hold, for logs and the judge card.
+
+    Returns {"items": distinct MIS items, "responses": examples, "safety": {"Safe": n, "Unsafe": n},
+    "perception": {"Level1": n, "Level2": n, "Level3": n}, "answer": {"1": n, ..., "6": n},
+    "categories": {category: responses}}; every label and code appears, with 0 when absent; categories in
+    mis.records.CATEGORIES order, then any others sorted.
+    """
+    examples = list(examples)
+    safety = Counter(e.label_str for e in examples)
+    perception = Counter(e.label_perception.removeprefix("Perception ") for e in examples)
+    answers = Counter(e.answer for e in examples)
+    categories = Counter(e.category for e in examples)
+    order = [c for c in CATEGORIES if c in categories] + sorted(set(categories) - set(CATEGORIES))
+    return {
+        "items": len({e.item_key for e in examples}),
+        "responses": len(examples),
+        "safety": {label: safety[label] for label in SAFETY_LABELS},
+        "perception": {level: perception[level] for level in PERCEPTION_LEVELS},
+        "answer": {code: answers[code] for code in CODES},
+        "categories": {c: categories[c] for c in order},
+    }
+
+
+def to_dataset(examples: Iterable[TrainingExample]) -> datasets.Dataset:
+    """The examples as a `datasets.Dataset` with COLUMNS (all strings; image1/image2 absolute paths, `answer`
+    the judge's answer code). Raises KeyError for an example whose labels are not a known pair."""
+    import datasets
+
+    examples = list(examples)
+    columns: dict[str, list[str]] = {name: [] for name in COLUMNS}
+    for e in examples:
+        row = {"item_key": e.item_key, "split": e.split, "id": e.id, "model": e.model, "category": e.category,
+               "sub_category": e.sub_category, "image1": e.images[0], "image2": e.images[1],
+               "question": e.question, "response": e.response, "label_str": e.label_str,
+               "label_perception": e.label_perception, "answer": e.answer}
+        for name in COLUMNS:
+            columns[name].append(row[name])
+    features = datasets.Features({name: datasets.Value("string") for name in COLUMNS})
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def examples_from_dataset(dataset: datasets.Dataset) -> list[TrainingExample]:
+    """The TrainingExamples of a dataset made by `to_dataset` (extra columns are ignored), in row order.
+
+    Raises ValueError for missing columns, a label that is not "Safe"/"Unsafe" or "Perception Level1".."3",
+    or an `answer` that disagrees with the labels (naming the row).
+    """
+    missing = [name for name in COLUMNS if name not in dataset.column_names]
+    if missing:
+        raise ValueError(f"dataset has no column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+    examples = []
+    for n, row in enumerate(dataset):
+        if row["label_str"] not in SAFETY_LABELS or row["label_perception"] not in PERCEPTION_LABELS:
+            raise ValueError(f"row {n}: labels {row['label_str']!r}, {row['label_perception']!r} are not "
+                             f"Safe/Unsafe and Perception Level1..3")
+        example = TrainingExample(
+            item_key=row["item_key"], split=row["split"], id=row["id"], model=row["model"],
+            category=row["category"], sub_category=row["sub_category"], images=(row["image1"], row["image2"]),
+            question=row["question"], response=row["response"], label_str=row["label_str"],
+            label_perception=row["label_perception"])
+        if row["answer"] != example.answer:
+            raise ValueError(f"row {n}: answer {row['answer']!r} does not match {row['label_perception']} and "
+                             f"{row['label_str']} (code {example.answer})")
+        examples.append(example)
+    return examples
+
+
+def data_hashes(paths: Iterable[str | Path]) -> dict[str, str]:
+    """SHA-256 of each file, for the judge card: {str(path): hex digest}. A directory's digest is the SHA-256
+    of the lines "<relative path>\\0<file digest>\\n" of every file under it, in sorted order, so it changes
+    when any file in it is added, removed, renamed or changed.
+
+    Raises DataError for a path that does not exist.
+    """
+    hashes: dict[str, str] = {}
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            manifest = hashlib.sha256()
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                manifest.update(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\n".encode())
+            hashes[str(path)] = manifest.hexdigest()
+        elif path.is_file():
+            hashes[str(path)] = _file_sha256(path)
+        else:
+            raise DataError("file not found", path=path)
+    return hashes
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
