@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 
 from calibration._checks import CalibrationFormatError, check_labels, check_probabilities
-from calibration.calibrators import BaseCalibrator, calibrator_from_dict, make_calibrator, select_method
+from calibration.calibrators import (
+    BaseCalibrator,
+    calibrator_from_dict,
+    cross_val_proba,
+    make_calibrator,
+    select_method,
+)
 from calibration.scores import calibration_report
 from calibration.thresholds import DEFAULT_THRESHOLD, Threshold, fit_threshold
 from mis.errors import DataError
@@ -236,8 +242,9 @@ def fit_calibration(p_unsafe, y_safety, p_perception=None, y_perception=None, *,
     perception calibrator is fitted when p_perception or y_perception is None. `method` / `perception_method`:
     a method name, or "auto" to pick by cross-validated log-loss among `methods` (select_method). The
     threshold (rule "fixed", "max_kappa" or "match_rate") is fitted on the calibrated p_unsafe. The report
-    holds calibration_report before and after per head on the fitting data itself (in-sample: "after" is
-    optimistic; hold out data to measure it honestly).
+    holds calibration_report per head before, after on the fitting data itself (in-sample: optimistic), and
+    `after_cross_validated`: each row predicted by the method fitted on the other folds (None when a class has
+    fewer than `cv` labels).
 
     Returns the Calibration. Raises ValueError for malformed input, an unknown method or rule, or too few
     labels for the fit or the cross-validation.
@@ -252,7 +259,8 @@ def fit_calibration(p_unsafe, y_safety, p_perception=None, y_perception=None, *,
     report: dict[str, Any] = {"safety": {
         "method": safety.method, "cv_log_loss": safety_losses,
         "before": calibration_report(unsafe, safety_labels), "after": calibration_report(calibrated_unsafe,
-                                                                                         safety_labels)}}
+                                                                                         safety_labels),
+        "after_cross_validated": _cross_validated(safety.method, unsafe, safety_labels, cv, seed)}}
     threshold = fit_threshold(calibrated_unsafe, safety_labels, threshold_rule)
     report["threshold"] = threshold.to_dict()
     metadata = {"n_safety": int(unsafe.size), "n_perception": 0}
@@ -274,10 +282,17 @@ def fit_calibration(p_unsafe, y_safety, p_perception=None, y_perception=None, *,
         report["perception"] = {
             "method": perception.method, "cv_log_loss": perception_losses,
             "before": calibration_report(probs, levels),
-            "after": calibration_report(perception.predict_proba(probs), levels)}
+            "after": calibration_report(perception.predict_proba(probs), levels),
+            "after_cross_validated": _cross_validated(perception.method, probs, levels, cv, seed)}
         metadata["n_perception"] = int(probs.shape[0])
     return Calibration(safety=safety, perception=perception, threshold=threshold,
                        fitted_on={**metadata, **(fitted_on or {})}, report=report)
+
+
+def _cross_validated(method: str, probs: np.ndarray, labels: np.ndarray, cv: int, seed: int) -> dict | None:
+    """calibration_report of out-of-fold predictions (None when a class is too rare for `cv` folds)."""
+    held_out = cross_val_proba(method, probs, labels, cv=cv, seed=seed)
+    return None if held_out is None else calibration_report(held_out if probs.ndim == 2 else held_out[:, 1], labels)
 
 
 def _as_indices(labels, encode) -> np.ndarray:

@@ -446,7 +446,7 @@ def select_method(scores, y, methods: tuple[str, ...] | list[str] = ("temperatur
     candidates = [method for method in methods if probs.ndim == 1 or METHODS[method].supports_multiclass]
     if not candidates:
         raise ValueError(f"none of the methods {list(methods)} calibrates {n_classes}-class scores")
-    folds = list(StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(labels.size), labels))
+    folds = _folds(labels, cv, seed)
     losses: dict[str, float] = {}
     for method in candidates:
         fold_losses = []
@@ -457,6 +457,26 @@ def select_method(scores, y, methods: tuple[str, ...] | list[str] = ("temperatur
         losses[method] = float(np.mean(fold_losses))
     best = min(candidates, key=lambda method: losses[method])
     return best, losses
+
+
+def _folds(labels: np.ndarray, cv: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return list(StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(labels.size), labels))
+
+
+def cross_val_proba(method: str, scores, y, cv: int = 5, seed: int = 0) -> np.ndarray | None:
+    """Out-of-fold calibrated probabilities: each row predicted by `method` fitted on the other folds (the
+    same StratifiedKFold as select_method), for an honest after-calibration report. Returns an array shaped
+    like predict_proba's, or None when a class has fewer than `cv` samples. Raises ValueError like fit."""
+    probs = check_probabilities(scores, "scores")
+    n_classes = 2 if probs.ndim == 1 else probs.shape[1]
+    labels = check_labels(y, probs.shape[0], n_classes, "y")
+    _, counts = np.unique(labels, return_counts=True)
+    if counts.size < 2 or counts.min() < cv:
+        return None
+    out = np.zeros((labels.size, n_classes))
+    for train, test in _folds(labels, cv, seed):
+        out[test] = clone(make_calibrator(method)).fit(probs[train], labels[train]).predict_proba(probs[test])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -196,9 +196,12 @@ def calibrate(
     for head in ("safety", "perception"):
         section = calibration.report.get(head)
         if section:
-            before, after = section["before"], section["after"]
+            before, after = section["before"], section["after_cross_validated"]
+            where = "cross-validated"
+            if after is None:  # too few labels of a class for 5 folds
+                after, where = section["after"], "on the fitting data: optimistic"
             typer.echo(f"{head}: {section['method']}; log-loss {before['log_loss']:.4f} -> {after['log_loss']:.4f}, "
-                       f"ECE {before['ece_uniform']:.4f} -> {after['ece_uniform']:.4f} (on the fitting data)")
+                       f"ECE {before['ece_uniform']:.4f} -> {after['ece_uniform']:.4f} ({where})")
     typer.echo(f"Unsafe threshold {calibration.threshold.value:.4f} ({calibration.threshold.rule})")
     typer.echo(f"calibration: {out}" + (f" (also in {into_judge / 'judge.json'})" if into_judge else ""))
 

@@ -231,3 +231,14 @@ def test_importing_calibration_never_imports_torch():
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     assert subprocess.run([sys.executable, "-c", code], check=False, cwd=root, env=env, timeout=60).returncode == 0
+
+
+def test_cross_validated_report_is_held_out_and_still_better_than_before():
+    p_unsafe, y = power_distorted(2000, seed=3)
+    report = fit_calibration(p_unsafe, y, method="isotonic").report["safety"]
+    held_out, in_sample = report["after_cross_validated"], report["after"]
+    assert held_out["n"] == in_sample["n"] == 2000
+    assert held_out["log_loss"] < report["before"]["log_loss"]  # calibration helps on unseen rows too
+    assert held_out["log_loss"] > in_sample["log_loss"]  # ... and isotonic flatters itself in sample
+    rare = fit_calibration(p_unsafe[:40], np.r_[np.ones(3), np.zeros(37)].astype(int), method="temperature")
+    assert rare.report["safety"]["after_cross_validated"] is None  # 3 Unsafe labels cannot fill 5 folds
