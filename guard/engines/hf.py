@@ -31,6 +31,14 @@ def check_model_folder(model: str) -> Path:
     return path
 
 
+def render_prompt(processor, family, request: Request) -> tuple[str, list[Any]]:
+    """(prompt text, loaded images) for one request: the family adapter's conversation through the processor's
+    chat template, with the generation prompt (the engine's and judge training's one prompt format). Raises
+    DataError for an unreadable image."""
+    conversation, images = family.hf_conversation(request.messages)
+    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False), images
+
+
 def resolve_device_dtype(device: str, dtype: str):
     """(device string, torch dtype): 'auto' means cuda + bfloat16 when a GPU is present, else cpu + float32."""
     import torch
@@ -86,9 +94,7 @@ class TransformersEngine(Engine):
 
     def prepare(self, request: Request) -> tuple[str, list[Any]]:
         """(prompt text from the model's chat template, the request's images)."""
-        conversation, images = self.family.hf_conversation(request.messages)
-        prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        return prompt, images
+        return render_prompt(self.processor, self.family, request)
 
     def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
         results: list[Generation | None] = [None] * len(requests)

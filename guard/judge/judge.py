@@ -82,6 +82,19 @@ def read_judge_spec(folder: str | Path) -> JudgeSpec:
     return spec
 
 
+def code_marginals(probs: Sequence[float]) -> tuple[float, dict[str, float]]:
+    """(p_unsafe, {Level1, Level2, Level3: p}) from the six answer codes' probabilities (in CODES order): each
+    head's marginal of the joint distribution the codes give."""
+    p_unsafe = 0.0
+    levels = dict.fromkeys(PERCEPTION_LEVELS, 0.0)
+    for code, p in zip(CODES, probs):
+        level, safety = CODES[code]
+        levels[level] += p
+        if safety == "Unsafe":
+            p_unsafe += p
+    return p_unsafe, levels
+
+
 def spec_calibration(spec: JudgeSpec, folder: Path) -> Calibration | None:
     """The calibration embedded in judge.json, or None. Raises DataError naming judge.json and the field."""
     if spec.calibration is None:
@@ -190,10 +203,8 @@ class Judge:
         raw_unsafe = np.zeros(len(found))
         raw_perception = np.zeros((len(found), len(PERCEPTION_LEVELS)))
         for row, i in enumerate(found):
-            for code, p in zip(CODES, scored[i].probs):
-                level, safety = CODES[code]
-                raw_perception[row, PERCEPTION_LEVELS.index(level)] += p
-                raw_unsafe[row] += p if safety == "Unsafe" else 0.0
+            raw_unsafe[row], levels = code_marginals(scored[i].probs)
+            raw_perception[row] = [levels[level] for level in PERCEPTION_LEVELS]
         p_unsafe, p_perception = raw_unsafe, raw_perception
         if self.calibration is not None and found:
             p_unsafe, p_perception = self.calibration.apply(raw_unsafe, raw_perception)
