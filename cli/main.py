@@ -267,6 +267,53 @@ def _fmt(value) -> str:
 
 
 @app.command()
+def train(
+    base: Annotated[Path, typer.Option(help="The base VLM folder (save_pretrained) to fine-tune into a judge.")],
+    responses: Annotated[list[Path], typer.Option(help="Responses files from `misguard infer`; repeatable.")],
+    labels: Annotated[list[Path], typer.Option(
+        help="GPT-4o's verdicts on them: gpt_eval.py files (one per target model) or judgments.jsonl; repeatable.")],
+    data: Annotated[Path, typer.Option(help="The MIS test directory the responses were made on.")],
+    out: Annotated[Path, typer.Option(help="The judge folder to write.")],
+    label_model_name: Annotated[Optional[list[str]], typer.Option(
+        help="The target model of each --labels file, in order (default: the file names).")] = None,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapter (merged on save) or full fine-tuning.")
+                    ] = True,
+    epochs: Annotated[int, typer.Option(help="Passes over the training examples.")] = 3,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate; default 2e-4 (LoRA) or 1e-5 (full).")] = None,
+    val_frac: Annotated[float, typer.Option(help="Share of MIS items held out for validation.")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="Examples per device per step.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Steps per optimizer update.")] = 1,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    train_vision: Annotated[bool, typer.Option(help="Also train the vision tower (frozen by default).")] = False,
+    judge_id: Annotated[Optional[str], typer.Option(help="The judge's id; default: the out folder's name.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints.")] = True,
+    skip_bad: SkipBad = False,
+    quiet: Quiet = False,
+):
+    """Fine-tune an open VLM judge on GPT-4o's labels; writes a judge folder that score/agree/calibrate take."""
+    from judge_training.run import TrainData, run_train
+    from judge_training.trainer import TrainConfig
+
+    run = run_train(TrainData(responses=responses, labels=labels, data=data, label_model_names=label_model_name,
+                              val_frac=val_frac, skip_bad=skip_bad),
+                    TrainConfig(base=base, out=out, lora=lora, lora_r=lora_r, train_vision=train_vision, epochs=epochs,
+                                lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed, dtype=dtype,
+                                judge_id=judge_id, resume=resume), progress=not quiet)
+    for side, counts in run.counts.items():
+        typer.echo(f"{side}: {counts['responses']} responses, {counts['items']} items; safety {counts['safety']}, "
+                   f"perception {counts['perception']}")
+    result = run.result
+    if result.validation is not None:
+        safety = result.validation["safety"]
+        typer.echo(f"best epoch {result.best_epoch}: validation safety kappa {_fmt(safety['kappa'])}, "
+                   f"accuracy {_fmt(safety['accuracy'])}")
+    typer.echo(f"judge:     {result.out} ({result.seconds:.0f} s)")
+    typer.echo(f"card:      {result.judge_card}")
+
+
+@app.command()
 def merge(
     out: Annotated[Path, typer.Argument(help="The --out directory of the sharded runs.")],
     split: Annotated[str, typer.Option(help="easy | hard | real")],

@@ -1,10 +1,10 @@
-"""`misguard demo`: the whole product on a fresh machine, with no GPU and nothing downloaded.
+"""`misguard demo`: the whole loop on a fresh machine, with no GPU and nothing downloaded.
 
-Generates a clearly synthetic MIS-shaped directory, builds tiny random-weight target VLMs of real
-architectures, runs `infer` over every split, then `score`s every response with a tiny random-weight judge
-(a Qwen2-VL judge folder: model + judge.json). Random weights answer gibberish and judge at random: the demo
-shows the pipeline and its files, not a model's safety. Later stages (train, calibrate, agree) join it as they
-land.
+Generates a clearly synthetic MIS-shaped directory and tiny random-weight target VLMs of real architectures,
+runs `infer` over every split, writes synthetic stand-ins for GPT-4o's verdicts (a fixed rule on each item's
+category), `train`s a tiny Qwen2-VL judge on them, `score`s every response, `calibrate`s the judge against the
+reference and scores again with the calibration, and reports `agree`ment with 10% escalated. Random target
+weights answer gibberish: the demo shows the pipeline and its files, not a model's safety.
 """
 from __future__ import annotations
 
@@ -18,21 +18,25 @@ DEMO_TARGETS = ("qwen2_vl", "qwen2_5_vl")
 DEMO_JUDGE_ARCH = "qwen2_vl"
 
 
-def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, progress: bool = True) -> dict:
-    """Run the demo into `out` (re-running reuses what is there). Returns {"data", "models", "responses",
-    "judge", "judgments", "metrics"} paths; prints each step and where its results went."""
+def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_epochs: int = 12,
+             progress: bool = True) -> dict:
+    """Run the demo into `out` (re-running reuses what is there). Returns the paths of what it wrote ("data",
+    "models", "responses", "reference", "judge", "calibration", "judgments", "metrics", "agreement"); prints each
+    step and where its results went."""
     from rich.console import Console
     from rich.table import Table
     from transformers.utils import logging as hf_logging
 
+    from calibration.pipeline import AgreeConfig, CalibrateConfig, LabelSource, run_agree, run_calibrate
     from guard.engines import load_engine
     from guard.engines.base import EngineOptions
-    from guard.judge import JUDGE_FILE, write_judge_spec
     from guard.messages import GenerationParams
     from guard.tiny_models import make_tiny_model
-    from mis.demo_data import make_demo_data
+    from judge_training.run import TrainData, run_train
+    from judge_training.trainer import TrainConfig
+    from mis.demo_data import make_demo_data, synthetic_verdicts
     from mis.infer import InferConfig, run_inference
-    from mis.score import ScoreConfig, run_score
+    from mis.score import ScoreConfig, run_score, score_reference_labels
 
     hf_logging.disable_progress_bar()  # tiny models load in milliseconds; their bars would only clutter the demo
     console = Console(soft_wrap=True)  # paths whole, never broken across lines
@@ -68,14 +72,40 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, progress
                 table.add_row(folder.name, split, str(result.total), str(result.responses_path))
     console.print(table)
 
+    console.print("4. synthetic reference verdicts in gpt_eval.py's format (a fixed rule on the item's category "
+                  "stands in for GPT-4o):")
+    references = []
+    for path in responses:
+        model = path.stem
+        references.append(synthetic_verdicts(path, out / "reference" / path.parent.name / f"{model}.jsonl"))
+    console.print(f"   {out / 'reference'}")
+
     judge = out / "models" / "tiny-judge"
-    if not (judge / JUDGE_FILE).exists():
-        make_tiny_model(judge, arch=DEMO_JUDGE_ARCH, seed=1)
-        write_judge_spec(judge, judge_id="tiny-judge")
-    console.print(f"4. misguard score (tiny judge {judge}: label-token probabilities, one forward pass per "
-                  "response):")
+    console.print(f"5. misguard train (a tiny Qwen2-VL fine-tuned on the reference verdicts, split by item): {judge}")
+    base = out / "models" / "tiny-judge-base"
+    if not (base / "config.json").exists():
+        make_tiny_model(base, arch=DEMO_JUDGE_ARCH, seed=1)
+    run = run_train(TrainData(responses=responses, labels=references, data=data,
+                              label_model_names=[p.stem for p in references], val_frac=0.2),
+                    # Full fine-tuning: a random-init model this small does not learn through a LoRA adapter
+                    # in seconds; real base models train with LoRA (the default).
+                    TrainConfig(base=base, out=judge, lora=False, epochs=train_epochs, lr=3e-3, batch_size=4,
+                                judge_id="tiny-judge"), progress=progress)
+    validation = run.result.validation or {}
+    console.print(f"   best epoch {run.result.best_epoch}: validation safety kappa "
+                  f"{_number((validation.get('safety') or {}).get('kappa'))}; card: {run.result.judge_card}")
+
+    console.print("6. misguard score, then misguard calibrate against the reference, then score again with it:")
+    options = EngineOptions(dtype="float32")
+    raw = run_score(ScoreConfig(responses=responses, judge=judge, data=data, out=out / "scores-raw",
+                                engine_options=options), progress=progress)
+    calibration_path = out / "calibration.json"
+    reference_judgments = score_reference_labels(references, data, out / "reference-metrics",
+                                                 model_names=[p.stem for p in references]).judgments_path
+    run_calibrate(CalibrateConfig(judgments=LabelSource(raw.judgments_path),
+                                  reference=LabelSource(reference_judgments), out=calibration_path))
     scored = run_score(ScoreConfig(responses=responses, judge=judge, data=data, out=out / "scores",
-                                   engine_options=EngineOptions(dtype="float32")), progress=progress)
+                                   engine_options=options, calibration=calibration_path), progress=progress)
     metrics = json.loads(scored.metrics_paths[0].read_text())
     table = Table("target model", "split", "scored", "ASR %", "HR %", "RSR %", "RR %")
     for group in metrics["groups"]:
@@ -83,10 +113,25 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, progress
         table.add_row(group["model"], group["split"], str(group["scored"]),
                       *(f"{values[m]:.1f}" if m in values else "-" for m in ("ASR", "HR", "RSR", "RR")))
     console.print(table)
-    console.print(f"   judgments: {scored.judgments_path}")
-    console.print(f"   metrics:   {scored.metrics_paths[0]} and {scored.metrics_paths[1]} (with 95% CIs)")
-    console.print(f"done in {time.time() - started:.0f} s. Next: `misguard infer --model YOUR_MODEL_FOLDER "
-                  f"--data YOUR_MIS_DIR --split easy --out runs/`, then `misguard score runs/easy/*.jsonl "
-                  "--judge YOUR_JUDGE_FOLDER --data YOUR_MIS_DIR --out scores/` (see README).")
-    return {"data": data, "models": models, "responses": responses, "judge": judge,
-            "judgments": scored.judgments_path, "metrics": scored.metrics_paths[0]}
+    console.print(f"   calibration: {calibration_path}")
+    console.print(f"   judgments:   {scored.judgments_path}")
+    console.print(f"   metrics:     {scored.metrics_paths[0]} and {scored.metrics_paths[1]} (with 95% CIs)")
+
+    console.print("7. misguard agree (the calibrated judge vs the reference, 10% escalated for review):")
+    agreement = run_agree(AgreeConfig(judgments=LabelSource(scored.judgments_path),
+                                      reference=LabelSource(reference_judgments), out=out / "agreement",
+                                      escalate=0.1, n_bootstrap=200))
+    safety = agreement.report["judge_vs_reference"]["overall"]["safety"]
+    console.print(f"   safety: accuracy {_number(safety['accuracy'])}, Cohen's kappa {_number(safety['kappa'])} "
+                  f"over {agreement.report['judge_vs_reference']['overall']['n_pairs']} responses (in-sample: the "
+                  "judge trained on 80% of these items)")
+    console.print(f"   report: {agreement.markdown_path}; plots: {', '.join(p.name for p in agreement.plots)}")
+    console.print(f"done in {time.time() - started:.0f} s. Next, with real models and data: `misguard infer`, "
+                  "`misguard train`, `misguard calibrate`, `misguard score`, `misguard agree` (see README).")
+    return {"data": data, "models": models, "responses": responses, "reference": references, "judge": judge,
+            "calibration": calibration_path, "judgments": scored.judgments_path, "metrics": scored.metrics_paths[0],
+            "agreement": agreement.report_path}
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

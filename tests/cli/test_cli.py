@@ -76,6 +76,14 @@ def test_demo_runs_with_outbound_network_blocked(tmp_path):
     groups = json.loads((tmp_path / "demo" / "scores" / "metrics.json").read_text())["groups"]
     assert {(g["split"]) for g in groups} == {"easy", "hard", "real", "all"}
     assert "metrics.md" in result.stdout
+    # ... and train -> calibrate -> score with the calibration -> agree, every stage's files where it says.
+    demo = tmp_path / "demo"
+    card = json.loads((demo / "models" / "tiny-judge" / "judge_card.json").read_text())
+    assert card["template"] == "mis-judge-codes-v1"
+    assert all(j["calibration"] and j["p_unsafe_raw"] is not None for j in judgments)
+    agreement = json.loads((demo / "agreement" / "agreement.json").read_text())
+    assert agreement["judge_vs_reference"]["overall"]["n_pairs"] == 24
+    assert (demo / "agreement" / "escalate.jsonl").exists() and (demo / "calibration.json").exists()
 
 
 def test_score_bad_input_is_one_line_error_naming_file_line_and_field(demo_dir, tmp_path):
@@ -109,3 +117,30 @@ def test_score_bad_input_is_one_line_error_naming_file_line_and_field(demo_dir, 
     assert result.returncode == 1 and len(err) == 1, result.stderr
     assert "responses.jsonl:3" in err[0] and "'id'" in err[0]
     assert not (tmp_path / "o" / "judgments.jsonl").exists()
+
+
+def test_train_from_the_command_line(tiny_model, demo_dir, tmp_path):
+    from guard.engines import EngineOptions
+    from guard.messages import GenerationParams
+    from mis.demo_data import synthetic_verdicts
+    from mis.infer import InferConfig, run_inference
+
+    responses = run_inference(InferConfig(
+        model=str(tiny_model("qwen2_vl")), data=demo_dir, split="easy", out=tmp_path / "runs", model_name="target",
+        engine_options=EngineOptions(dtype="float32"), generation=GenerationParams(max_new_tokens=3)),
+        progress=False).responses_path
+    verdicts = synthetic_verdicts(responses, tmp_path / "gpt4o" / "target.jsonl")
+    args = ["train", "--base", str(tiny_model("qwen2_vl")), "--responses", str(responses), "--labels", str(verdicts),
+            "--data", str(demo_dir), "--out", str(tmp_path / "judge"), "--full", "--epochs", "1", "--batch-size", "4",
+            "--val-frac", "0.25", "--quiet"]
+    result = misguard(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "best epoch 1" in result.stdout and (tmp_path / "judge" / "judge.json").exists()
+
+    # Verdicts for another target model than the responses': one clear line, and no judge folder.
+    result = misguard(*[a if a != str(tmp_path / "judge") else str(tmp_path / "judge2") for a in args],
+                      "--label-model-name", "some-other-model")
+    err = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("misguard: WARNING")]
+    assert result.returncode == 1 and len(err) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "target.jsonl" in err[0]
+    assert not (tmp_path / "judge2" / "judge.json").exists()

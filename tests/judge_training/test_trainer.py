@@ -2,6 +2,7 @@
 LoRA touches only the adapter, the merged folder is the adapter's judge, and an interrupted run resumes."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -266,3 +267,22 @@ def test_default_lora_targets_are_the_language_model(tiny_model):
 def test_selection_prefers_kappa_then_lower_loss():
     assert selection_score(0.9, 5.0) > selection_score(0.899, 0.0)
     assert selection_score(1.0, 0.1) > selection_score(1.0, 0.5)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_vllm_loads_the_merged_judge_and_agrees_with_transformers(lora_runs):
+    from guard.engines import EngineOptions, load_engine
+
+    out, val = lora_runs["out"], lora_runs["val"]
+    spec = read_judge_spec(out)
+    template = get_template(spec.template)
+    requests = [template.request(str(i), e.images, e.question, e.response) for i, e in enumerate(val)]
+    with load_engine("transformers", str(out), EngineOptions(dtype="float32")) as engine:
+        expected = engine.label_probs(requests, spec.label_set())
+    with load_engine("vllm", str(out), EngineOptions(dtype="float32", max_model_len=2048)) as engine:
+        got = engine.label_probs(requests, spec.label_set())
+    for mine, reference in zip(got, expected):
+        assert mine is not None
+        assert mine.probs == pytest.approx(reference.probs, abs=1e-5)

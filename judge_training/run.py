@@ -1,0 +1,56 @@
+"""`misguard train`: responses + GPT-4o verdicts -> examples -> split by item -> a fine-tuned judge folder."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from judge_training.data import build_examples, data_hashes, label_counts, split_by_item
+from judge_training.trainer import TrainConfig, TrainResult, train_judge
+
+log = logging.getLogger("misguard")
+
+
+@dataclass
+class TrainData:
+    """Where the training data comes from. Each field is one CLI option."""
+
+    responses: list[Path]
+    """Responses files from `misguard infer` (the target models' answers)."""
+    labels: list[Path]
+    """GPT-4o's verdicts on them: gpt_eval.py files (one per target model) or misguard judgments.jsonl files."""
+    data: Path
+    """The MIS test directory the responses were made on."""
+    label_model_names: Sequence[str] | None = None
+    """The target model of each gpt_eval.py file, in order (default: the file names)."""
+    val_frac: float = 0.1
+    """Share of MIS items held out for validation (all responses to an item on one side)."""
+    split_seed: int = 0
+    skip_bad: bool = False
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    result: TrainResult
+    counts: dict
+    """label_counts of the train and validation sides: {"train": ..., "validation": ...}."""
+    left_out: dict
+    """Responses without a verdict and verdicts without a response (counted, not trained on)."""
+
+
+def run_train(data: TrainData, config: TrainConfig, *, progress: bool = True) -> TrainRun:
+    """Build the examples, split them by MIS item, and train. Returns the TrainRun. Raises DataError for bad or
+    unmatched inputs (before any training), MisguardError for bad settings."""
+    built = build_examples(data.responses, data.labels, data.data, label_model_names=data.label_model_names,
+                           skip_bad=data.skip_bad)
+    train, val = split_by_item(built.examples, val_frac=data.val_frac, seed=data.split_seed)
+    counts = {"train": label_counts(train), "validation": label_counts(val)}
+    log.info("training on %d responses (%d items), validating on %d (%d items)", len(train),
+             counts["train"]["items"], len(val), counts["validation"]["items"])
+    hashes = data_hashes([*data.responses, *data.labels])
+    result = train_judge(config, train, val, data_hashes=hashes, progress=progress)
+    return TrainRun(result=result, counts=counts,
+                    left_out={"responses_without_label": built.responses_without_label,
+                              "labels_without_response": built.labels_without_response,
+                              "unscored_labels": built.unscored_labels})
