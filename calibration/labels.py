@@ -293,7 +293,7 @@ class Joined:
 
 
 def join_labels(judge: list[LabelRecord], reference: list[LabelRecord], *,
-                max_unmatched_share: float = 0.02) -> Joined:
+                max_unmatched_share: float = 0.02, max_unmatched_judge_share: float | None = None) -> Joined:
     """Pair each judge record with the reference record of the same row.
 
     The key is the id when every record on both sides has one, else the content key (every record must then
@@ -303,9 +303,11 @@ def join_labels(judge: list[LabelRecord], reference: list[LabelRecord], *,
     Returns a Joined with the pairs and the unmatched records of both sides.
     Raises DataError for an empty side, a side that has neither ids nor content, a key that occurs twice on
     one side (naming both lines), or when more than `max_unmatched_share` of either side is unmatched (with up
-    to 3 unmatched rows as examples).
+    to 3 unmatched rows as examples). `max_unmatched_judge_share` (default: max_unmatched_share) sets the
+    judge side's limit apart: 1.0 when the reference labels only a sample of the judged rows (calibration).
     """
-    if not 0.0 <= max_unmatched_share <= 1.0:
+    judge_limit = max_unmatched_share if max_unmatched_judge_share is None else max_unmatched_judge_share
+    if not 0.0 <= max_unmatched_share <= 1.0 or not 0.0 <= judge_limit <= 1.0:
         raise ValueError(f"max_unmatched_share must be from 0 to 1, got {max_unmatched_share}")
     for side, records in (("judge", judge), ("reference", reference)):
         if not records:
@@ -332,15 +334,15 @@ def join_labels(judge: list[LabelRecord], reference: list[LabelRecord], *,
     reference_unmatched = [record for k, record in reference_index.items() if k not in judge_index]
 
     problems = []
-    for side, unmatched, total, other in (("judge", judge_unmatched, len(judge), "reference"),
-                                          ("reference", reference_unmatched, len(reference), "judge")):
-        if len(unmatched) > max_unmatched_share * total:
+    for side, unmatched, total, other, limit in (
+            ("judge", judge_unmatched, len(judge), "reference", judge_limit),
+            ("reference", reference_unmatched, len(reference), "judge", max_unmatched_share)):
+        if len(unmatched) > limit * total:
             examples = "; ".join(f"{record.where} ({_describe(record, join_by)})" for record in unmatched[:3])
             problems.append(f"{len(unmatched)} of {total} {side} rows ({100.0 * len(unmatched) / total:.1f}%) "
-                            f"have no {other} row, e.g. {examples}")
+                            f"have no {other} row, e.g. {examples} (limit {100.0 * limit:.1f}%)")
     if problems:
-        raise DataError(f"joining by {' + '.join(key_fields)}: " + "; and ".join(problems)
-                        + f" (limit {100.0 * max_unmatched_share:.1f}% unmatched per side)")
+        raise DataError(f"joining by {' + '.join(key_fields)}: " + "; and ".join(problems))
     if judge_unmatched or reference_unmatched:
         logger.warning("joining by %s: %d judge and %d reference row(s) unmatched", " + ".join(key_fields),
                        len(judge_unmatched), len(reference_unmatched))

@@ -55,6 +55,7 @@ class CalibrateConfig:
     into_judge: Path | None = None
     """Also embed the calibration in this judge folder's judge.json, so `misguard score` applies it by default."""
     max_unmatched_share: float = 0.02
+    """Most share of reference labels allowed to match no judgment (judgments without a label are fine)."""
     skip_bad: bool = False
 
 
@@ -66,8 +67,9 @@ def run_calibrate(config: CalibrateConfig):
 
     from calibration import fit_calibration
 
+    # The reference may label only a sample of the judged responses: judgments without a label are expected.
     joined = _join(config.judgments, config.reference, raw_probabilities=True, skip_bad=config.skip_bad,
-                   max_unmatched_share=config.max_unmatched_share)
+                   max_unmatched_share=config.max_unmatched_share, max_unmatched_judge_share=1.0)
     pairs = [(j, r) for j, r in joined.pairs if j.p_unsafe is not None and r.safety is not None]
     if not pairs:
         raise MisguardError(f"{config.judgments.path}: no judgment with probabilities matches a reference label; "
@@ -191,9 +193,10 @@ def run_agree(config: AgreeConfig) -> AgreeResult:
 
 
 def _join(judge: LabelSource, reference: LabelSource, *, raw_probabilities: bool = False, skip_bad: bool,
-          max_unmatched_share: float) -> Joined:
+          max_unmatched_share: float, max_unmatched_judge_share: float | None = None) -> Joined:
     return join_labels(judge.read(raw_probabilities=raw_probabilities, skip_bad=skip_bad),
-                       reference.read(skip_bad=skip_bad), max_unmatched_share=max_unmatched_share)
+                       reference.read(skip_bad=skip_bad), max_unmatched_share=max_unmatched_share,
+                       max_unmatched_judge_share=max_unmatched_judge_share)
 
 
 def _escalate(joined: Joined, share: float, out: Path) -> tuple[Path, dict]:

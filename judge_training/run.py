@@ -7,9 +7,14 @@ from pathlib import Path
 from typing import Sequence
 
 from judge_training.data import build_examples, data_hashes, label_counts, split_by_item
+from judge_training.examples import TrainingExample
 from judge_training.trainer import TrainConfig, TrainResult, train_judge
 
 log = logging.getLogger("misguard")
+
+VALIDATION_REFERENCE = "validation_reference.jsonl"
+"""In the judge folder: the held-out responses' reference labels, for `misguard calibrate --reference` (the
+judge never trained on them) and `misguard agree`."""
 
 
 @dataclass
@@ -50,7 +55,22 @@ def run_train(data: TrainData, config: TrainConfig, *, progress: bool = True) ->
              counts["train"]["items"], len(val), counts["validation"]["items"])
     hashes = data_hashes([*data.responses, *data.labels])
     result = train_judge(config, train, val, data_hashes=hashes, progress=progress)
+    if val:
+        write_validation_reference(val, Path(config.out) / VALIDATION_REFERENCE)
     return TrainRun(result=result, counts=counts,
                     left_out={"responses_without_label": built.responses_without_label,
                               "labels_without_response": built.labels_without_response,
                               "unscored_labels": built.unscored_labels})
+
+
+def write_validation_reference(examples: Sequence[TrainingExample], path: Path) -> Path:
+    """The held-out examples' reference verdicts as a label file with ids (the gpt_eval.py fields plus id, split,
+    model, sub_category; image paths absolute, so it joins by id), written atomically. Returns the path."""
+    from mis.io import write_jsonl_atomic
+
+    write_jsonl_atomic(path, [{
+        "label_perception": e.label_perception, "label_str": e.label_str, "category": e.category,
+        "question": e.question, "response": e.response, "image_path1": e.images[0],
+        "image_path2": e.images[1], "id": e.id, "split": e.split, "model": e.model,
+        "sub_category": e.sub_category} for e in examples])
+    return path

@@ -90,7 +90,7 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
                     # Full fine-tuning: a random-init model this small does not learn through a LoRA adapter
                     # in seconds; real base models train with LoRA (the default).
                     TrainConfig(base=base, out=judge, lora=False, epochs=train_epochs, lr=3e-3, batch_size=4,
-                                judge_id="tiny-judge"), progress=progress)
+                                judge_id="tiny-judge"), progress=False)  # its own summary line follows
     validation = run.result.validation or {}
     console.print(f"   best epoch {run.result.best_epoch}: validation safety kappa "
                   f"{_number((validation.get('safety') or {}).get('kappa'))}; card: {run.result.judge_card}")

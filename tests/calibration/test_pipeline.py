@@ -141,3 +141,20 @@ def test_readme_worked_example_on_msts_reproduces_the_published_figures(tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert "4000 pairs; safety: accuracy 0.820, Cohen's kappa 0.257, F1 (Unsafe) 0.312" in result.stdout
     assert (tmp_path / "confusion.png").exists() and (tmp_path / "agreement.md").exists()
+
+
+def test_calibrate_on_a_labelled_sample_of_the_judged_responses(scored, reference, tmp_path):
+    # GPT-4o labelled half of what the judge scored: the unlabelled judgments are expected, not an error ...
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text("".join(reference.read_text().splitlines(keepends=True)[::2]))
+    judgments = scored[2] / "raw" / "judgments.jsonl"
+    calibration = run_calibrate(CalibrateConfig(judgments=LabelSource(judgments),
+                                                reference=LabelSource(sample, model_name="target"),
+                                                out=tmp_path / "c.json", method="temperature",
+                                                perception_method="none"))
+    assert calibration.fitted_on["pairs"] == 18
+    # ... but reference labels that match no judgment still stop the run (wrong files, wrong model name).
+    with pytest.raises(MisguardError, match="reference rows"):
+        run_calibrate(CalibrateConfig(judgments=LabelSource(judgments),
+                                      reference=LabelSource(sample, model_name="another-model"),
+                                      out=tmp_path / "c2.json"))

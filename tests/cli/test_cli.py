@@ -136,6 +136,10 @@ def test_train_from_the_command_line(tiny_model, demo_dir, tmp_path):
     result = misguard(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "best epoch 1" in result.stdout and (tmp_path / "judge" / "judge.json").exists()
+    held_out = [json.loads(line) for line in (tmp_path / "judge" / "validation_reference.jsonl").open()]
+    card = json.loads((tmp_path / "judge" / "judge_card.json").read_text())
+    assert len(held_out) == card["split_sizes"]["val"]["examples"] > 0
+    assert {r["label_str"] for r in held_out} <= {"Safe", "Unsafe"} and all(r["id"] for r in held_out)
 
     # Verdicts for another target model than the responses': one clear line, and no judge folder.
     result = misguard(*[a if a != str(tmp_path / "judge") else str(tmp_path / "judge2") for a in args],
