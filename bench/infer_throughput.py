@@ -79,6 +79,16 @@ def mis_sized_images(data: Path, side: int = 504) -> None:
         resized.save(path)
 
 
+def bench_data(folder: Path, n_items: int, size: str) -> Path:
+    """Generated MIS-shaped data for a benchmark: for full-size shapes every image is resized to MIS size."""
+    from mis.demo_data import make_demo_data
+
+    data = make_demo_data(folder, n_items=n_items, seed=0)
+    if size != "tiny":
+        mis_sized_images(data)
+    return data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "2b", "7b"], default="tiny")
@@ -92,13 +102,10 @@ def main() -> None:
 
     from guard.engines import EngineOptions, load_engine
     from guard.messages import GenerationParams
-    from mis.demo_data import make_demo_data
     from mis.infer import InferConfig, run_inference
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-"))
-    data = make_demo_data(work / "data", n_items=args.items, seed=0)
-    if args.size != "tiny":
-        mis_sized_images(data)
+    data = bench_data(work / "data", args.items, args.size)
     model = build_model(args.size, work / "model")
     params = GenerationParams(max_new_tokens=args.max_new_tokens)
     config = InferConfig(model=str(model), data=data, split="easy", out=work / "out",

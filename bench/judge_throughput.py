@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.infer_throughput import build_model, mis_sized_images  # noqa: E402
+from bench.infer_throughput import bench_data, build_model  # noqa: E402
 
 # Items/s at the H100's bf16 roofline for these items (the issue's 2026-11-22 estimate): the ceiling to compare with.
 H100_ROOFLINE = {"2b": 118.0, "7b": 44.0}
@@ -50,15 +50,12 @@ def main() -> None:
     from guard.judge import Case, Judge, write_judge_spec
     from guard.judge.rubric import DEFAULT_JSON_TEMPLATE, get_template
     from guard.messages import GenerationParams
-    from mis.demo_data import make_demo_data
     from mis.io import load_split, write_jsonl_atomic
     from mis.records import Response
     from mis.score import ScoreConfig, run_score
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-judge-"))
-    data = make_demo_data(work / "data", n_items=args.items, seed=0)
-    if args.size != "tiny":
-        mis_sized_images(data)
+    data = bench_data(work / "data", args.items, args.size)
     model = build_model(args.size, work / "judge")
     write_judge_spec(model, judge_id=f"bench-{args.size}")
     split = load_split(data, "easy")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.infer_throughput import build_model, mis_sized_images  # noqa: E402
+from bench.infer_throughput import bench_data, build_model  # noqa: E402
 from bench.judge_throughput import RESPONSE  # noqa: E402
 
 
@@ -38,13 +38,10 @@ def main() -> None:
 
     from judge_training.examples import TrainingExample
     from judge_training.trainer import TrainConfig, train_judge
-    from mis.demo_data import make_demo_data
     from mis.io import load_split
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-train-"))
-    data = make_demo_data(work / "data", n_items=args.items, seed=0)
-    if args.size != "tiny":
-        mis_sized_images(data)
+    data = bench_data(work / "data", args.items, args.size)
     base = build_model(args.size, work / "base")
     split = load_split(data, "easy")
     examples = [TrainingExample(

@@ -22,12 +22,12 @@ import logging
 import re
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from guard.engines.hf import render_prompt
+from guard.engines.hf import answer_logits, processor_inputs, render_prompt
+from judge_training.data import label_counts
 from judge_training.examples import TrainingExample
 from mis.errors import MisguardError
 
@@ -156,19 +156,9 @@ class AnswerCodeCollator:
 
         prepared = [render_prompt(self.processor, self.family, self.template.request(
             f"{e.item_key}/{e.model}", e.images, e.question, e.response)) for e in examples]
-        kwargs: dict[str, Any] = {"text": [p for p, _ in prepared], "return_tensors": "pt", "padding": True}
-        images = [imgs for _, imgs in prepared]
-        if any(images):
-            kwargs["images"] = images
-        batch = dict(self.processor(**kwargs))
+        batch = dict(processor_inputs(self.processor, prepared))
         batch["answer_ids"] = torch.tensor([self.code_ids[e.answer] for e in examples], dtype=torch.long)
         return batch
-
-
-def answer_logits(model, inputs: dict[str, Any]):
-    """The float32 next-token logits at the last prompt position, [batch, vocab]: the position `score` reads."""
-    # Only the last position: the full [batch, length, vocab] tensor is gigabytes for a 7B model.
-    return model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -563,12 +553,6 @@ def _export(model, config: TrainConfig, base: Path, out: Path) -> Path | None:
     return adapter
 
 
-def _label_counts(examples: Sequence[TrainingExample]) -> dict[str, dict[str, int]]:
-    return {"answer": dict(sorted(Counter(e.answer for e in examples).items())),
-            "safety": dict(sorted(Counter(e.label_str for e in examples).items())),
-            "perception": dict(sorted(Counter(e.label_perception for e in examples).items()))}
-
-
 def _judge_card(config: TrainConfig, base: Path, judge_id: str, train, val, history, best_epoch, best,
                 data_hashes, global_step, resumed_from, seconds, dtype, device) -> dict[str, Any]:
     """judge_card.json: where the judge comes from and how well it agreed with the validation labels."""
@@ -586,7 +570,7 @@ def _judge_card(config: TrainConfig, base: Path, judge_id: str, train, val, hist
         "misguard_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "split_sizes": {"train": sizes(train), "val": sizes(val)},
-        "label_counts": {"train": _label_counts(train), "val": _label_counts(val)},
+        "label_counts": {"train": label_counts(train), "val": label_counts(val)},
         "validation": {"per_epoch": history, "best_epoch": best_epoch, "best": best,
                        "selected_by": SELECTION_METRIC},
         "training": {**config.settings(), "learning_rate": config.learning_rate(), "dtype_used": dtype,

@@ -39,6 +39,22 @@ def render_prompt(processor, family, request: Request) -> tuple[str, list[Any]]:
     return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False), images
 
 
+def processor_inputs(processor, prepared: Sequence[tuple[str, list[Any]]]):
+    """The processor's padded tensors (BatchFeature, on CPU) for (prompt, images) pairs from `render_prompt`."""
+    kwargs: dict[str, Any] = {"text": [p for p, _ in prepared], "return_tensors": "pt", "padding": True}
+    images = [imgs for _, imgs in prepared]
+    if any(images):
+        kwargs["images"] = images
+    return processor(**kwargs)
+
+
+def answer_logits(model, inputs) -> Any:
+    """The float32 next-token logits at the last prompt position, [batch, vocab]: the position a judge's answer
+    token is read at (and trained on)."""
+    # Only the last position: the full [batch, length, vocab] tensor is gigabytes for a 7B model.
+    return model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+
+
 def resolve_device_dtype(device: str, dtype: str):
     """(device string, torch dtype): 'auto' means cuda + bfloat16 when a GPU is present, else cpu + float32."""
     import torch
@@ -134,20 +150,14 @@ class TransformersEngine(Engine):
             start += len(batch)
 
     def _inputs(self, prepared: list[tuple[str, list[Any]]]):
-        prompts = [p for p, _ in prepared]
-        images = [imgs for _, imgs in prepared]
-        kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
-        if any(images):
-            kwargs["images"] = images
-        return self.processor(**kwargs).to(self.device)
+        return processor_inputs(self.processor, prepared).to(self.device)
 
     def _label_batch(self, prepared: list[tuple[str, list[Any]]], token_ids: Sequence[int]) -> list[LabelProbs]:
         import torch
 
         inputs = self._inputs(prepared)
         with torch.inference_mode():
-            # Only the last position's logits: the full [batch, length, vocab] tensor would not fit for 7B models.
-            logits = self.net(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+            logits = answer_logits(self.net, inputs)
         logprobs = torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist()
         return [label_probs_from_logprobs(row) for row in logprobs]
 
