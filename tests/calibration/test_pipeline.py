@@ -85,6 +85,12 @@ def test_calibrate_then_score_with_it_reproduces_the_reference(scored, reference
         assert c.label_str == label  # the fitted threshold separates the reference exactly
     assert [j.label_str for j in raw] != reference_labels  # ... and the uncalibrated 0.5 did not
 
+    # Calibrating again from the calibrated judgments fits on the judge's raw probabilities they keep: the same fit.
+    again = run_calibrate(CalibrateConfig(
+        judgments=LabelSource(result.judgments_path), reference=LabelSource(reference, model_name="target"),
+        out=tmp_path / "again.json", method="temperature", perception_method="none"))
+    assert again.safety.to_dict() == calibration.safety.to_dict()
+
     # Another calibration into the same output folder is refused, never mixed.
     with pytest.raises(MisguardError, match="calibration"):
         run_score(score_config(responses, tiny_judge, demo_dir, tmp_path / "calibrated"), progress=False)

@@ -162,3 +162,7 @@ def test_sigkill_mid_score_then_rerun_judges_each_response_once(tiny_model, judg
     keys = [(j.model, j.split, j.id) for j in read_jsonl(judgments, Judgment)]
     assert len(keys) == len(set(keys)) == 60
     assert (out / "metrics.json").exists()
+    # --escalate lists the least confident tenth for review, least confident first.
+    subprocess.run([*cmd, "--escalate", "10%"], check=True, cwd=ROOT, timeout=300)
+    review = [json.loads(line) for line in (out / "escalate.jsonl").read_text().splitlines()]
+    assert len(review) == 6 and [r["confidence"] for r in review] == sorted(r["confidence"] for r in review)
