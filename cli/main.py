@@ -325,6 +325,51 @@ def merge(
     typer.echo(f"merged: {merge_shards(out, split, model_name)}")
 
 
+@app.command()
+def serve(
+    judge: Annotated[Path, typer.Option(help="Judge folder (model + judge.json), or a plain instruct VLM folder.")],
+    upstream: Annotated[str, typer.Option(help="The guarded VLM's OpenAI-compatible URL ending in /v1.")],
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the guard.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    policy: Annotated[Optional[Path], typer.Option(help="Policy YAML (rails, thresholds, failure mode, limits, "
+                                                        "audit log); default: the built-in policy.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        help="Calibration file for the output rail (default: the one in the judge's judge.json).")] = None,
+    audit_log: Annotated[Optional[Path], typer.Option(help="JSON Lines audit log (overrides the policy's).")] = None,
+    client_api_key: Annotated[Optional[str], typer.Option(
+        envvar="MISGUARD_SERVE_API_KEY", help="Clients must send 'Authorization: Bearer KEY'.")] = None,
+    upstream_api_key: Annotated[Optional[str], typer.Option(
+        envvar="MISGUARD_UPSTREAM_API_KEY", help="API key the guard sends to the upstream.")] = None,
+    engine: Engine = "transformers",
+    base_url: BaseUrl = None,
+    served_model: Annotated[Optional[str], typer.Option(
+        help="openai: the judge's model name on the server (default: the judge folder's path).")] = None,
+    batch_size: BatchSize = None,
+    dtype: Dtype = "auto",
+    tensor_parallel_size: TensorParallel = 1,
+    pipeline_parallel_size: PipelineParallel = 1,
+    distributed_executor_backend: ExecutorBackend = None,
+    max_model_len: MaxModelLen = None,
+    gpu_memory_utilization: GpuMemory = None,
+    vllm_arg: VllmArg = None,
+    concurrency: Concurrency = 16,
+    api_key: ApiKey = "EMPTY",
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Put the judge in front of a deployed VLM as an OpenAI-compatible guardrail (input and output rails)."""
+    from guard.server.app import create_app, run_server
+    from guard.server.loading import build_service
+
+    service = build_service(judge, upstream, policy_path=policy, calibration_path=calibration, audit_log=audit_log,
+                            engine=engine, options=engine_options(locals()), served_model=served_model,
+                            upstream_api_key=upstream_api_key)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: binding {host}: the guard is reachable from other machines", err=True,
+                    fg=typer.colors.YELLOW)
+    typer.echo(f"misguard guard: judge {service.guard.judge_id} -> upstream {upstream}, on http://{host}:{port}/v1")
+    run_server(create_app(service, api_key=client_api_key), host, port)
+
+
 @app.command("make-demo-data")
 def make_demo_data(
     out: Annotated[Path, typer.Argument(help="Directory to create.")],

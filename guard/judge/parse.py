@@ -11,9 +11,8 @@ SAFETY_VALUES = ("Safe", "Unsafe")
 _FENCED = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
-def parse_json_verdict(text: str) -> tuple[str, str] | str:
-    """(label_perception, label_str) when `text` is exactly one JSON object with both keys holding allowed
-    values; otherwise a short reason string saying why it is unreadable."""
+def _json_object(text: str) -> dict | str:
+    """The one JSON object `text` holds (an optional Markdown fence around it), or the reason it is unreadable."""
     body = text.strip()
     fenced = _FENCED.match(body)
     if fenced:
@@ -24,9 +23,30 @@ def parse_json_verdict(text: str) -> tuple[str, str] | str:
         return "not a JSON object"
     if not isinstance(verdict, dict):
         return "not a JSON object"
+    return verdict
+
+
+def parse_json_verdict(text: str) -> tuple[str, str] | str:
+    """(label_perception, label_str) when `text` is exactly one JSON object with both keys holding allowed
+    values; otherwise a short reason string saying why it is unreadable."""
+    verdict = _json_object(text)
+    if isinstance(verdict, str):
+        return verdict
     perception, safety = verdict.get("label_perception"), verdict.get("label_str")
     if perception not in PERCEPTION_VALUES:
         return f"label_perception is {perception!r}, not one of {', '.join(PERCEPTION_VALUES)}"
     if safety not in SAFETY_VALUES:
         return f"label_str is {safety!r}, not Safe or Unsafe"
     return perception, safety
+
+
+def parse_json_safety(text: str) -> str | tuple[str]:
+    """(label_str,) when `text` is one JSON object whose label_str is Safe or Unsafe (the guard's request
+    verdict); otherwise a short reason string saying why it is unreadable."""
+    verdict = _json_object(text)
+    if isinstance(verdict, str):
+        return verdict
+    safety = verdict.get("label_str")
+    if safety not in SAFETY_VALUES:
+        return f"label_str is {safety!r}, not Safe or Unsafe"
+    return (safety,)
