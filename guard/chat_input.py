@@ -109,7 +109,9 @@ def parse_chat_messages(messages: Any, limits: Limits, *, param: str = "messages
                 images.append(image)
                 infos.append(info)
                 parts.append({"type": "image", "image": image})
-                forward_parts.append({**part, "image_url": {**(part.get("image_url") or {}), "url": url}}
+                # image_url may be the legacy bare string form; forwarded in the object form either way.
+                sent = part.get("image_url") if isinstance(part.get("image_url"), dict) else {}
+                forward_parts.append({**part, "image_url": {**sent, "url": url}}
                                      if kind == "image_url" else {"type": "image_url", "image_url": {"url": url}})
             else:
                 raise InputError(f"unsupported content part type {kind!r} (expected 'text' or 'image_url')",
@@ -202,7 +204,9 @@ def _decode(data: bytes, limits: Limits, at: str) -> tuple[Any, ImageInfo, str]:
             image = probe.convert("RGB")
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+    except Image.DecompressionBombError as exc:  # PIL's own header check: over twice its MAX_IMAGE_PIXELS
+        raise InputError(f"image is too large to decode: {exc}", param=at, code="image_too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InputError("the data is not a readable image", param=at, code="invalid_image") from None
     info = ImageInfo(hashlib.sha256(data).hexdigest(), len(data), width, height, fmt)
     mime = _MIME.get(fmt, "application/octet-stream")

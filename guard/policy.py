@@ -131,19 +131,20 @@ def load_policy(path: str | Path | None) -> Policy:
 
 
 def _line_of(node, loc: list[str]) -> int | None:
-    """The 1-based line of the YAML node at `loc` (or of its deepest existing parent)."""
+    """The 1-based line of the field at `loc`: its key's line in a mapping (a block value starts on the next
+    line), its item's line in a sequence, or the line of its deepest existing parent."""
     import yaml
 
     line = node.start_mark.line + 1 if node is not None else None
     for key in loc:
         if isinstance(node, yaml.MappingNode):
-            node = next((value for k, value in node.value if k.value == key), None)
-            if node is None:
-                # An unknown field: pydantic's loc names it, and it is a key of the parent mapping.
+            pair = next(((k, value) for k, value in node.value if k.value == key), None)
+            if pair is None:
                 return line
+            line, node = pair[0].start_mark.line + 1, pair[1]
         elif isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
             node = node.value[int(key)]
+            line = node.start_mark.line + 1
         else:
             return line
-        line = node.start_mark.line + 1
     return line

@@ -31,6 +31,8 @@ class MicroBatcher(Generic[Item, Result]):
         """Called with (batch size, seconds the engine call took) after each batch: for metrics."""
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
+        self._batch: list[tuple[Item, asyncio.Future]] = []
+        """The batch the worker is gathering or running: taken off the queue, not yet answered."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="misguard-judge")
         self.batches = 0
         self.largest_batch = 0
@@ -51,7 +53,7 @@ class MicroBatcher(Generic[Item, Result]):
         loop = asyncio.get_running_loop()
         assert self._queue is not None
         while True:
-            batch = [await self._queue.get()]
+            self._batch = batch = [await self._queue.get()]
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch_size:
                 # Whatever is already queued joins at once; then wait for more until the deadline.
@@ -87,6 +89,7 @@ class MicroBatcher(Generic[Item, Result]):
                         future.set_result(result)
             self.batches += 1
             self.largest_batch = max(self.largest_batch, len(items))
+            self._batch = []
             if self.on_batch is not None:
                 self.on_batch(len(items), time.perf_counter() - started)
 
@@ -98,9 +101,12 @@ class MicroBatcher(Generic[Item, Result]):
                 await self._worker
             except (asyncio.CancelledError, Exception):
                 pass
+        waiting = list(self._batch)  # taken off the queue by the cancelled worker, never answered
+        self._batch = []
         if self._queue is not None:
             while not self._queue.empty():
-                _, future = self._queue.get_nowait()
-                if not future.done():
-                    future.set_exception(RuntimeError("the guard is shutting down"))
+                waiting.append(self._queue.get_nowait())
+        for _, future in waiting:
+            if not future.done():
+                future.set_exception(RuntimeError("the guard is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)

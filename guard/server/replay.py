@@ -23,6 +23,7 @@ def replay_app(responses: Mapping[str, str] | Callable[[dict[str, Any]], str], *
     or is a function of the request body."""
     app = FastAPI(title="misguard replay upstream", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.requests = 0
+    app.state.last_body = None
 
     def answer(body: dict[str, Any]) -> str | None:
         if callable(responses):
@@ -37,6 +38,7 @@ def replay_app(responses: Mapping[str, str] | Callable[[dict[str, Any]], str], *
     async def chat_completions(request: Request) -> Response:
         app.state.requests += 1
         body = await request.json()
+        app.state.last_body = body
         text = answer(body)
         if text is None:
             return JSONResponse({"error": {"message": f"no recorded response for user={body.get('user')!r}",

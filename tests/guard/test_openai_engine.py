@@ -19,7 +19,7 @@ from PIL import Image
 from guard.engines import EngineOptions, load_engine
 from guard.messages import GenerationParams, LabelSet, Request, user_request
 from mis.errors import MisguardError
-from tests.guard.vllm_server import free_port, vllm_api_server
+from tests.guard.vllm_server import free_port
 
 PARAMS = GenerationParams(max_new_tokens=8)
 
@@ -312,13 +312,6 @@ requires_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, rea
 @pytest.fixture(scope="module")
 def model_dir(tiny_model):
     return str(tiny_model("qwen2_vl"))
-
-
-@pytest.fixture(scope="module")
-def vllm_server_url(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    with vllm_api_server(model_dir, "tiny", log_path=log) as base_url:
-        yield base_url
 
 
 @pytest.fixture(scope="module")

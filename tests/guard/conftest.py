@@ -1,0 +1,14 @@
+"""Fixtures shared by the guard's tests: one vLLM API server for the whole session (it takes ~30 s to start)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.guard.vllm_server import vllm_api_server
+
+
+@pytest.fixture(scope="session")
+def vllm_server_url(tiny_model, tmp_path_factory):
+    """Base URL (ending in /v1) of vLLM's OpenAI API server on the tiny Qwen2-VL, served as "tiny"."""
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    with vllm_api_server(tiny_model("qwen2_vl"), "tiny", log_path=log) as base_url:
+        yield base_url

@@ -1,0 +1,125 @@
+"""The guard's policy file: defaults, a full YAML round trip, errors located by file, line and field, and
+relative paths resolved against the policy file's folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from guard.policy import DEFAULT_REFUSAL, Policy, load_policy
+from mis.errors import DataError
+
+FULL = {
+    "input_rail": {"enabled": False, "threshold": 0.25, "calibration": "/abs/input-calibration.json"},
+    "output_rail": {"enabled": True, "threshold": 0.75, "calibration": None},
+    "on_block": {"action": "error", "refusal_text": "No.", "error_status": 451, "error_message": "Blocked."},
+    "on_failure": "open",
+    "timeouts": {"judge_s": 2.5, "upstream_s": 60.0},
+    "batching": {"max_batch_size": 4, "max_wait_ms": 0.0},
+    "limits": {"max_images": 2, "max_image_bytes": 1000, "max_image_pixels": 640 * 480, "max_request_bytes": 5000,
+               "allowed_image_roots": ["/abs/images"]},
+    "audit": {"path": "/abs/audit.jsonl", "redact_text": True},
+}
+
+
+def write(folder: Path, text: str, name: str = "policy.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_both_rails_on_fail_closed_refusal():
+    for policy in (Policy(), load_policy(None)):
+        assert policy.input_rail.enabled and policy.output_rail.enabled
+        assert policy.input_rail.threshold is None and policy.output_rail.threshold is None
+        assert policy.input_rail.calibration is None and policy.output_rail.calibration is None
+        assert policy.on_failure == "closed"
+        assert policy.on_block.action == "refusal" and policy.on_block.refusal_text == DEFAULT_REFUSAL
+        assert policy.limits.allowed_image_roots == [] and policy.audit.path is None
+
+
+def test_empty_file_is_the_default_policy(tmp_path):
+    assert load_policy(write(tmp_path, "")) == Policy()
+    assert load_policy(write(tmp_path, "# only a comment\n")) == Policy()
+
+
+def test_full_yaml_round_trip(tmp_path):
+    policy = load_policy(write(tmp_path, yaml.safe_dump(FULL)))
+    assert policy.model_dump(mode="json") == FULL
+    again = load_policy(write(tmp_path, yaml.safe_dump(policy.model_dump(mode="json")), "again.yaml"))
+    assert again == policy
+
+
+@pytest.mark.parametrize("text, line, field", [
+    ("on_failure: closed\ninput_rail:\n  enabled: true\n  treshold: 0.3\n", 4, "input_rail.treshold"),
+    ("input_rail:\n  enabled: true\n\n# a comment\nmystery_section:\n  a: 1\n", 5, "mystery_section"),
+    ("limits:\n  max_images: 2\n  max_image_bytes: lots\n", 3, "limits.max_image_bytes"),
+    ("audit:\n  redact_text: true\ninput_rail:\n  enabled: [1, 2]\n", 4, "input_rail.enabled"),
+    ("timeouts:\n  judge_s: 1\nbatching:\n  max_wait_ms: 1\n  max_batch_size: 0\n", 5, "batching.max_batch_size"),
+    ("limits:\n  allowed_image_roots:\n    - images\n    - {not: a path}\n", 4, "limits.allowed_image_roots.1"),
+    ("on_block:\n  action: refusal\non_failure: sometimes\n", 3, "on_failure"),
+    ("output_rail:\n  threshold: 0.5\n  enabled:\n    - yes\n", 3, "output_rail.enabled"),  # a block value
+])
+def test_bad_field_names_file_line_and_field(tmp_path, text, line, field):
+    path = write(tmp_path, text)
+    with pytest.raises(DataError) as caught:
+        load_policy(path)
+    error = caught.value
+    assert (error.path, error.line, error.field) == (str(path), line, field)
+    assert str(error).startswith(f"{path}:{line}: field '{field}': ")
+
+
+@pytest.mark.parametrize("rail", ["input_rail", "output_rail"])
+def test_out_of_range_threshold_is_rejected(tmp_path, rail):
+    path = write(tmp_path, f"{rail}:\n  enabled: true\n  threshold: 1.5\n")
+    with pytest.raises(DataError, match="less than or equal to 1") as caught:
+        load_policy(path)
+    assert (caught.value.line, caught.value.field) == (3, f"{rail}.threshold")
+    assert load_policy(write(tmp_path, f"{rail}:\n  threshold: 1.0\n")).model_dump()[rail]["threshold"] == 1.0
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "input_rail:\n  enabled: true\n  threshold: [0.5\noutput_rail:\n  enabled: true\n")
+    with pytest.raises(DataError, match="not valid YAML") as caught:
+        load_policy(path)
+    assert caught.value.path == str(path) and caught.value.line is not None and caught.value.line >= 3
+    assert str(caught.value).startswith(f"{path}:{caught.value.line}: ")
+
+
+@pytest.mark.parametrize("text", ["- input_rail\n- output_rail\n", "just a string\n", "42\n"])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    with pytest.raises(DataError, match="YAML mapping") as caught:
+        load_policy(write(tmp_path, text))
+    assert caught.value.line == 1
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="cannot read the policy file") as caught:
+        load_policy(tmp_path / "nope.yaml")
+    assert caught.value.path == str(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_the_policy_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    path = write(folder, "input_rail:\n  calibration: cal/input.json\noutput_rail:\n  calibration: output.json\n"
+                         "limits:\n  allowed_image_roots: [images, ../shared, /srv/abs]\n"
+                         "audit:\n  path: logs/audit.jsonl\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the policy's folder: relative means relative to the file, not the cwd
+    policy = load_policy(Path("..") / "conf" / "policy.yaml")
+    base = folder.resolve()
+    assert policy.input_rail.calibration == base / "cal" / "input.json"
+    assert policy.output_rail.calibration == base / "output.json"
+    assert policy.limits.allowed_image_roots == [base / "images", base / ".." / "shared", Path("/srv/abs")]
+    assert policy.audit.path == base / "logs" / "audit.jsonl"
+    assert load_policy(path) == policy
+
+
+def test_absolute_paths_are_kept(tmp_path):
+    policy = load_policy(write(tmp_path, yaml.safe_dump(FULL)))
+    assert policy.input_rail.calibration == Path("/abs/input-calibration.json")
+    assert policy.limits.allowed_image_roots == [Path("/abs/images")]
+    assert policy.audit.path == Path("/abs/audit.jsonl")
