@@ -123,3 +123,13 @@ def test_absolute_paths_are_kept(tmp_path):
     assert policy.input_rail.calibration == Path("/abs/input-calibration.json")
     assert policy.limits.allowed_image_roots == [Path("/abs/images")]
     assert policy.audit.path == Path("/abs/audit.jsonl")
+
+
+def test_readme_policy_example_is_a_valid_policy(tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = readme.split("A policy (every field optional", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    policy = load_policy(write(tmp_path, example))
+    assert policy.limits.allowed_image_roots == [Path("/data/shared-images")]
+    assert policy.audit.path == tmp_path / "audit.jsonl"
+    assert policy.model_dump(exclude={"limits", "audit", "on_block"}) == Policy().model_dump(
+        exclude={"limits", "audit", "on_block"}), "the README shows the defaults"

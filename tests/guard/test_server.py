@@ -468,3 +468,19 @@ def test_api_key_is_required_when_set(judge, replay_url):
         answer = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0).chat.completions.create(
             model="replay", messages=two_image_messages("Hi"))
     assert answer.choices[0].message.content == REPLY
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_judge_on_vllm_scores_as_on_transformers_behind_the_server(judge, tiny_judge, replay_url):
+    """The judge's engine runs in the micro-batcher's worker thread; vLLM's offline engine works there too."""
+    from guard.engines import EngineOptions
+    from guard.rails import Guard
+
+    messages = two_image_messages("What is this?")
+    expected = Guard(judge).check_input(messages).score
+    with Judge(tiny_judge, "vllm", EngineOptions()) as on_vllm, guarded(on_vllm, replay_url) as (url, _):
+        answer = client(url).chat.completions.create(model="replay", messages=messages)
+    assert extension(answer)["rails"]["input"]["score"] == pytest.approx(expected, abs=1e-5)
+    assert extension(answer)["rails"]["output"]["status"] == "ok"
