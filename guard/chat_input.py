@@ -154,7 +154,8 @@ def _read_image_part(part: dict[str, Any], limits: Limits, at: str) -> tuple[Any
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise InputError("the image's base64 data is invalid", param=at, code="invalid_image") from None
-        return _decode(data, limits, at)
+        image, info, _ = _decode(data, limits, at, data_url=False)
+        return image, info, url  # forwarded as sent: no second base64 encoding
     scheme = urlparse(url).scheme
     if scheme in ("http", "https", "ftp"):
         raise InputError("the guard never fetches images from the network: send them as base64 data URLs",
@@ -188,7 +189,8 @@ def _read_file(path: str, limits: Limits, at: str) -> bytes:
         raise InputError("the image file cannot be read", param=at, code="invalid_image") from None
 
 
-def _decode(data: bytes, limits: Limits, at: str) -> tuple[Any, ImageInfo, str]:
+def _decode(data: bytes, limits: Limits, at: str, *, data_url: bool = True) -> tuple[Any, ImageInfo, str]:
+    """(RGB image, its ImageInfo, its base64 data URL, or "" when not asked for). Raises InputError."""
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > limits.max_image_bytes:
@@ -209,6 +211,8 @@ def _decode(data: bytes, limits: Limits, at: str) -> tuple[Any, ImageInfo, str]:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InputError("the data is not a readable image", param=at, code="invalid_image") from None
     info = ImageInfo(hashlib.sha256(data).hexdigest(), len(data), width, height, fmt)
+    if not data_url:
+        return image, info, ""
     mime = _MIME.get(fmt, "application/octet-stream")
     return image, info, f"data:{mime};base64,{base64.b64encode(data).decode()}"
 

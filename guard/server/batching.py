@@ -21,7 +21,8 @@ class MicroBatcher(Generic[Item, Result]):
     a running event loop with `start()`, stop it with `aclose()`."""
 
     def __init__(self, run_batch: Callable[[Sequence[Item]], Sequence[Result]], *, max_batch_size: int = 16,
-                 max_wait_s: float = 0.005, on_batch: Callable[[int, float], None] | None = None):
+                 max_wait_s: float = 0.005, on_batch: Callable[[int, float], None] | None = None,
+                 others_in_flight: Callable[[int], bool] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.run_batch = run_batch
@@ -29,6 +30,9 @@ class MicroBatcher(Generic[Item, Result]):
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
         """Called with (batch size, seconds the engine call took) after each batch: for metrics."""
+        self.others_in_flight = others_in_flight
+        """Called with the batch's size so far: whether anything else may still join it. When it says no (a lone
+        request), the batch runs at once instead of waiting max_wait_s for company that cannot come."""
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
         self._batch: list[tuple[Item, asyncio.Future]] = []
@@ -63,7 +67,7 @@ class MicroBatcher(Generic[Item, Result]):
                 except asyncio.QueueEmpty:
                     pass
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or (self.others_in_flight is not None and not self.others_in_flight(len(batch))):
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))

@@ -72,8 +72,11 @@ class GuardService:
         self.metrics = metrics or GuardMetrics()
         self.audit = AuditLog(self.policy.audit.path, redact_text=self.policy.audit.redact_text)
         batching = self.policy.batching
+        self.requests_in_flight = 0
+        """Chat completions between arrival and reply: each may still submit a check to the batcher."""
         self.batcher = MicroBatcher(guard.score, max_batch_size=batching.max_batch_size,
-                                    max_wait_s=batching.max_wait_ms / 1000, on_batch=self.metrics.on_batch)
+                                    max_wait_s=batching.max_wait_ms / 1000, on_batch=self.metrics.on_batch,
+                                    others_in_flight=lambda batched: self.requests_in_flight > batched)
         self.client = None
 
     async def start(self) -> None:
@@ -101,6 +104,7 @@ class GuardService:
         record: dict[str, Any] = {"request_id": request_id,
                                   "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                                   "judge": self.guard.judge_id, "rails": {}, "latency_ms": {}}
+        self.requests_in_flight += 1
         try:
             reply = await self._chat_completion(raw, request_id, record)
         except GuardHTTPError as error:
@@ -113,6 +117,8 @@ class GuardService:
             reply = Reply(500, GuardHTTPError(500, f"internal guard error ({exc.__class__.__name__}); see the "
                                               "guard's log", type="server_error").body())
             record["decision"], record["error"] = "error", f"internal: {exc.__class__.__name__}: {exc}"
+        finally:
+            self.requests_in_flight -= 1
         seconds = time.perf_counter() - started
         record["latency_ms"]["total"] = round(seconds * 1000, 3)
         record["status_code"] = reply.status_code
@@ -126,7 +132,8 @@ class GuardService:
         return reply
 
     async def _chat_completion(self, raw: bytes, request_id: str, record: dict[str, Any]) -> Reply:
-        body, request, chat = self._read_request(raw, record)
+        # Decoding and checking images is CPU work: off the event loop, so other requests' I/O goes on.
+        body, request, chat = await asyncio.to_thread(self._read_request, raw, record)
         record.update(stream=request.stream, model=request.model, question=self.audit.text(chat.question),
                       images=[info.to_dict() for info in chat.image_info])
         verdicts: dict[Rail, Verdict] = {}

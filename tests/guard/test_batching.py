@@ -93,6 +93,27 @@ def test_single_submit_waits_at_most_about_max_wait():
     assert 0.15 <= elapsed < 1.5  # it waited for company, but not much longer than max_wait_s
 
 
+def test_lone_submit_runs_at_once_when_nothing_else_is_in_flight():
+    asked = []
+
+    def nobody_else(batched: int) -> bool:
+        asked.append(batched)
+        return False
+
+    async def main():
+        batcher = await started(Recorder(), max_batch_size=8, max_wait_s=2.0, others_in_flight=nobody_else)
+        try:
+            began = time.perf_counter()
+            result = await asyncio.wait_for(batcher.submit(21), 5)
+            return result, time.perf_counter() - began
+        finally:
+            await batcher.aclose()
+
+    result, elapsed = asyncio.run(main())
+    assert result == 42 and asked == [1]
+    assert elapsed < 1.0  # far less than the 2 s it would wait for company
+
+
 def test_a_full_batch_does_not_wait_for_the_deadline():
     record = Recorder()
 
