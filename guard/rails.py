@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from guard.chat_input import parse_chat_messages
-from guard.judge.judge import Judge, code_marginals
+from guard.judge.judge import code_marginals, load_judge
 from guard.judge.parse import parse_json_safety, parse_json_verdict
 from guard.judge.rubric import REQUEST_CODES, request_template_for
 from guard.messages import GenerationParams
@@ -25,6 +25,8 @@ from guard.policy import Policy
 if TYPE_CHECKING:
     from calibration import Calibration
     from guard.engines import EngineOptions
+    from guard.judge.judge import Judge
+    from guard.lite.judge import LiteJudge
 
 Rail = Literal["input", "output"]
 RAILS: tuple[Rail, ...] = ("input", "output")
@@ -93,20 +95,22 @@ class _RailSetup:
 
 
 class Guard:
-    """A judge and a policy. `judge` is a judge folder (loaded here, on `engine`) or a loaded Judge (shared,
-    not closed by the Guard). `calibration` replaces the judge's own for the output rail. Raises MisguardError
+    """A judge and a policy. `judge` is a judge folder (loaded here, on `engine`) or a loaded Judge or LiteJudge
+    (shared, not closed by the Guard); a lite judge guards the output rail only. `calibration` replaces the judge's own for the output rail. Raises MisguardError
     (or DataError) for a judge or calibration that cannot be loaded."""
 
-    def __init__(self, judge: Judge | str | Path, policy: Policy | None = None, *, engine: str = "transformers",
+    def __init__(self, judge: Judge | LiteJudge | str | Path, policy: Policy | None = None, *, engine: str = "transformers",
                  options: EngineOptions | None = None, served_model: str | None = None,
                  calibration: Calibration | None = None):
         from guard.judge.judge import calibration_id
 
         self.policy = policy or Policy()
-        self._owns_judge = not isinstance(judge, Judge)
-        self.judge = judge if isinstance(judge, Judge) else Judge(judge, engine, options, served_model=served_model,
-                                                                  calibration=calibration)
-        self.request_template = request_template_for(self.judge.template.mode)
+        self._owns_judge = isinstance(judge, (str, Path))
+        self.judge = load_judge(judge, engine, options, served_model=served_model,
+                                calibration=calibration) if self._owns_judge else judge
+        self.lite = getattr(self.judge, "kind", "vlm") == "lite"
+        # A lite judge reads (question, response) pairs: it has no request head, so no input rail.
+        self.request_template = None if self.lite else request_template_for(self.judge.template.mode)
         rails = {}
         for rail in RAILS:
             rail_policy = getattr(self.policy, f"{rail}_rail")
@@ -121,7 +125,8 @@ class Guard:
                 threshold = cal.threshold.value if cal is not None else self.judge.spec.unsafe_threshold
             else:
                 threshold = DEFAULT_INPUT_THRESHOLD
-            rails[rail] = _RailSetup(rail_policy.enabled, threshold, cal, calibration_id(cal))
+            enabled = rail_policy.enabled and not (rail == "input" and self.lite)
+            rails[rail] = _RailSetup(enabled, threshold, cal, calibration_id(cal))
         self._rails: dict[Rail, _RailSetup] = rails
 
     @property
@@ -167,6 +172,11 @@ class Guard:
         (the caller turns it into failed verdicts)."""
         if not checks:
             return []
+        if self.lite:
+            if any(c.rail != "output" for c in checks):
+                raise ValueError("the lite judge has no input rail")
+            p_unsafe, _ = self.judge.probabilities([c.question for c in checks], [c.response or "" for c in checks])
+            return self._calibrated(checks, [RailScore(p_unsafe_raw=float(p)) for p in p_unsafe])
         requests = [self.request_template.request(c.id or f"input-{i}", c.images, c.question) if c.rail == "input"
                     else self.judge.template.request(c.id or f"output-{i}", c.images, c.question, c.response or "")
                     for i, c in enumerate(checks)]
@@ -196,9 +206,10 @@ class Guard:
                        score_raw=score.p_unsafe_raw, reason=reason, **common)
 
     def skipped(self, rail: Rail) -> Verdict:
+        reason = (f"the {rail} rail is off in the policy" if not (rail == "input" and self.lite)
+                  else "the lite judge reads responses only: it has no input rail")
         return Verdict(rail=rail, decision="allow", status="skipped", score=None,
-                       threshold=self._rails[rail].threshold, reason=f"the {rail} rail is off in the policy",
-                       judge=self.judge_id)
+                       threshold=self._rails[rail].threshold, reason=reason, judge=self.judge_id)
 
     # ---- internals ----
 
@@ -228,7 +239,7 @@ class Guard:
             rows = [i for i, (c, s) in enumerate(zip(checks, raw)) if c.rail == rail and s.p_unsafe_raw is not None]
             calibration = self._rails[rail].calibration
             values = np.array([raw[i].p_unsafe_raw for i in rows])
-            if calibration is not None and rows and self.judge.template.mode == "codes":
+            if calibration is not None and rows and self.judge.template.mode in ("codes", "lite"):
                 values = calibration.apply(values)[0]
             for i, value in zip(rows, values):
                 out[i] = RailScore(p_unsafe=float(value), p_unsafe_raw=raw[i].p_unsafe_raw)
@@ -236,7 +247,7 @@ class Guard:
 
     def describe(self) -> dict[str, Any]:
         return {"judge": self.judge_id, "template": self.judge.template.id,
-                "request_template": self.request_template.id,
+                "request_template": self.request_template.id if self.request_template else None,
                 "rails": {rail: {"enabled": s.enabled, "threshold": s.threshold, "calibration": s.calibration_id}
                           for rail, s in self._rails.items()},
                 "on_failure": self.policy.on_failure}

@@ -131,7 +131,7 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     """Judge every response not yet in OUT/judgments.jsonl, then write the metrics. `judge`, if given, is used
     instead of loading config.judge. Raises DataError for responses that match no MIS item, MisguardError when
     OUT holds judgments from another judge or template."""
-    from guard.judge import Judge, read_judge_spec
+    from guard.judge import load_judge, read_judge_spec
     from guard.judge.judge import calibration_id, spec_calibration
     from mis.version import __version__
 
@@ -170,8 +170,8 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     if todo:
         owned = judge is None
         if judge is None:
-            judge = Judge(config.judge, config.engine, config.engine_options, served_model=config.served_model,
-                          calibration=calibration)
+            judge = load_judge(config.judge, config.engine, config.engine_options,
+                               served_model=config.served_model, calibration=calibration)
         manifest["engine"] = judge.engine.describe()
         from tqdm import tqdm
 

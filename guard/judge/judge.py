@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 from pydantic import BaseModel, ValidationError
 
@@ -42,6 +42,12 @@ class JudgeSpec(BaseModel):
     """A response is labelled Unsafe when p_unsafe >= this."""
     calibration: dict | None = None
     base_model: str | None = None
+    kind: Literal["vlm", "lite"] = "vlm"
+    """vlm: a VLM read through a prompt template; lite: frozen text encoder + logistic heads (guard/lite)."""
+    encoder: dict | None = None
+    """lite: the text encoder (name, package, max_tokens)."""
+    heads: dict | None = None
+    """lite: the heads' settings (file, features, C, dim, perception_levels)."""
 
     def label_set(self) -> LabelSet:
         """The answer codes as label tokens, in CODES order (codes templates only)."""
@@ -75,6 +81,10 @@ def read_judge_spec(folder: str | Path) -> JudgeSpec:
     if spec.format_version > JUDGE_FORMAT_VERSION:
         raise DataError(f"format_version {spec.format_version} is newer than this misguard reads "
                         f"({JUDGE_FORMAT_VERSION}); upgrade misguard", path=path, field="format_version")
+    if spec.kind == "lite":
+        if spec.heads is None:
+            raise DataError("a lite judge needs its heads' settings", path=path, field="heads")
+        return spec
     template = get_template(spec.template)
     if template.mode == "codes" and set(spec.label_tokens or {}) != set(CODES):
         raise DataError(f"codes templates need a token id for each of {sorted(CODES)}", path=path,
@@ -129,6 +139,47 @@ def code_token_ids(tokenizer) -> dict[str, int]:
     if len(set(ids.values())) != len(ids):
         raise MisguardError(f"answer codes share token ids in this tokenizer: {ids}")
     return ids
+
+
+def judgments_from_probabilities(judge, cases: Sequence[Case], found: Sequence[int], raw_unsafe,
+                                 raw_perception, unscored_reason: str) -> list[Judgment]:
+    """Judgments for `cases` from a judge's raw head probabilities (rows of raw_unsafe [m] and raw_perception
+    [m, 3] belong to cases[found[row]]): calibrated with `judge.calibration` when there is one (the raw values
+    kept beside), labelled with `judge.unsafe_threshold`; cases not in `found` are unscored with the reason.
+    Shared by every kind of judge."""
+    p_unsafe, p_perception = raw_unsafe, raw_perception
+    if judge.calibration is not None and len(found):
+        p_unsafe, p_perception = judge.calibration.apply(raw_unsafe, raw_perception)
+    judgments: list[Judgment] = []
+    rows = {i: row for row, i in enumerate(found)}
+    for i, case in enumerate(cases):
+        if i not in rows:
+            judgments.append(Judgment(**judge._base(case), label_perception=None, label_str=None,
+                                      status="unscored", reason=unscored_reason))
+            continue
+        row = rows[i]
+        perception = dict(zip(PERCEPTION_LEVELS, (float(p) for p in p_perception[row])))
+        level = max(PERCEPTION_LEVELS, key=perception.__getitem__)
+        safety = "Unsafe" if p_unsafe[row] >= judge.unsafe_threshold else "Safe"
+        extra = {}
+        if judge.calibration is not None:
+            extra = dict(p_unsafe_raw=float(raw_unsafe[row]),
+                         p_perception_raw=dict(zip(PERCEPTION_LEVELS, map(float, raw_perception[row]))))
+        judgments.append(Judgment(**judge._base(case), label_perception=f"Perception {level}", label_str=safety,
+                                  p_unsafe=float(p_unsafe[row]), p_perception=perception, **extra))
+    return judgments
+
+
+def load_judge(folder: str | Path, engine: str = "transformers", options: EngineOptions | None = None, *,
+               served_model: str | None = None, calibration: Calibration | None = None):
+    """The judge in a folder, whatever its kind: a LiteJudge (guard/lite; runs on the CPU, the engine options
+    do not apply) or a VLM Judge on `engine`. Raises as read_judge_spec and the judge's loader do."""
+    spec = read_judge_spec(folder)
+    if spec.kind == "lite":
+        from guard.lite.judge import LiteJudge
+
+        return LiteJudge(folder, calibration=calibration)
+    return Judge(folder, engine, options, served_model=served_model, calibration=calibration)
 
 
 def write_judge_spec(folder: str | Path, *, judge_id: str | None = None, template: str = DEFAULT_CODES_TEMPLATE,
@@ -205,28 +256,8 @@ class Judge:
         for row, i in enumerate(found):
             raw_unsafe[row], levels = code_marginals(scored[i].probs)
             raw_perception[row] = [levels[level] for level in PERCEPTION_LEVELS]
-        p_unsafe, p_perception = raw_unsafe, raw_perception
-        if self.calibration is not None and found:
-            p_unsafe, p_perception = self.calibration.apply(raw_unsafe, raw_perception)
-        judgments: list[Judgment] = []
-        rows = {i: row for row, i in enumerate(found)}
-        for i, case in enumerate(cases):
-            if i not in rows:
-                judgments.append(Judgment(**self._base(case), label_perception=None, label_str=None,
-                                          status="unscored",
-                                          reason="the engine did not return the label tokens' probabilities"))
-                continue
-            row = rows[i]
-            perception = dict(zip(PERCEPTION_LEVELS, (float(p) for p in p_perception[row])))
-            level = max(PERCEPTION_LEVELS, key=perception.__getitem__)
-            safety = "Unsafe" if p_unsafe[row] >= self.unsafe_threshold else "Safe"
-            extra = {}
-            if self.calibration is not None:
-                extra = dict(p_unsafe_raw=float(raw_unsafe[row]),
-                             p_perception_raw=dict(zip(PERCEPTION_LEVELS, map(float, raw_perception[row]))))
-            judgments.append(Judgment(**self._base(case), label_perception=f"Perception {level}", label_str=safety,
-                                      p_unsafe=float(p_unsafe[row]), p_perception=perception, **extra))
-        return judgments
+        return judgments_from_probabilities(self, cases, found, raw_unsafe, raw_perception,
+                                            "the engine did not return the label tokens' probabilities")
 
     def _from_text(self, case: Case, text: str) -> Judgment:
         parsed = parse_json_verdict(text)
