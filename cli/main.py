@@ -41,6 +41,11 @@ Concurrency = Annotated[int, typer.Option(help="openai: requests in flight.")]
 ApiKey = Annotated[str, typer.Option(envvar="MISGUARD_API_KEY", help="openai: API key.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run code shipped in the model folder.")]
 SkipBad = Annotated[bool, typer.Option(help="Log and count bad items instead of stopping.")]
+LiteJudgeOption = Annotated[Optional[Path], typer.Option(
+    help="A lite judge in front of --judge: it decides what it is confident about, --judge the rest.")]
+CascadeBandOption = Annotated[str, typer.Option(
+    help="LOW,HIGH on the lite judge's calibrated p_unsafe: it decides p >= HIGH, or p <= LOW with a perception "
+         "level at >= HIGH; the rest is escalated.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
 
 
@@ -119,6 +124,8 @@ def score(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% confidence intervals.")] = 1000,
     escalate: Annotated[Optional[str], typer.Option(
         help="Also list this share of least confident judgments for GPT-4o or human review, e.g. 10%.")] = None,
+    lite_judge: LiteJudgeOption = None,
+    cascade_band: CascadeBandOption = "0.1,0.9",
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ):
@@ -137,8 +144,14 @@ def score(
         options = engine_options(locals())
         result = run_score(ScoreConfig(responses=list(responses), judge=judge, data=data, out=out, engine=engine,
                                        engine_options=options, served_model=served_model, calibration=calibration,
-                                       skip_bad=skip_bad, n_bootstrap=bootstrap), progress=not quiet)
+                                       skip_bad=skip_bad, n_bootstrap=bootstrap, lite_judge=lite_judge,
+                                       cascade_band=cascade_band), progress=not quiet)
         typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in {result.seconds:.1f} s")
+        if result.cascade is not None and result.cascade["share_escalated"] is not None:
+            c = result.cascade
+            typer.echo(f"cascade:  {c['decided_by_lite']} decided by the lite judge ({c['lite_seconds']:.1f} s), "
+                       f"{c['escalated']} escalated ({c['share_escalated']:.0%}) to the VLM judge "
+                       f"({c['vlm_seconds']:.1f} s)")
     typer.echo(f"{result.total} judgments, {result.unscored} unscored: {result.judgments_path}")
     typer.echo(f"metrics:   {result.metrics_paths[0]}")
     typer.echo(f"           {result.metrics_paths[1]}")
@@ -266,51 +279,100 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+TRAIN_VLM_ONLY = ("base", "lora", "epochs", "lr", "batch_size", "grad_accum", "lora_r", "train_vision", "dtype",
+                  "resume")
+"""`misguard train` options that only the VLM judge takes (--kind lite refuses them when given)."""
+TRAIN_LITE_ONLY = ("lite_c",)
+
+
 @app.command()
 def train(
-    base: Annotated[Path, typer.Option(help="The base VLM folder (save_pretrained) to fine-tune into a judge.")],
+    ctx: typer.Context,
     responses: Annotated[list[Path], typer.Option(help="Responses files from `misguard infer`; repeatable.")],
     labels: Annotated[list[Path], typer.Option(
         help="GPT-4o's verdicts on them: gpt_eval.py files (one per target model) or judgments.jsonl; repeatable.")],
     data: Annotated[Path, typer.Option(help="The MIS test directory the responses were made on.")],
     out: Annotated[Path, typer.Option(help="The judge folder to write.")],
+    kind: Annotated[str, typer.Option(
+        help="vlm: fine-tune a VLM (--base); lite: logistic heads on a frozen text encoder (all-MiniLM-L6-v2), "
+             "CPU only, reads question + response, never the images.")] = "vlm",
+    base: Annotated[Optional[Path], typer.Option(
+        help="vlm: the base VLM folder (save_pretrained) to fine-tune into a judge.")] = None,
     label_model_name: Annotated[Optional[list[str]], typer.Option(
         help="The target model of each --labels file, in order (default: the file names).")] = None,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapter (merged on save) or full fine-tuning.")
+    lora: Annotated[bool, typer.Option("--lora/--full", help="vlm: LoRA adapter (merged on save) or full fine-tuning.")
                     ] = True,
-    epochs: Annotated[int, typer.Option(help="Passes over the training examples.")] = 3,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate; default 2e-4 (LoRA) or 1e-5 (full).")] = None,
+    epochs: Annotated[int, typer.Option(help="vlm: passes over the training examples.")] = 3,
+    lr: Annotated[Optional[float], typer.Option(help="vlm: learning rate; default 2e-4 (LoRA) or 1e-5 (full).")
+                  ] = None,
     val_frac: Annotated[float, typer.Option(help="Share of MIS items held out for validation.")] = 0.1,
-    batch_size: Annotated[int, typer.Option(help="Examples per device per step.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Steps per optimizer update.")] = 1,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
-    train_vision: Annotated[bool, typer.Option(help="Also train the vision tower (frozen by default).")] = False,
+    batch_size: Annotated[int, typer.Option(help="vlm: examples per device per step.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="vlm: steps per optimizer update.")] = 1,
+    lora_r: Annotated[int, typer.Option(help="vlm: LoRA rank.")] = 16,
+    train_vision: Annotated[bool, typer.Option(help="vlm: also train the vision tower (frozen by default).")] = False,
+    lite_c: Annotated[Optional[list[float]], typer.Option(
+        help="lite: a candidate C (inverse L2 strength) of the heads, repeatable; default 1, 10, 100, 1000, the "
+             "best by cross-validated log-loss on the training split.")] = None,
     judge_id: Annotated[Optional[str], typer.Option(help="The judge's id; default: the out folder's name.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
-    seed: Annotated[int, typer.Option()] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints.")] = True,
+    dtype: Annotated[str, typer.Option(help="vlm: auto | float32 | bfloat16")] = "auto",
+    seed: Annotated[int, typer.Option(help="vlm: LoRA init, data order, dropout; lite: the C search's folds.")] = 0,
+    resume: Annotated[bool, typer.Option(help="vlm: continue from the last checkpoint in OUT/checkpoints.")] = True,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
 ):
-    """Fine-tune an open VLM judge on GPT-4o's labels; writes a judge folder that score/agree/calibrate take."""
+    """Train a judge on GPT-4o's labels (a fine-tuned VLM, or with --kind lite a CPU text judge); writes a judge
+    folder that score/agree/calibrate/serve take."""
     from judge_training.run import TrainData, run_train
-    from judge_training.trainer import TrainConfig
 
-    run = run_train(TrainData(responses=responses, labels=labels, data=data, label_model_names=label_model_name,
-                              val_frac=val_frac, skip_bad=skip_bad),
-                    TrainConfig(base=base, out=out, lora=lora, lora_r=lora_r, train_vision=train_vision, epochs=epochs,
-                                lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed, dtype=dtype,
-                                judge_id=judge_id, resume=resume), progress=not quiet)
+    if kind not in ("vlm", "lite"):
+        raise MisguardError(f"--kind must be vlm or lite, got {kind!r}")
+    other = TRAIN_VLM_ONLY if kind == "lite" else TRAIN_LITE_ONLY
+    given = [name for name in other if _given(ctx, name)]
+    if given:
+        raise MisguardError(f"{', '.join('--' + n.replace('_', '-') for n in given)}: only for --kind "
+                            f"{'vlm' if kind == 'lite' else 'lite'}")
+    train_data = TrainData(responses=responses, labels=labels, data=data, label_model_names=label_model_name,
+                           val_frac=val_frac, skip_bad=skip_bad)
+    if kind == "lite":
+        from judge_training.lite import DEFAULT_C_GRID, LiteTrainConfig
+
+        config = LiteTrainConfig(out=out, c_grid=tuple(lite_c) if lite_c else DEFAULT_C_GRID, seed=seed,
+                                 judge_id=judge_id)
+    else:
+        from judge_training.trainer import TrainConfig
+
+        if base is None:
+            raise MisguardError("--base is required for --kind vlm (the VLM folder to fine-tune)")
+        config = TrainConfig(base=base, out=out, lora=lora, lora_r=lora_r, train_vision=train_vision, epochs=epochs,
+                             lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed, dtype=dtype,
+                             judge_id=judge_id, resume=resume)
+    run = run_train(train_data, config, progress=not quiet)
     for side, counts in run.counts.items():
         typer.echo(f"{side}: {counts['responses']} responses, {counts['items']} items; safety {counts['safety']}, "
                    f"perception {counts['perception']}")
     result = run.result
-    if result.validation is not None:
+    if kind == "lite":
+        cv = {row["C"]: row["log_loss"] for row in result.cv}
+        typer.echo(f"C {result.C:g}" + (f" (cross-validated log-loss {cv[result.C]:.4f})" if cv else "")
+                   + ("" if result.has_perception else "; Unsafe head only (one perception level in the labels)"))
+        if result.validation is not None:
+            safety, perception = result.validation["safety"], result.validation["perception"]
+            typer.echo(f"validation: safety kappa {_fmt(safety['kappa'])}, accuracy {_fmt(safety['accuracy'])}, "
+                       f"F1 (Unsafe) {_fmt(safety['f1'])}"
+                       + (f"; perception accuracy {_fmt(perception['accuracy'])}" if perception else ""))
+    elif result.validation is not None:
         safety = result.validation["safety"]
         typer.echo(f"best epoch {result.best_epoch}: validation safety kappa {_fmt(safety['kappa'])}, "
                    f"accuracy {_fmt(safety['accuracy'])}")
     typer.echo(f"judge:     {result.out} ({result.seconds:.0f} s)")
     typer.echo(f"card:      {result.judge_card}")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set option `name` (on the command line or through its environment variable)."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
 @app.command()
@@ -327,7 +389,9 @@ def merge(
 
 @app.command()
 def serve(
-    judge: Annotated[Path, typer.Option(help="Judge folder (model + judge.json), or a plain instruct VLM folder.")],
+    judge: Annotated[Path, typer.Option(
+        help="Judge folder: a VLM judge (model + judge.json), a plain instruct VLM folder, or a lite judge "
+             "(`misguard train --kind lite`; it guards the output rail only).")],
     upstream: Annotated[str, typer.Option(help="The guarded VLM's OpenAI-compatible URL ending in /v1.")],
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the guard.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -340,6 +404,8 @@ def serve(
         envvar="MISGUARD_SERVE_API_KEY", help="Clients must send 'Authorization: Bearer KEY'.")] = None,
     upstream_api_key: Annotated[Optional[str], typer.Option(
         envvar="MISGUARD_UPSTREAM_API_KEY", help="API key the guard sends to the upstream.")] = None,
+    lite_judge: LiteJudgeOption = None,
+    cascade_band: CascadeBandOption = "0.1,0.9",
     engine: Engine = "transformers",
     base_url: BaseUrl = None,
     served_model: Annotated[Optional[str], typer.Option(
@@ -362,7 +428,7 @@ def serve(
 
     service = build_service(judge, upstream, policy_path=policy, calibration_path=calibration, audit_log=audit_log,
                             engine=engine, options=engine_options(locals()), served_model=served_model,
-                            upstream_api_key=upstream_api_key)
+                            upstream_api_key=upstream_api_key, lite_judge=lite_judge, cascade_band=cascade_band)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {host}: the guard is reachable from other machines", err=True,
                     fg=typer.colors.YELLOW)

@@ -21,10 +21,12 @@ from guard.judge.parse import parse_json_safety, parse_json_verdict
 from guard.judge.rubric import REQUEST_CODES, request_template_for
 from guard.messages import GenerationParams
 from guard.policy import Policy
+from mis.errors import MisguardError
 
 if TYPE_CHECKING:
     from calibration import Calibration
     from guard.engines import EngineOptions
+    from guard.judge.cascade import CascadeBand
     from guard.judge.judge import Judge
     from guard.lite.judge import LiteJudge
 
@@ -53,6 +55,8 @@ class RailScore:
     p_unsafe: float | None = None
     p_unsafe_raw: float | None = None
     error: str | None = None
+    judge: str | None = None
+    """Which judge decided, when a cascade's first stage did (None: the guard's judge)."""
 
 
 @dataclass(frozen=True)
@@ -96,12 +100,17 @@ class _RailSetup:
 
 class Guard:
     """A judge and a policy. `judge` is a judge folder (loaded here, on `engine`) or a loaded Judge or LiteJudge
-    (shared, not closed by the Guard); a lite judge guards the output rail only. `calibration` replaces the judge's own for the output rail. Raises MisguardError
-    (or DataError) for a judge or calibration that cannot be loaded."""
+    (shared, not closed by the Guard); a lite judge guards the output rail only. `calibration` replaces the
+    judge's own for the output rail. `lite_judge` puts a lite judge in front of the output rail (a cascade): it
+    decides what it is confident about within `cascade_band`. Raises MisguardError (or DataError) for a judge
+    or calibration that cannot be loaded."""
 
-    def __init__(self, judge: Judge | LiteJudge | str | Path, policy: Policy | None = None, *, engine: str = "transformers",
+    def __init__(self, judge: Judge | LiteJudge | str | Path, policy: Policy | None = None, *,
+                 engine: str = "transformers",
                  options: EngineOptions | None = None, served_model: str | None = None,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, lite_judge: LiteJudge | str | Path | None = None,
+                 cascade_band: CascadeBand | None = None):
+        from guard.judge.cascade import CascadeBand
         from guard.judge.judge import calibration_id
 
         self.policy = policy or Policy()
@@ -111,6 +120,12 @@ class Guard:
         self.lite = getattr(self.judge, "kind", "vlm") == "lite"
         # A lite judge reads (question, response) pairs: it has no request head, so no input rail.
         self.request_template = None if self.lite else request_template_for(self.judge.template.mode)
+        # A lite judge in front of the output rail (a cascade): it decides the responses it is confident about.
+        self._owns_first_stage = isinstance(lite_judge, (str, Path))
+        self.first_stage = load_judge(lite_judge) if self._owns_first_stage else lite_judge
+        if self.first_stage is not None and getattr(self.first_stage, "kind", "vlm") != "lite":
+            raise MisguardError("the cascade's first stage must be a lite judge")
+        self.cascade_band = cascade_band or CascadeBand()
         rails = {}
         for rail in RAILS:
             rail_policy = getattr(self.policy, f"{rail}_rail")
@@ -168,8 +183,25 @@ class Guard:
     # ---- the parts the server batches and times itself ----
 
     def score(self, checks: Sequence[RailCheck]) -> list[RailScore]:
-        """One RailScore per check, from one engine call for all of them. Raises whatever the engine raises
-        (the caller turns it into failed verdicts)."""
+        """One RailScore per check, from one engine call for all of them (output checks the cascade's lite judge
+        is confident about never reach the engine). Raises whatever a judge raises (the caller turns it into
+        failed verdicts)."""
+        if self.first_stage is None or not any(c.rail == "output" for c in checks):
+            return self._score(checks)
+        outputs = [i for i, c in enumerate(checks) if c.rail == "output"]
+        first = self.first_stage
+        raw, _ = first.probabilities([checks[i].question for i in outputs], [checks[i].response or "" for i in outputs])
+        calibrated = first.calibration.apply(raw)[0] if first.calibration is not None else raw
+        decided: dict[int, RailScore] = {}
+        for i, p_raw, p in zip(outputs, raw, calibrated):
+            if p >= self.cascade_band.high or p <= self.cascade_band.low:
+                decided[i] = RailScore(p_unsafe=float(p), p_unsafe_raw=float(p_raw), judge=first.id)
+        rest = [i for i in range(len(checks)) if i not in decided]
+        scores = dict(decided)
+        scores.update(zip(rest, self._score([checks[i] for i in rest])))
+        return [scores[i] for i in range(len(checks))]
+
+    def _score(self, checks: Sequence[RailCheck]) -> list[RailScore]:
         if not checks:
             return []
         if self.lite:
@@ -192,8 +224,11 @@ class Guard:
                 timed_out: bool = False) -> Verdict:
         """The rail's decision on a score, or on its absence (the policy's failure mode)."""
         setup = self._rails[rail]
-        common = dict(rail=rail, threshold=setup.threshold, latency_ms=latency_ms, judge=self.judge_id,
-                      calibration=setup.calibration_id)
+        decider = score.judge or self.judge_id
+        calibration = (self.first_stage.calibration_id if score.judge is not None and self.first_stage is not None
+                       else setup.calibration_id)
+        common = dict(rail=rail, threshold=setup.threshold, latency_ms=latency_ms, judge=decider,
+                      calibration=calibration)
         if timed_out or score.p_unsafe is None:
             fail_open = self.policy.on_failure == "open"
             reason = (f"judge timed out after {self.policy.timeouts.judge_s:g} s" if timed_out
@@ -250,11 +285,15 @@ class Guard:
                 "request_template": self.request_template.id if self.request_template else None,
                 "rails": {rail: {"enabled": s.enabled, "threshold": s.threshold, "calibration": s.calibration_id}
                           for rail, s in self._rails.items()},
-                "on_failure": self.policy.on_failure}
+                "on_failure": self.policy.on_failure,
+                "cascade": ({"lite_judge": self.first_stage.id, "band": [self.cascade_band.low, self.cascade_band.high]}
+                            if self.first_stage is not None else None)}
 
     def close(self) -> None:
         if self._owns_judge:
             self.judge.close()
+        if self._owns_first_stage:
+            self.first_stage.close()
 
     def __enter__(self):
         return self

@@ -51,6 +51,11 @@ class ScoreConfig:
     """A calibration file from `misguard calibrate`; default: the one in the judge's judge.json, if any."""
     skip_bad: bool = False
     n_bootstrap: int = 1000
+    lite_judge: Path | None = None
+    """A lite judge folder to put in front of `judge`: it decides the responses it is confident about, the
+    (VLM) judge the rest (guard/judge/cascade.py)."""
+    cascade_band: str = "0.1,0.9"
+    """LOW,HIGH on the lite judge's calibrated p_unsafe: what it decides alone."""
 
 
 @dataclass
@@ -62,6 +67,8 @@ class ScoreResult:
     judged: int
     unscored: int
     seconds: float
+    cascade: dict | None = None
+    """With a lite judge in front: decided_by_lite, escalated, share_escalated, seconds per stage (this run)."""
 
 
 class ItemIndex:
@@ -149,11 +156,23 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     else:
         calibration = spec_calibration(spec, Path(config.judge))
     run_id = (spec.id, spec.template, calibration_id(calibration))
+    run_ids = {run_id}
+    band = None
+    if config.lite_judge is not None:
+        from guard.judge.cascade import CascadeBand
+
+        band = CascadeBand.parse(config.cascade_band)  # a bad band fails before any work
+        lite_spec = read_judge_spec(config.lite_judge)
+        if lite_spec.kind != "lite":
+            raise MisguardError(f"{config.lite_judge}: --lite-judge needs a lite judge folder (judge.json kind "
+                                f"'lite'), not {lite_spec.kind!r}")
+        run_ids.add((lite_spec.id, lite_spec.template,
+                     calibration_id(spec_calibration(lite_spec, Path(config.lite_judge)))))
     index = ItemIndex(config.data, skip_bad=config.skip_bad)
     cases = _cases(config, index)
 
     existing = read_jsonl(judgments_path, Judgment, allow_torn_tail=True) if judgments_path.exists() else []
-    others = {(j.judge, j.template, j.calibration) for j in existing} - {run_id}
+    others = {(j.judge, j.template, j.calibration) for j in existing} - run_ids
     if others:
         raise MisguardError(f"{judgments_path} holds judgments by another judge, template or calibration "
                             f"{sorted(others, key=str)}; use another --out")
@@ -167,12 +186,18 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
 
     judged = 0
+    cascade = None
     if todo:
         owned = judge is None
         if judge is None:
             judge = load_judge(config.judge, config.engine, config.engine_options,
                                served_model=config.served_model, calibration=calibration)
         manifest["engine"] = judge.engine.describe()
+        if band is not None:
+            from guard.judge.cascade import CascadeJudge
+
+            judge = cascade = CascadeJudge(load_judge(config.lite_judge), judge, band)
+            manifest["cascade"] = {"lite_judge": str(config.lite_judge), "band": [band.low, band.high]}
         from tqdm import tqdm
 
         bar = tqdm(total=len(cases), initial=len(cases) - len(todo), unit="judgment", desc="score",
@@ -192,9 +217,12 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     metrics_paths, unscored = _write_metrics(judgments_path, {judgment_key(c.response, c.split) for c in cases},
                                              out, config.n_bootstrap)
     manifest.update(complete=True, finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if cascade is not None:
+        manifest["cascade"]["this_run"] = cascade.stats.to_dict()
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
     return ScoreResult(judgments_path, metrics_paths, total=len(cases), already_done=len(cases) - len(todo),
-                       judged=judged, unscored=unscored, seconds=time.time() - started)
+                       judged=judged, unscored=unscored, seconds=time.time() - started,
+                       cascade=cascade.stats.to_dict() if cascade is not None else None)
 
 
 def _write_metrics(judgments_path: Path, keys: set | None, out: Path, n_bootstrap: int):

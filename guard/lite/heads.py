@@ -4,7 +4,8 @@ Features of one response: the embeddings of the question, of the response, their
 response relates to the question), and of the image text when the data has one (an image description; zeros and
 a 0 flag when not): 4 x 384 + 1 numbers. The heads are scikit-learn logistic regressions on them, one for
 Unsafe (binary) and one for the perception level (multinomial, three levels; absent when the labels have no
-perception level). Saved as safetensors (coefficients) plus JSON (classes, settings): nothing is pickled.
+perception level). A level the training labels never give keeps a probability below 1e-13. Saved as safetensors
+(coefficients) plus JSON (classes, settings): nothing is pickled.
 """
 from __future__ import annotations
 
@@ -20,18 +21,24 @@ from mis.records import PERCEPTION_LEVELS
 HEADS_FILE = "heads.safetensors"
 FEATURES_ID = "minilm-q-r-qr-img-v1"
 """Names the feature layout; a judge folder's heads only fit features built the same way."""
+ABSENT_LEVEL_LOGIT = -30.0
+"""The perception head's intercept for a level absent from its training labels (zero weights): its probability
+stays below exp(-30) of the most likely level's, whatever the features."""
 
 
 def build_features(encoder, questions: Sequence[str], responses: Sequence[str],
                    image_texts: Sequence[str | None] | None = None) -> np.ndarray:
     """[n, 4 * dim + 1] float32 features (see the module docstring). All texts go through the encoder in one
-    call, so its batches stay full."""
+    call, so its batches stay full, and each distinct text once (the responses of several target models to one
+    item share its question)."""
     n = len(questions)
     if len(responses) != n or (image_texts is not None and len(image_texts) != n):
         raise ValueError("questions, responses and image_texts must have the same length")
     image_texts = list(image_texts) if image_texts is not None else [None] * n
     with_image = [i for i, text in enumerate(image_texts) if text]
-    embedded = encoder.encode([*questions, *responses, *(image_texts[i] for i in with_image)])
+    texts = [*questions, *responses, *(image_texts[i] for i in with_image)]
+    distinct = {text: row for row, text in enumerate(dict.fromkeys(texts))}
+    embedded = encoder.encode(list(distinct))[[distinct[text] for text in texts]]
     q, r = embedded[:n], embedded[n:2 * n]
     image = np.zeros_like(q)
     image[with_image] = embedded[2 * n:]
@@ -51,8 +58,10 @@ class LiteHeads:
 
     def fit(self, features: np.ndarray, y_unsafe: Sequence[int],
             y_perception: Sequence[int] | None = None) -> LiteHeads:
-        """Fit the heads: y_unsafe 0/1; y_perception level indices 0..2 (all three levels must occur), or None.
-        Returns self. Raises ValueError when a head's labels have a single class."""
+        """Fit the heads: y_unsafe 0/1; y_perception level indices 0..2, or None (no perception head). A level
+        absent from y_perception gets zero weights and ABSENT_LEVEL_LOGIT (the head never predicts it); with
+        one level only, the head gives that level whatever the features. Returns self. Raises ValueError when
+        the Unsafe labels have a single class or a level index is not 0..2."""
         from sklearn.linear_model import LogisticRegression
 
         X = np.asarray(features, dtype=np.float64)
@@ -65,11 +74,23 @@ class LiteHeads:
         self.perception_coef_ = self.perception_intercept_ = None
         if y_perception is not None:
             levels = np.asarray(y_perception)
-            if set(levels.tolist()) != {0, 1, 2}:
-                raise ValueError(f"the perception head needs all three levels, got {sorted(set(levels.tolist()))}")
-            perception = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(X, levels)
-            self.perception_coef_ = perception.coef_.astype(np.float32)
-            self.perception_intercept_ = perception.intercept_.astype(np.float32)
+            present = sorted(set(levels.tolist()))
+            if not set(present) <= {0, 1, 2}:
+                raise ValueError(f"perception levels must be indices 0..2, got {present}")
+            coef = np.zeros((len(PERCEPTION_LEVELS), X.shape[1]), dtype=np.float32)
+            intercept = np.full(len(PERCEPTION_LEVELS), ABSENT_LEVEL_LOGIT, dtype=np.float32)
+            intercept[present] = 0.0
+            if len(present) == 2:
+                # scikit-learn fits two classes as one logistic: logits (0, w.x + b) give the same softmax.
+                perception = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(X, levels == present[1])
+                coef[present[1]] = perception.coef_[0]
+                intercept[present[1]] = perception.intercept_[0]
+            elif len(present) == 3:
+                perception = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(X, levels)
+                coef[:] = perception.coef_
+                intercept[:] = perception.intercept_
+            self.perception_coef_ = coef
+            self.perception_intercept_ = intercept
         return self
 
     def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -84,15 +105,18 @@ class LiteHeads:
         return p_unsafe.astype(np.float64), (weights / weights.sum(axis=1, keepdims=True)).astype(np.float64)
 
     def save(self, folder: str | Path) -> dict:
-        """Write heads.safetensors into `folder`; returns the JSON settings judge.json keeps beside it."""
-        from safetensors.numpy import save_file
+        """Write heads.safetensors into `folder` (atomically); returns the JSON settings judge.json keeps beside
+        it."""
+        from safetensors.numpy import save
+
+        from mis.io import write_bytes_atomic
 
         tensors = {"safety.coef": self.safety_coef_,
                    "safety.intercept": np.array([self.safety_intercept_], dtype=np.float32)}
         if self.perception_coef_ is not None:
             tensors["perception.coef"] = self.perception_coef_
             tensors["perception.intercept"] = self.perception_intercept_
-        save_file(tensors, str(Path(folder) / HEADS_FILE))
+        write_bytes_atomic(Path(folder) / HEADS_FILE, save(tensors))
         return {"file": HEADS_FILE, "features": FEATURES_ID, "C": self.C, "dim": int(self.safety_coef_.shape[0]),
                 "perception_levels": list(PERCEPTION_LEVELS) if self.perception_coef_ is not None else None}
 
@@ -115,8 +139,18 @@ class LiteHeads:
         try:
             heads.safety_coef_ = tensors["safety.coef"]
             heads.safety_intercept_ = float(tensors["safety.intercept"][0])
-            heads.perception_coef_ = tensors.get("perception.coef")
-            heads.perception_intercept_ = tensors.get("perception.intercept")
-        except KeyError as exc:
-            raise DataError(f"tensor {exc} is missing", path=path) from None
+        except (KeyError, IndexError) as exc:
+            raise DataError(f"tensor {exc} is missing or empty", path=path) from None
+        heads.perception_coef_ = tensors.get("perception.coef")
+        heads.perception_intercept_ = tensors.get("perception.intercept")
+        # Shapes are checked here, not found out as a matmul error at the first request.
+        dim = settings.get("dim", heads.safety_coef_.shape[0] if heads.safety_coef_.ndim == 1 else None)
+        expected = {"safety.coef": (dim,), "safety.intercept": (1,)}
+        if heads.perception_coef_ is not None or heads.perception_intercept_ is not None:
+            expected.update({"perception.coef": (len(PERCEPTION_LEVELS), dim),
+                             "perception.intercept": (len(PERCEPTION_LEVELS),)})
+        for name, shape in expected.items():
+            if name not in tensors or tensors[name].shape != shape:
+                found = tensors[name].shape if name in tensors else "missing"
+                raise DataError(f"tensor {name} has shape {found}, expected {shape} (heads.dim {dim})", path=path)
         return heads

@@ -22,7 +22,7 @@ from guard.judge.judge import (
 )
 from guard.lite.encoder import ENCODER_NAME, ENCODER_PACKAGE, MAX_TOKENS, TextEncoder
 from guard.lite.heads import LiteHeads
-from mis.errors import MisguardError
+from mis.errors import DataError, MisguardError
 from mis.io import write_text_atomic
 from mis.records import Judgment
 
@@ -61,6 +61,10 @@ class LiteJudge:
                                  else self.spec.unsafe_threshold)
         max_tokens = int((self.spec.encoder or {}).get("max_tokens", MAX_TOKENS))
         self.encoder = encoder or TextEncoder(max_tokens=max_tokens)
+        features = 4 * self.encoder.dim + 1
+        if self.heads.safety_coef_.shape[0] != features:
+            raise DataError(f"the heads take {self.heads.safety_coef_.shape[0]} features; this encoder's layout has "
+                            f"{features}", path=self.folder / JUDGE_FILE, field="heads.dim")
 
     @property
     def id(self) -> str:

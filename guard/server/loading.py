@@ -12,10 +12,12 @@ from mis.errors import MisguardError, MissingExtraError
 def build_service(judge: Path, upstream: str, *, policy_path: Path | None = None,
                   calibration_path: Path | None = None, audit_log: Path | None = None,
                   engine: str = "transformers", options: EngineOptions | None = None,
-                  served_model: str | None = None, upstream_api_key: str | None = None) -> GuardService:
+                  served_model: str | None = None, upstream_api_key: str | None = None,
+                  lite_judge: Path | None = None, cascade_band: str = "0.1,0.9") -> GuardService:
     """A GuardService: the policy read (and the audit path overridden), the judge loaded on its engine with
-    micro-batches of the policy's size. Raises DataError for a bad policy or calibration file and
-    MisguardError for a judge that cannot be loaded or an upstream URL that is not http(s)."""
+    micro-batches of the policy's size, and `lite_judge` (a lite judge folder) in front of its output rail.
+    Raises DataError for a bad policy or calibration file and MisguardError for a judge that cannot be loaded
+    or an upstream URL that is not http(s)."""
     for module in ("fastapi", "uvicorn", "prometheus_client", "yaml"):
         try:
             __import__(module)
@@ -36,5 +38,8 @@ def build_service(judge: Path, upstream: str, *, policy_path: Path | None = None
         from calibration import Calibration
 
         calibration = Calibration.load(calibration_path)
-    guard = Guard(judge, policy, engine=engine, options=options, served_model=served_model, calibration=calibration)
+    from guard.judge.cascade import CascadeBand
+
+    guard = Guard(judge, policy, engine=engine, options=options, served_model=served_model, calibration=calibration,
+                  lite_judge=lite_judge, cascade_band=CascadeBand.parse(cascade_band))
     return GuardService(guard, upstream, upstream_api_key=upstream_api_key)

@@ -484,3 +484,26 @@ def test_judge_on_vllm_scores_as_on_transformers_behind_the_server(judge, tiny_j
         answer = client(url).chat.completions.create(model="replay", messages=messages)
     assert extension(answer)["rails"]["input"]["score"] == pytest.approx(expected, abs=1e-5)
     assert extension(answer)["rails"]["output"]["status"] == "ok"
+
+
+def test_lite_judge_alone_guards_the_output_rail(lite_judge_folder, replay_url):
+    """The embedded default: no VLM judge, the lite judge on the CPU; the input rail says why it is skipped."""
+    from guard.judge import load_judge
+
+    with load_judge(lite_judge_folder) as lite, guarded(lite, replay_url, Policy(**ALLOW_ALL)) as (url, service):
+        answer = client(url).chat.completions.create(model="replay", messages=two_image_messages("How do I?"))
+        assert service.guard.describe()["request_template"] is None
+    guard = extension(answer)
+    assert guard["rails"]["input"]["status"] == "skipped" and "lite judge" in guard["rails"]["input"]["reason"]
+    assert guard["rails"]["output"]["status"] == "ok" and guard["rails"]["output"]["judge"] == "tiny-lite"
+    assert answer.choices[0].message.content == REPLY
+
+
+def test_serve_service_with_a_cascade(tiny_judge, lite_judge_folder, replay_url):
+    from guard.server.loading import build_service
+
+    service = build_service(tiny_judge, replay_url, lite_judge=lite_judge_folder, cascade_band="0.2,0.8")
+    try:
+        assert service.guard.describe()["cascade"] == {"lite_judge": "tiny-lite", "band": [0.2, 0.8]}
+    finally:
+        service.guard.close()
