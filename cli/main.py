@@ -329,8 +329,8 @@ def train(
     other = TRAIN_VLM_ONLY if kind == "lite" else TRAIN_LITE_ONLY
     given = [name for name in other if _given(ctx, name)]
     if given:
-        raise MisguardError(f"{', '.join('--' + n.replace('_', '-') for n in given)}: only for --kind "
-                            f"{'vlm' if kind == 'lite' else 'lite'}")
+        flags = ["--lora/--full" if n == "lora" else "--" + n.replace("_", "-") for n in given]
+        raise MisguardError(f"{', '.join(flags)}: only for --kind {'vlm' if kind == 'lite' else 'lite'}")
     train_data = TrainData(responses=responses, labels=labels, data=data, label_model_names=label_model_name,
                            val_frac=val_frac, skip_bad=skip_bad)
     if kind == "lite":
@@ -370,9 +370,9 @@ def train(
 
 def _given(ctx: typer.Context, name: str) -> bool:
     """Whether the user set option `name` (on the command line or through its environment variable)."""
-    from click.core import ParameterSource
-
-    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    source = ctx.get_parameter_source(name)
+    # By name: typer ships its own copy of click, whose ParameterSource is not click's.
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
 @app.command()

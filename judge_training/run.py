@@ -1,4 +1,5 @@
-"""`misguard train`: responses + GPT-4o verdicts -> examples -> split by item -> a fine-tuned judge folder."""
+"""`misguard train`: responses + GPT-4o verdicts -> examples -> split by item -> a judge folder: a fine-tuned VLM
+(judge_training.trainer) or a lite judge (judge_training.lite), from the same examples and the same split."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ from typing import Sequence
 
 from judge_training.data import build_examples, data_hashes, label_counts, split_by_item
 from judge_training.examples import TrainingExample
+from judge_training.lite import LiteTrainConfig, LiteTrainResult, train_lite_judge
 from judge_training.trainer import TrainConfig, TrainResult, train_judge
 
 log = logging.getLogger("misguard")
@@ -37,16 +39,17 @@ class TrainData:
 
 @dataclass(frozen=True)
 class TrainRun:
-    result: TrainResult
+    result: TrainResult | LiteTrainResult
     counts: dict
     """label_counts of the train and validation sides: {"train": ..., "validation": ...}."""
     left_out: dict
     """Responses without a verdict and verdicts without a response (counted, not trained on)."""
 
 
-def run_train(data: TrainData, config: TrainConfig, *, progress: bool = True) -> TrainRun:
-    """Build the examples, split them by MIS item, and train. Returns the TrainRun. Raises DataError for bad or
-    unmatched inputs (before any training), MisguardError for bad settings."""
+def run_train(data: TrainData, config: TrainConfig | LiteTrainConfig, *, progress: bool = True) -> TrainRun:
+    """Build the examples, split them by MIS item, and train the judge the config is for (a TrainConfig: the VLM
+    judge; a LiteTrainConfig: the lite judge), then write the held-out labels beside it. Returns the TrainRun.
+    Raises DataError for bad or unmatched inputs (before any training), MisguardError for bad settings."""
     built = build_examples(data.responses, data.labels, data.data, label_model_names=data.label_model_names,
                            skip_bad=data.skip_bad)
     train, val = split_by_item(built.examples, val_frac=data.val_frac, seed=data.split_seed)
@@ -54,9 +57,16 @@ def run_train(data: TrainData, config: TrainConfig, *, progress: bool = True) ->
     log.info("training on %d responses (%d items), validating on %d (%d items)", len(train),
              counts["train"]["items"], len(val), counts["validation"]["items"])
     hashes = data_hashes([*data.responses, *data.labels])
-    result = train_judge(config, train, val, data_hashes=hashes, progress=progress)
+    if isinstance(config, LiteTrainConfig):
+        result = train_lite_judge(config, train, val, data_hashes=hashes)
+    else:
+        result = train_judge(config, train, val, data_hashes=hashes, progress=progress)
+    reference = Path(config.out).expanduser() / VALIDATION_REFERENCE
     if val:
-        write_validation_reference(val, Path(config.out) / VALIDATION_REFERENCE)
+        write_validation_reference(val, reference)
+    elif reference.exists():
+        # From an earlier run with another split: calibrating on it would calibrate on training data.
+        reference.unlink()
     return TrainRun(result=result, counts=counts,
                     left_out={"responses_without_label": built.responses_without_label,
                               "labels_without_response": built.labels_without_response,

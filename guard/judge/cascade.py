@@ -79,7 +79,8 @@ class CascadeJudge:
 
     @property
     def chunk_size(self) -> int:
-        return self.vlm.chunk_size
+        """The lite judge's chunk: it sees every case, and the VLM judge batches the escalated ones itself."""
+        return max(self.lite.chunk_size, self.vlm.chunk_size)
 
     def judge(self, cases: Sequence[Case]) -> list[Judgment]:
         """One Judgment per case, in order: the lite judge's where it is confident, else the VLM judge's."""

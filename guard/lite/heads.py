@@ -96,13 +96,14 @@ class LiteHeads:
     def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(p_unsafe [n], p_perception [n, 3] or None)."""
         X = np.asarray(features, dtype=np.float32)
-        p_unsafe = 1.0 / (1.0 + np.exp(-(X @ self.safety_coef_ + self.safety_intercept_)))
+        # Products in float32, probabilities in float64: rows that sum to 1 as tightly as log-loss checks.
+        p_unsafe = 1.0 / (1.0 + np.exp(-(X @ self.safety_coef_ + self.safety_intercept_).astype(np.float64)))
         if self.perception_coef_ is None:
-            return p_unsafe.astype(np.float64), None
-        logits = X @ self.perception_coef_.T + self.perception_intercept_
+            return p_unsafe, None
+        logits = (X @ self.perception_coef_.T + self.perception_intercept_).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         weights = np.exp(logits)
-        return p_unsafe.astype(np.float64), (weights / weights.sum(axis=1, keepdims=True)).astype(np.float64)
+        return p_unsafe, weights / weights.sum(axis=1, keepdims=True)
 
     def save(self, folder: str | Path) -> dict:
         """Write heads.safetensors into `folder` (atomically); returns the JSON settings judge.json keeps beside
