@@ -84,6 +84,12 @@ def test_demo_runs_with_outbound_network_blocked(tmp_path):
     agreement = json.loads((demo / "agreement" / "agreement.json").read_text())
     assert agreement["judge_vs_reference"]["overall"]["n_pairs"] == 24
     assert (demo / "agreement" / "escalate.jsonl").exists() and (demo / "calibration.json").exists()
+    # ... and the lite judge (the real encoder from its wheel, offline too), calibrated, then the cascade.
+    lite_spec = json.loads((demo / "models" / "lite-judge" / "judge.json").read_text())
+    assert lite_spec["kind"] == "lite" and lite_spec["calibration"] is not None
+    cascade = [json.loads(line) for line in (demo / "scores-cascade" / "judgments.jsonl").open()]
+    assert len(cascade) == 24 and {j["judge"] for j in cascade} <= {"demo-lite", "tiny-judge"}
+    assert "decided by the lite judge" in result.stdout
 
 
 def test_score_bad_input_is_one_line_error_naming_file_line_and_field(demo_dir, tmp_path):
