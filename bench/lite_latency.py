@@ -4,7 +4,7 @@ Builds a lite judge folder (LiteHeads fitted on --train-rows feature rows, write
 LiteJudge, and times `LiteJudge.probabilities(questions, responses)`: the encoder (all-MiniLM-L6-v2, long
 responses windowed, never truncated) and both heads, the whole of what the guard's output rail and `misguard
 score` call per item. Texts are MOSSBench's real questions and recorded responses
-(../shared/data/mossbench/mossbench_benign_responses.jsonl: 2,700 responses of 9 VLMs, median about 180 tokens,
+(../shared/data/mossbench/mossbench_benign_responses.jsonl: 2,700 responses of 9 VLMs, median about 190 tokens,
 about 40 % longer than one 254-token window), so the latency follows real response lengths; without that file,
 generated MIS-like texts with a similar length spread. The heads are fitted on seeded random labels (MOSSBench
 has none): only speed is meaningful, and a head's cost does not depend on its weights.
