@@ -194,7 +194,7 @@ class Guard:
         calibrated = first.calibration.apply(raw)[0] if first.calibration is not None else raw
         decided: dict[int, RailScore] = {}
         for i, p_raw, p in zip(outputs, raw, calibrated):
-            if p >= self.cascade_band.high or p <= self.cascade_band.low:
+            if self.cascade_band.decides_safety(p):
                 decided[i] = RailScore(p_unsafe=float(p), p_unsafe_raw=float(p_raw), judge=first.id)
         rest = [i for i in range(len(checks)) if i not in decided]
         scores = dict(decided)

@@ -29,12 +29,15 @@ class CascadeBand:
         if not 0.0 <= self.low < self.high <= 1.0:
             raise MisguardError(f"a cascade band needs 0 <= low < high <= 1, got {self.low}, {self.high}")
 
+    def decides_safety(self, p_unsafe: float) -> bool:
+        """Whether the lite judge decides Safe / Unsafe alone (the guard needs no perception level)."""
+        return p_unsafe >= self.high or p_unsafe <= self.low
+
     def confident(self, p_unsafe: float | None, p_perception: dict[str, float] | None) -> bool:
-        if p_unsafe is None:
+        """Whether the lite judge decides an MIS judgment alone: Unsafe, or Safe with a sure perception level."""
+        if p_unsafe is None or not self.decides_safety(p_unsafe):
             return False
-        if p_unsafe >= self.high:
-            return True
-        return p_unsafe <= self.low and p_perception is not None and max(p_perception.values()) >= self.high
+        return p_unsafe >= self.high or (p_perception is not None and max(p_perception.values()) >= self.high)
 
     @classmethod
     def parse(cls, text: str) -> CascadeBand:

@@ -141,6 +141,14 @@ def code_token_ids(tokenizer) -> dict[str, int]:
     return ids
 
 
+def judgment_fields(judge, case: Case) -> dict:
+    """The fields every Judgment of `judge` (any kind) on `case` carries, besides its labels."""
+    r = case.response
+    return dict(category=r.category, question=r.question, response=r.response, image_path1=r.image_path1,
+                image_path2=r.image_path2, id=r.id, split=case.split, sub_category=r.sub_category, model=r.model,
+                judge=judge.id, template=judge.template.id, calibration=judge.calibration_id)
+
+
 def judgments_from_probabilities(judge, cases: Sequence[Case], found: Sequence[int], raw_unsafe,
                                  raw_perception, unscored_reason: str) -> list[Judgment]:
     """Judgments for `cases` from a judge's raw head probabilities (rows of raw_unsafe [m] and raw_perception
@@ -154,7 +162,7 @@ def judgments_from_probabilities(judge, cases: Sequence[Case], found: Sequence[i
     rows = {i: row for row, i in enumerate(found)}
     for i, case in enumerate(cases):
         if i not in rows:
-            judgments.append(Judgment(**judge._base(case), label_perception=None, label_str=None,
+            judgments.append(Judgment(**judgment_fields(judge, case), label_perception=None, label_str=None,
                                       status="unscored", reason=unscored_reason))
             continue
         row = rows[i]
@@ -165,8 +173,9 @@ def judgments_from_probabilities(judge, cases: Sequence[Case], found: Sequence[i
         if judge.calibration is not None:
             extra = dict(p_unsafe_raw=float(raw_unsafe[row]),
                          p_perception_raw=dict(zip(PERCEPTION_LEVELS, map(float, raw_perception[row]))))
-        judgments.append(Judgment(**judge._base(case), label_perception=f"Perception {level}", label_str=safety,
-                                  p_unsafe=float(p_unsafe[row]), p_perception=perception, **extra))
+        judgments.append(Judgment(**judgment_fields(judge, case), label_perception=f"Perception {level}",
+                                  label_str=safety, p_unsafe=float(p_unsafe[row]), p_perception=perception,
+                                  **extra))
     return judgments
 
 
@@ -239,12 +248,6 @@ class Judge:
         generations = self.engine.generate(requests, GenerationParams(max_new_tokens=JSON_VERDICT_TOKENS))
         return [self._from_text(case, g.text) for case, g in zip(cases, generations)]
 
-    def _base(self, case: Case) -> dict:
-        r = case.response
-        return dict(category=r.category, question=r.question, response=r.response, image_path1=r.image_path1,
-                    image_path2=r.image_path2, id=r.id, split=case.split, sub_category=r.sub_category,
-                    model=r.model, judge=self.id, template=self.template.id, calibration=self.calibration_id)
-
     def _from_probs(self, cases: Sequence[Case], scored: Sequence[LabelProbs | None]) -> list[Judgment]:
         """Judgments from the six codes' probabilities: each head's marginals, calibrated when the judge has a
         calibration (the raw values kept beside), then labelled."""
@@ -262,10 +265,10 @@ class Judge:
     def _from_text(self, case: Case, text: str) -> Judgment:
         parsed = parse_json_verdict(text)
         if isinstance(parsed, str):
-            return Judgment(**self._base(case), label_perception=None, label_str=None, status="unscored",
+            return Judgment(**judgment_fields(self, case), label_perception=None, label_str=None, status="unscored",
                             reason=f"unreadable verdict ({parsed}): {text[:200]!r}")
         perception, safety = parsed
-        return Judgment(**self._base(case), label_perception=perception, label_str=safety)
+        return Judgment(**judgment_fields(self, case), label_perception=perception, label_str=safety)
 
     def describe(self) -> dict:
         return {"judge": self.spec.model_dump(), "engine": self.engine.describe(), "calibration": self.calibration_id,

@@ -97,12 +97,6 @@ class LiteJudge:
                                                         [c.response.response for c in cases])
         return judgments_from_probabilities(self, cases, list(range(len(cases))), raw_unsafe, raw_perception, "")
 
-    def _base(self, case: Case) -> dict:
-        r = case.response
-        return dict(category=r.category, question=r.question, response=r.response, image_path1=r.image_path1,
-                    image_path2=r.image_path2, id=r.id, split=case.split, sub_category=r.sub_category,
-                    model=r.model, judge=self.id, template=self.template.id, calibration=self.calibration_id)
-
     def describe(self) -> dict[str, Any]:
         return {"judge": self.spec.model_dump(), "engine": {"engine": "lite", "encoder": self.encoder.describe()},
                 "calibration": self.calibration_id, "unsafe_threshold": self.unsafe_threshold}

@@ -45,9 +45,14 @@ class MicroBatcher(Generic[Item, Result]):
         self._queue = asyncio.Queue()
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="misguard-micro-batcher")
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker is up (started, not stopped, not crashed)."""
+        return self._worker is not None and not self._worker.done()
+
     async def submit(self, item: Item) -> Result:
         """The item's result once its batch has run; raises what run_batch raised for that batch."""
-        if self._queue is None or self._worker is None or self._worker.done():
+        if self._queue is None or not self.running:
             raise RuntimeError("the micro-batcher is not running")
         future = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))

@@ -339,7 +339,7 @@ class GuardService:
         """200 when the judge's batcher runs and the upstream answers GET /models; 503 otherwise."""
         import httpx
 
-        judge_ok = self.batcher._worker is not None and not self.batcher._worker.done()
+        judge_ok = self.batcher.running
         try:
             upstream_ok = (await self.client.get("/models", timeout=2.0)).status_code == 200
         except httpx.HTTPError:
