@@ -507,3 +507,12 @@ def test_serve_service_with_a_cascade(tiny_judge, lite_judge_folder, replay_url)
         assert service.guard.describe()["cascade"] == {"lite_judge": "tiny-lite", "band": [0.2, 0.8]}
     finally:
         service.guard.close()
+
+
+def test_allowed_stream_carries_the_verdicts_on_its_last_chunk(judge, replay_url):
+    with guarded(judge, replay_url, Policy(**ALLOW_ALL)) as (url, _):
+        chunks = list(client(url).chat.completions.create(model="replay", messages=two_image_messages("Hi"),
+                                                          stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
+    assert chunks[-1].model_extra["misguard"]["decision"] == "allow"
+    assert all("misguard" not in (c.model_extra or {}) for c in chunks[:-1])
