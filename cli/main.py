@@ -40,6 +40,8 @@ VllmArg = Annotated[Optional[list[str]], typer.Option(
 Concurrency = Annotated[int, typer.Option(help="openai: requests in flight.")]
 ApiKey = Annotated[str, typer.Option(envvar="MISGUARD_API_KEY", help="openai: API key.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run code shipped in the model folder.")]
+PrefixReuse = Annotated[bool, typer.Option(
+    help="transformers: run the image + question prefix that responses to one item share once, not per response.")]
 SkipBad = Annotated[bool, typer.Option(help="Log and count bad items instead of stopping.")]
 LiteJudgeOption = Annotated[Optional[Path], typer.Option(
     help="A lite judge in front of --judge: it decides what it is confident about, --judge the rest.")]
@@ -121,6 +123,7 @@ def score(
     concurrency: Concurrency = 16,
     api_key: ApiKey = "EMPTY",
     trust_remote_code: TrustRemoteCode = False,
+    prefix_reuse: PrefixReuse = True,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% confidence intervals.")] = 1000,
     escalate: Annotated[Optional[str], typer.Option(
         help="Also list this share of least confident judgments for GPT-4o or human review, e.g. 10%.")] = None,
@@ -496,7 +499,7 @@ def engine_options(command_args: dict):
         distributed_executor_backend=a["distributed_executor_backend"], max_model_len=a["max_model_len"],
         gpu_memory_utilization=a["gpu_memory_utilization"],
         vllm_args=parse_key_values(a["vllm_arg"] or [], "--vllm-arg"), base_urls=list(a["base_url"] or []),
-        api_key=a["api_key"], concurrency=a["concurrency"])
+        api_key=a["api_key"], concurrency=a["concurrency"], prefix_reuse=a.get("prefix_reuse", True))
 
 
 def parse_key_values(pairs: list[str], option: str, *, raw: bool = False) -> dict:

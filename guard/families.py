@@ -7,7 +7,7 @@ grouped per prompt. A family with a quirk gets an entry in FAMILIES; everything 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from guard.messages import Message, content_parts, load_image
 from mis.errors import DataError
@@ -21,9 +21,11 @@ class Family:
     system_role: bool = True
     """False for templates that reject a system turn: it is prepended to the first user text instead."""
 
-    def hf_conversation(self, messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[Any]]:
+    def hf_conversation(self, messages: Sequence[Message], load: Callable[[Any], Any] = load_image,
+                        ) -> tuple[list[dict[str, Any]], list[Any]]:
         """The messages in Hugging Face chat format (image parts become {"type": "image"} placeholders) and the
-        loaded RGB images in order. Raises DataError for an unreadable image or an unknown part type."""
+        RGB images in order, each opened with `load`. Raises DataError for an unreadable image or an unknown
+        part type."""
         conversation: list[dict[str, Any]] = []
         images: list[Any] = []
         pending_system = ""
@@ -32,7 +34,7 @@ class Family:
             parts: list[dict[str, Any]] = []
             for part in content_parts(message):
                 if part["type"] == "image":
-                    images.append(load_image(part["image"]))
+                    images.append(load(part["image"]))
                     parts.append({"type": "image"})
                 elif part["type"] == "text":
                     parts.append({"type": "text", "text": part["text"]})

@@ -11,7 +11,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from mis.errors import DataError
 
@@ -113,6 +113,25 @@ def load_image(image: Any):
         raise DataError("image file not found", path=path) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"not a readable image ({exc.__class__.__name__})", path=path) from None
+
+
+def image_key(image: Any) -> Any:
+    """What makes two image parts the same image: the path for a path, the object itself for a loaded image."""
+    return str(image) if isinstance(image, (str, Path)) else id(image)
+
+
+def image_loader() -> Callable[[Any], Any]:
+    """load_image that opens each image once: the same path or image object again returns the image already
+    loaded (a judge's K responses to one item share their two images)."""
+    loaded: dict[Any, Any] = {}
+
+    def load(image: Any):
+        key = image_key(image)
+        if key not in loaded:
+            loaded[key] = load_image(image)
+        return loaded[key]
+
+    return load
 
 
 def image_data_url(image: Any) -> str:

@@ -126,6 +126,19 @@ def _cases(config: ScoreConfig, index: ItemIndex):
     return cases
 
 
+def item_chunks(cases: list, size: int):
+    """`cases` (responses to one item side by side) in chunks of about `size`, never splitting an item's
+    responses: a judge that shares their prompt prefix sees them together."""
+    start = 0
+    while start < len(cases):
+        end = min(start + max(1, size), len(cases))
+        last = (cases[end - 1].split, cases[end - 1].response.id)
+        while end < len(cases) and (cases[end].split, cases[end].response.id) == last:
+            end += 1
+        yield cases[start:end]
+        start = end
+
+
 def _id_order(item_id: str):
     return (0, int(item_id), "") if item_id.isdigit() else (1, 0, item_id)
 
@@ -203,9 +216,8 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
         bar = tqdm(total=len(cases), initial=len(cases) - len(todo), unit="judgment", desc="score",
                    disable=not progress, dynamic_ncols=True)
         try:
-            step = max(1, judge.chunk_size)
-            for start in range(0, len(todo), step):
-                chunk = judge.judge(todo[start:start + step])
+            for cases_chunk in item_chunks(todo, judge.chunk_size):
+                chunk = judge.judge(cases_chunk)
                 append_jsonl(judgments_path, chunk)
                 judged += len(chunk)
                 bar.update(len(chunk))

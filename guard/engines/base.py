@@ -19,6 +19,9 @@ class EngineOptions:
     """'auto' = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16."""
     device: str = "auto"
     """transformers only: 'auto' = cuda if available, else cpu."""
+    prefix_reuse: bool = True
+    """transformers label scoring: requests with the same images and a common prompt prefix (a judge's K
+    responses to one item) run that prefix once and only their own tails after it (guard/engines/prefix.py)."""
     trust_remote_code: bool = False
     """Run code shipped inside a model folder. Off unless the user asks: it executes untrusted code."""
     # vLLM
@@ -60,6 +63,11 @@ class Engine(ABC):
         """How many requests a caller should hand over at once: results are written after each chunk, so
         this bounds what a crash loses while keeping the engine's batches full."""
         return self.options.batch_size or 8
+
+    @property
+    def label_chunk_size(self) -> int:
+        """As chunk_size, for label scoring (an engine that shares prompt prefixes takes more at once)."""
+        return self.chunk_size
 
     @abstractmethod
     def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:

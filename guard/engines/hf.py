@@ -11,14 +11,27 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from guard.engines.base import Engine, EngineOptions
+from guard.engines.prefix import PrefixGroup, plan_groups, prefix_groups, prefix_inputs, score_tails
 from guard.families import family_for
-from guard.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, label_probs_from_logprobs
+from guard.messages import (
+    Generation,
+    GenerationParams,
+    LabelProbs,
+    LabelSet,
+    Request,
+    image_loader,
+    label_probs_from_logprobs,
+    load_image,
+)
 from guard.offline import enforce_offline
 from mis.errors import MisguardError
 
 log = logging.getLogger("misguard")
 
 AUTO_BATCH_SIZE = {"cuda": 32, "cpu": 8}
+TAILS_PER_PREFIX = 4
+"""With prefix reuse, a pass over tails holds this many times the batch size: a tail is a few hundred tokens
+against a whole prompt's thousand or more."""
 
 
 def check_model_folder(model: str) -> Path:
@@ -31,11 +44,11 @@ def check_model_folder(model: str) -> Path:
     return path
 
 
-def render_prompt(processor, family, request: Request) -> tuple[str, list[Any]]:
+def render_prompt(processor, family, request: Request, load=load_image) -> tuple[str, list[Any]]:
     """(prompt text, loaded images) for one request: the family adapter's conversation through the processor's
-    chat template, with the generation prompt (the engine's and judge training's one prompt format). Raises
-    DataError for an unreadable image."""
-    conversation, images = family.hf_conversation(request.messages)
+    chat template, with the generation prompt (the engine's and judge training's one prompt format); images
+    opened with `load`. Raises DataError for an unreadable image."""
+    conversation, images = family.hf_conversation(request.messages, load)
     return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False), images
 
 
@@ -108,9 +121,14 @@ class TransformersEngine(Engine):
     def chunk_size(self) -> int:
         return self.batch_size
 
-    def prepare(self, request: Request) -> tuple[str, list[Any]]:
-        """(prompt text from the model's chat template, the request's images)."""
-        return render_prompt(self.processor, self.family, request)
+    def prepare(self, request: Request, load=load_image) -> tuple[str, list[Any]]:
+        """(prompt text from the model's chat template, the request's images opened with `load`)."""
+        return render_prompt(self.processor, self.family, request, load)
+
+    def prepare_all(self, requests: Sequence[Request]) -> list[tuple[str, list[Any]]]:
+        """`prepare` for every request, each distinct image opened once."""
+        load = image_loader()
+        return [self.prepare(r, load) for r in requests]
 
     def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
         results: list[Generation | None] = [None] * len(requests)
@@ -118,27 +136,44 @@ class TransformersEngine(Engine):
             results[index] = generation
         return results  # type: ignore[return-value]
 
+    @property
+    def label_chunk_size(self) -> int:
+        if self.options.prefix_reuse:
+            return self.batch_size * TAILS_PER_PREFIX
+        return self.batch_size
+
     def stream(self, requests: Sequence[Request], params: GenerationParams) -> Iterator[tuple[int, Generation]]:
-        return self._batched(requests, lambda batch: self._generate_batch(batch, params))
+        prepared = self.prepare_all(requests)
+        return self._batched(prepared, range(len(prepared)), lambda batch: self._generate_batch(batch, params))
 
     def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
         results: list[LabelProbs | None] = [None] * len(requests)
-        for index, probs in self._batched(requests, lambda batch: self._label_batch(batch, labels.ids)):
+        prepared = self.prepare_all(requests)
+        alone: Sequence[int] = range(len(requests))
+        if self.options.prefix_reuse:
+            groups, alone = plan_groups(self.tokenizer, [prompt for prompt, _ in prepared], prefix_groups(requests))
+            for index, probs in self._shared_prefix_batches(prepared, groups, labels.ids):
+                results[index] = probs
+        for index, probs in self._batched(prepared, alone, lambda batch: self._label_batch(batch, labels.ids)):
             results[index] = probs
         return results
 
-    def _batched(self, requests: Sequence[Request], run) -> Iterator[tuple[int, Any]]:
-        """Yield (index, result) for every request, running `run` on size-sorted batches; on CUDA out of
-        memory the batch size is halved and the batch retried."""
-        prepared = [self.prepare(r) for r in requests]
+    def _batched(self, prepared: Sequence[tuple[str, list[Any]]], indices: Sequence[int], run,
+                 ) -> Iterator[tuple[int, Any]]:
+        """Yield (index, result) for the prepared requests at `indices`, running `run` on size-sorted batches."""
         # Similar sizes together: fewer pad tokens per batch. Image area stands in for image-token count.
-        order = sorted(range(len(requests)),
-                       key=lambda i: (sum(im.width * im.height for im in prepared[i][1]), len(prepared[i][0])))
+        order = sorted(indices, key=lambda i: (sum(im.width * im.height for im in prepared[i][1]),
+                                               len(prepared[i][0])))
+        return self._halving_on_oom(order, lambda batch: run([prepared[i] for i in batch]))
+
+    def _halving_on_oom(self, order: Sequence[Any], run) -> Iterator[tuple[Any, Any]]:
+        """Yield (unit, result) for every unit of `order`, calling `run` on batches of `batch_size` units that
+        returns one result per unit; on CUDA out of memory the batch size is halved and the batch retried."""
         start = 0
         while start < len(order):
             batch = order[start:start + self.batch_size]
             try:
-                results = run([prepared[i] for i in batch])
+                results = run(batch)
             except Exception as exc:
                 if not _is_cuda_oom(exc) or self.batch_size == 1:
                     raise
@@ -148,6 +183,43 @@ class TransformersEngine(Engine):
                 continue
             yield from zip(batch, results)
             start += len(batch)
+
+    def _shared_prefix_batches(self, prepared: Sequence[tuple[str, list[Any]]], groups: Sequence[PrefixGroup],
+                               token_ids: Sequence[int]) -> Iterator[tuple[int, LabelProbs]]:
+        """Yield (index, label probabilities) for every member of `groups`: up to `batch_size` groups' prefixes
+        per pass, their tails against the prefixes' cache. A group whose prefix cannot be cut cleanly is scored
+        the plain way."""
+        order = sorted(groups, key=lambda g: (sum(im.width * im.height for im in prepared[g.members[0]][1]),
+                                              len(prepared[g.members[0]][0])))
+        plain: list[int] = []
+        for group, probs in self._halving_on_oom(order, lambda batch: self._prefix_batch(prepared, batch,
+                                                                                           token_ids)):
+            if probs is None:
+                plain.extend(group.members)
+            else:
+                yield from zip(group.members, probs)
+        yield from self._batched(prepared, plain, lambda batch: self._label_batch(batch, token_ids))
+
+    def _prefix_batch(self, prepared, groups: Sequence[PrefixGroup], token_ids: Sequence[int],
+                      ) -> list[list[LabelProbs] | None]:
+        """Each group's members' label probabilities, or None for a group to score the plain way."""
+        import torch
+
+        first = processor_inputs(self.processor, [prepared[g.members[0]] for g in groups])
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        prefix, fits = prefix_inputs(first, groups, pad_id)
+        fitting = [g for g, fit in zip(groups, fits) if fit]
+        if not fitting:
+            return [None] * len(groups)
+        if len(fitting) < len(groups):
+            prefix, _ = prefix_inputs(processor_inputs(self.processor, [prepared[g.members[0]] for g in fitting]),
+                                      fitting, pad_id)
+        with torch.inference_mode():
+            logits = score_tails(self.net, {k: v.to(self.device) for k, v in prefix.items()}, fitting, pad_id,
+                                 self.batch_size * TAILS_PER_PREFIX)
+        rows = iter(label_probs_from_logprobs(row) for row in
+                    torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist())
+        return [[next(rows) for _ in g.members] if fit else None for g, fit in zip(groups, fits)]
 
     def _inputs(self, prepared: list[tuple[str, list[Any]]]):
         return processor_inputs(self.processor, prepared).to(self.device)

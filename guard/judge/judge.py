@@ -236,7 +236,7 @@ class Judge:
 
     @property
     def chunk_size(self) -> int:
-        return self.engine.chunk_size
+        return self.engine.label_chunk_size if self.template.mode == "codes" else self.engine.chunk_size
 
     def judge(self, cases: Sequence[Case]) -> list[Judgment]:
         """One Judgment per case, in order; unreadable outputs are unscored Judgments with a reason."""

@@ -19,7 +19,7 @@ from mis.errors import DataError, MisguardError
 from mis.infer import InferConfig, run_inference
 from mis.io import load_split, read_jsonl, write_verdicts
 from mis.records import Judgment, Verdict
-from mis.score import ScoreConfig, run_score, score_reference_labels
+from mis.score import ScoreConfig, item_chunks, run_score, score_reference_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 GPT_EVAL_FIELDS = {"label_perception", "label_str", "category", "question", "response", "image_path1",
@@ -166,3 +166,16 @@ def test_sigkill_mid_score_then_rerun_judges_each_response_once(tiny_model, judg
     subprocess.run([*cmd, "--escalate", "10%"], check=True, cwd=ROOT, timeout=300)
     review = [json.loads(line) for line in (out / "escalate.jsonl").read_text().splitlines()]
     assert len(review) == 6 and [r["confidence"] for r in review] == sorted(r["confidence"] for r in review)
+
+
+def test_chunks_never_split_the_responses_to_one_item():
+    from types import SimpleNamespace
+
+    def case(split, item_id, model):
+        return SimpleNamespace(split=split, response=SimpleNamespace(id=item_id, model=model))
+
+    cases = [case("easy", i, m) for i in ("1", "2", "3") for m in "abc"] + [case("hard", "1", "a")]
+    chunks = list(item_chunks(cases, 4))
+    assert [len(c) for c in chunks] == [6, 4]
+    assert [c for chunk in chunks for c in chunk] == cases
+    assert [len(c) for c in item_chunks(cases, 100)] == [10]
