@@ -19,6 +19,9 @@ class EngineOptions:
     """'auto' = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16."""
     device: str = "auto"
     """transformers only: 'auto' = cuda if available, else cpu."""
+    preprocess_workers: int | None = None
+    """transformers: threads that open images and run the processor for the next batches while the device
+    runs the current one; None = automatic (up to 8 on a GPU, none on the CPU, whose cores run the model)."""
     prefix_reuse: bool = True
     """transformers label scoring: requests with the same images and a common prompt prefix (a judge's K
     responses to one item) run that prefix once and only their own tails after it (guard/engines/prefix.py)."""

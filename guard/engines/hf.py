@@ -7,11 +7,14 @@ out-of-memory error the batch is halved and retried.
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from guard.engines.base import Engine, EngineOptions
-from guard.engines.prefix import PrefixGroup, plan_groups, prefix_groups, prefix_inputs, score_tails
+from guard.engines.prefix import PrefixGroup, plan_groups, prefix_groups, prefix_inputs, score_tails, uses_mrope
 from guard.families import family_for
 from guard.messages import (
     Generation,
@@ -29,6 +32,8 @@ from mis.errors import MisguardError
 log = logging.getLogger("misguard")
 
 AUTO_BATCH_SIZE = {"cuda": 32, "cpu": 8}
+PREPARED_AHEAD = 2
+"""Batches the preprocessing workers keep ready ahead of the one on the device."""
 TAILS_PER_PREFIX = 4
 """With prefix reuse, a pass over tails holds this many times the batch size: a tail is a few hundred tokens
 against a whole prompt's thousand or more."""
@@ -116,6 +121,10 @@ class TransformersEngine(Engine):
                                                                     else "cpu"]
         eos = self.net.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        workers = self.options.preprocess_workers
+        if workers is None:  # a GPU waits on the CPU's preprocessing; on the CPU it would take the model's cores
+            workers = min(8, (os.cpu_count() or 1) - 1) if self.device.startswith("cuda") else 0
+        self._workers = ThreadPoolExecutor(workers, thread_name_prefix="misguard-preprocess") if workers else None
 
     @property
     def chunk_size(self) -> int:
@@ -126,9 +135,12 @@ class TransformersEngine(Engine):
         return render_prompt(self.processor, self.family, request, load)
 
     def prepare_all(self, requests: Sequence[Request]) -> list[tuple[str, list[Any]]]:
-        """`prepare` for every request, each distinct image opened once."""
+        """`prepare` for every request (in the preprocessing workers when there are some), each distinct image
+        opened once."""
         load = image_loader()
-        return [self.prepare(r, load) for r in requests]
+        if self._workers is None:
+            return [self.prepare(r, load) for r in requests]
+        return list(self._workers.map(lambda r: self.prepare(r, load), requests))
 
     def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
         results: list[Generation | None] = [None] * len(requests)
@@ -144,7 +156,7 @@ class TransformersEngine(Engine):
 
     def stream(self, requests: Sequence[Request], params: GenerationParams) -> Iterator[tuple[int, Generation]]:
         prepared = self.prepare_all(requests)
-        return self._batched(prepared, range(len(prepared)), lambda batch: self._generate_batch(batch, params))
+        return self._batched(prepared, range(len(prepared)), lambda inputs: self._generate_batch(inputs, params))
 
     def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
         results: list[LabelProbs | None] = [None] * len(requests)
@@ -154,31 +166,51 @@ class TransformersEngine(Engine):
             groups, alone = plan_groups(self.tokenizer, [prompt for prompt, _ in prepared], prefix_groups(requests))
             for index, probs in self._shared_prefix_batches(prepared, groups, labels.ids):
                 results[index] = probs
-        for index, probs in self._batched(prepared, alone, lambda batch: self._label_batch(batch, labels.ids)):
+        for index, probs in self._batched(prepared, alone, lambda inputs: self._label_batch(inputs, labels.ids)):
             results[index] = probs
         return results
 
-    def _batched(self, prepared: Sequence[tuple[str, list[Any]]], indices: Sequence[int], run,
+    def _batched(self, prepared: Sequence[tuple[str, list[Any]]], indices: Sequence[int], forward,
                  ) -> Iterator[tuple[int, Any]]:
-        """Yield (index, result) for the prepared requests at `indices`, running `run` on size-sorted batches."""
+        """Yield (index, result) for the prepared requests at `indices`: the processor's inputs for size-sorted
+        batches, each run by `forward` (one result per request)."""
         # Similar sizes together: fewer pad tokens per batch. Image area stands in for image-token count.
         order = sorted(indices, key=lambda i: (sum(im.width * im.height for im in prepared[i][1]),
                                                len(prepared[i][0])))
-        return self._halving_on_oom(order, lambda batch: run([prepared[i] for i in batch]))
+        return self._pipeline(order, lambda batch: processor_inputs(self.processor, [prepared[i] for i in batch]),
+                              forward)
 
-    def _halving_on_oom(self, order: Sequence[Any], run) -> Iterator[tuple[Any, Any]]:
-        """Yield (unit, result) for every unit of `order`, calling `run` on batches of `batch_size` units that
-        returns one result per unit; on CUDA out of memory the batch size is halved and the batch retried."""
-        start = 0
+    def _pipeline(self, order: Sequence[Any], prepare, forward) -> Iterator[tuple[Any, Any]]:
+        """Yield (unit, result) for every unit of `order`, in batches of `batch_size` units: `prepare(batch)`
+        builds a batch's inputs on the CPU (image preprocessing, tokens), `forward(inputs)` runs them on the
+        device and returns one result per unit. With preprocessing workers the next batches are prepared in
+        threads while the device runs the current one. On CUDA out of memory the batch size is halved, the
+        batches prepared ahead are dropped, and the batch is retried."""
+        ahead: deque[tuple[Sequence[Any], Future]] = deque()
+        start = planned = 0
         while start < len(order):
-            batch = order[start:start + self.batch_size]
+            while self._workers is not None and len(ahead) < PREPARED_AHEAD and planned < len(order):
+                batch = order[planned:planned + self.batch_size]
+                ahead.append((batch, self._workers.submit(prepare, batch)))
+                planned += len(batch)
+            if ahead:
+                batch, future = ahead.popleft()
+                inputs = future.result()
+            else:
+                batch = order[start:start + self.batch_size]
+                inputs = prepare(batch)
+                planned = start + len(batch)
             try:
-                results = run(batch)
+                results = forward(inputs)
             except Exception as exc:
                 if not _is_cuda_oom(exc) or self.batch_size == 1:
                     raise
                 self.batch_size = max(1, self.batch_size // 2)
                 log.warning("CUDA out of memory; retrying with batch size %d", self.batch_size)
+                for _, pending in ahead:
+                    pending.cancel()
+                ahead.clear()
+                planned = start
                 _empty_cuda_cache()
                 continue
             yield from zip(batch, results)
@@ -191,52 +223,54 @@ class TransformersEngine(Engine):
         the plain way."""
         order = sorted(groups, key=lambda g: (sum(im.width * im.height for im in prepared[g.members[0]][1]),
                                               len(prepared[g.members[0]][0])))
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        mrope = uses_mrope(self.net)
+
+        def prepare(batch: Sequence[PrefixGroup]):
+            first = processor_inputs(self.processor, [prepared[g.members[0]] for g in batch])
+            if mrope and "mm_token_type_ids" not in first:  # no way to place the tails: the plain way
+                return None, batch, [False] * len(batch)
+            prefix, fits = prefix_inputs(first, batch, pad_id)
+            fitting = [g for g, fit in zip(batch, fits) if fit]
+            if fitting and len(fitting) < len(batch):  # cut again without the others' images
+                prefix, _ = prefix_inputs(processor_inputs(self.processor,
+                                                           [prepared[g.members[0]] for g in fitting]), fitting, pad_id)
+            return prefix, batch, fits
+
+        def forward(inputs) -> list[list[LabelProbs] | None]:
+            import torch
+
+            prefix, batch, fits = inputs
+            fitting = [g for g, fit in zip(batch, fits) if fit]
+            if not fitting:
+                return [None] * len(batch)
+            with torch.inference_mode():
+                logits = score_tails(self.net, {k: v.to(self.device) for k, v in prefix.items()}, fitting, pad_id,
+                                     self.batch_size * TAILS_PER_PREFIX)
+            rows = iter(label_probs_from_logprobs(row) for row in
+                        torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist())
+            return [[next(rows) for _ in g.members] if fit else None for g, fit in zip(batch, fits)]
+
         plain: list[int] = []
-        for group, probs in self._halving_on_oom(order, lambda batch: self._prefix_batch(prepared, batch,
-                                                                                           token_ids)):
+        for group, probs in self._pipeline(order, prepare, forward):
             if probs is None:
                 plain.extend(group.members)
             else:
                 yield from zip(group.members, probs)
-        yield from self._batched(prepared, plain, lambda batch: self._label_batch(batch, token_ids))
+        yield from self._batched(prepared, plain, lambda inputs: self._label_batch(inputs, token_ids))
 
-    def _prefix_batch(self, prepared, groups: Sequence[PrefixGroup], token_ids: Sequence[int],
-                      ) -> list[list[LabelProbs] | None]:
-        """Each group's members' label probabilities, or None for a group to score the plain way."""
+    def _label_batch(self, inputs, token_ids: Sequence[int]) -> list[LabelProbs]:
         import torch
 
-        first = processor_inputs(self.processor, [prepared[g.members[0]] for g in groups])
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        prefix, fits = prefix_inputs(first, groups, pad_id)
-        fitting = [g for g, fit in zip(groups, fits) if fit]
-        if not fitting:
-            return [None] * len(groups)
-        if len(fitting) < len(groups):
-            prefix, _ = prefix_inputs(processor_inputs(self.processor, [prepared[g.members[0]] for g in fitting]),
-                                      fitting, pad_id)
         with torch.inference_mode():
-            logits = score_tails(self.net, {k: v.to(self.device) for k, v in prefix.items()}, fitting, pad_id,
-                                 self.batch_size * TAILS_PER_PREFIX)
-        rows = iter(label_probs_from_logprobs(row) for row in
-                    torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist())
-        return [[next(rows) for _ in g.members] if fit else None for g, fit in zip(groups, fits)]
-
-    def _inputs(self, prepared: list[tuple[str, list[Any]]]):
-        return processor_inputs(self.processor, prepared).to(self.device)
-
-    def _label_batch(self, prepared: list[tuple[str, list[Any]]], token_ids: Sequence[int]) -> list[LabelProbs]:
-        import torch
-
-        inputs = self._inputs(prepared)
-        with torch.inference_mode():
-            logits = answer_logits(self.net, inputs)
+            logits = answer_logits(self.net, inputs.to(self.device))
         logprobs = torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist()
         return [label_probs_from_logprobs(row) for row in logprobs]
 
-    def _generate_batch(self, prepared: list[tuple[str, list[Any]]], params: GenerationParams) -> list[Generation]:
+    def _generate_batch(self, inputs, params: GenerationParams) -> list[Generation]:
         import torch
 
-        inputs = self._inputs(prepared)
+        inputs = inputs.to(self.device)
         sampling = params.temperature > 0
         if sampling:
             torch.manual_seed(params.seed)
@@ -258,6 +292,8 @@ class TransformersEngine(Engine):
         return Generation(text=text, n_tokens=len(content), finish_reason=reason)
 
     def close(self) -> None:
+        if self._workers is not None:
+            self._workers.shutdown(cancel_futures=True)
         self.net = None
         _empty_cuda_cache()
 

@@ -117,6 +117,13 @@ def prefix_inputs(processor_out, groups: Sequence[PrefixGroup], pad_id: int):
     return inputs, fits
 
 
+def uses_mrope(net) -> bool:
+    """Whether the model places tokens with Qwen2-VL's 3-axis M-RoPE (its positions come from
+    `get_rope_index`, which needs the processor's mm_token_type_ids)."""
+    core = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return hasattr(core.model, "get_rope_index")
+
+
 def score_tails(net, prefix, groups: Sequence[PrefixGroup], pad_id: int, max_rows: int):
     """The answer logits ([members, vocab], float32) of every member of `groups`, in group then member order:
     one forward pass over the prefixes (`prefix` from prefix_inputs, on the model's device, one row per group),
@@ -124,8 +131,9 @@ def score_tails(net, prefix, groups: Sequence[PrefixGroup], pad_id: int, max_row
     import torch
 
     device = prefix["input_ids"].device
-    model = net.model
-    mrope = hasattr(model, "get_rope_index") and "mm_token_type_ids" in prefix
+    core = net.get_base_model() if hasattr(net, "get_base_model") else net  # under a PEFT adapter: its model
+    model, head = core.model, core.get_output_embeddings()
+    mrope = uses_mrope(net)
     positions = None
     if mrope:
         positions, _ = model.get_rope_index(
@@ -136,7 +144,6 @@ def score_tails(net, prefix, groups: Sequence[PrefixGroup], pad_id: int, max_row
     prefix_mask = prefix["attention_mask"]
     if mrope:  # each prefix's last position: its tail continues from the next one
         next_position = positions.masked_fill(prefix_mask[None] == 0, -1).amax(dim=(0, 2)) + 1
-    head = net.get_output_embeddings()
 
     rows = [(g, tail) for g, group in enumerate(groups) for tail in group.tails]
     logits = []

@@ -129,7 +129,7 @@ def lora_runs(tiny_model, data, tmp_path_factory):
 def test_collator_builds_the_prompt_score_reads(tiny_model, data):
     import torch
 
-    from guard.engines.hf import TransformersEngine
+    from guard.engines.hf import TransformersEngine, processor_inputs
     from guard.families import family_for
     from guard.judge.judge import code_token_ids
 
@@ -140,7 +140,7 @@ def test_collator_builds_the_prompt_score_reads(tiny_model, data):
     collator = AnswerCodeCollator(engine.processor, family_for("qwen2_vl"), template.id, code_ids)
     batch = collator(examples)
     requests = [template.request("r", e.images, e.question, e.response) for e in examples]
-    expected = engine._inputs([engine.prepare(r) for r in requests])
+    expected = processor_inputs(engine.processor, engine.prepare_all(requests))
     for key, tensor in expected.items():
         assert torch.equal(batch[key], tensor), key
     assert batch["answer_ids"].tolist() == [code_ids[e.answer] for e in examples]
