@@ -10,6 +10,8 @@ GPU (H100):         python bench/judge_throughput.py --size 7b --items 200 --see
 Full-size shapes are random-init (no weights can be downloaded): only speed is meaningful. Items are MIS-sized:
 two 504 px images (324 visual tokens each in Qwen2-VL) and about 400 text tokens with the rubric and a response.
 Prints one JSON line: items/s of both, the ratio, and the share of the bf16 roofline where one is known.
+--profile adds where one batch's time goes: the processor on the CPU (images and tokens), the vision tower, and
+the language model (the whole forward pass less the vision tower), each timed alone with the device synced.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="misguard's batch size (default: automatic)")
     ap.add_argument("--seed-items", type=int, default=None, help="items for the slow seed style (default: all)")
     ap.add_argument("--verdict-tokens", type=int, default=32, help="the seed style's max new tokens per verdict")
+    ap.add_argument("--profile", action="store_true", help="also time one batch's processor, vision tower and LM")
     args = ap.parse_args()
 
     import torch
@@ -80,6 +83,7 @@ def main() -> None:
                                                           RESPONSE))
     prompt_tokens = len(engine.processor(text=[prompt], images=[images])["input_ids"][0])
     batch_size = engine.batch_size
+    profile = profile_batch(engine, judge, cases, sync) if args.profile else None
 
     # The seed's style: one item per generate call, a JSON verdict written token by token.
     json_template = get_template(DEFAULT_JSON_TEMPLATE)
@@ -103,9 +107,44 @@ def main() -> None:
         "seed_style_mean_new_tokens": round(sum(generated) / len(generated), 1),
         "ratio": round(batched_rate / seed_rate, 2),
         "share_of_h100_roofline": round(batched_rate / roofline, 3) if roofline else None,
+        "profile_ms_per_batch": profile,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
     }))
+
+
+def profile_batch(engine, judge, cases, sync, repeats: int = 5) -> dict:
+    """Milliseconds per batch (median of `repeats`) of the processor, the vision tower and the whole forward
+    pass on one batch of `engine.batch_size` judge requests; the language model is the whole less the tower."""
+    import statistics
+
+    import torch
+
+    from guard.engines.hf import answer_logits, processor_inputs
+
+    requests = [judge.template.request(c.response.id, c.images, c.response.question, c.response.response)
+                for c in cases[:engine.batch_size]]
+    prepared = engine.prepare_all(requests)
+
+    def timed(run) -> float:
+        times = []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            run()
+            sync()
+            times.append((time.perf_counter() - t) * 1000)
+        return round(statistics.median(times), 2)
+
+    inputs = processor_inputs(engine.processor, prepared).to(engine.device)
+    image_inputs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw", "image_sizes",
+                                                                 "pixel_attention_mask")}
+    with torch.inference_mode():
+        processor_ms = timed(lambda: processor_inputs(engine.processor, prepared))
+        vision_ms = timed(lambda: engine.net.model.get_image_features(**image_inputs))
+        forward_ms = timed(lambda: answer_logits(engine.net, inputs))
+    return {"batch": len(requests), "processor_cpu": processor_ms, "vision_tower": vision_ms,
+            "language_model": round(forward_ms - vision_ms, 2), "forward": forward_ms}
 
 
 if __name__ == "__main__":

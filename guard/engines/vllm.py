@@ -4,6 +4,10 @@ vLLM's own Ray support), fed whole chunks of requests so its continuous batching
 Prompts go through `LLM.chat`, so vLLM renders them with the model's own chat template, the same template the
 transformers engine applies through the HF processor; in float32 both engines give the same greedy tokens and the
 same label-token probabilities.
+
+A judge's K responses to one item share the prompt's image + rubric + question prefix: vLLM's automatic prefix
+caching (on by default for these models; its block hashes include the images) computes it once while it stays
+cached, and `misguard score` hands an item's responses over in the same chunk, side by side.
 """
 from __future__ import annotations
 
@@ -15,7 +19,16 @@ from typing import Any
 from guard.engines.base import Engine, EngineOptions
 from guard.engines.hf import check_model_folder
 from guard.families import family_for
-from guard.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, label_probs_from_logprobs
+from guard.messages import (
+    Generation,
+    GenerationParams,
+    LabelProbs,
+    LabelSet,
+    Request,
+    image_loader,
+    label_probs_from_logprobs,
+    load_image,
+)
 from guard.offline import enforce_offline
 from mis.errors import MisguardError, MissingExtraError
 
@@ -91,10 +104,11 @@ class VLLMEngine(Engine):
         """vLLM schedules continuously, so it stays efficient with far larger chunks than one forward batch."""
         return self.options.batch_size or 64
 
-    def _conversation(self, request: Request) -> list[dict[str, Any]]:
+    def _conversation(self, request: Request, load=load_image) -> list[dict[str, Any]]:
         """One request in vLLM's chat format. The family adapter shapes the turns exactly as for the transformers
-        engine; its image placeholders are then filled with PIL parts, so no path or URL reaches vLLM."""
-        conversation, images = self.family.hf_conversation(request.messages)
+        engine; its image placeholders are then filled with PIL parts (opened with `load`), so no path or URL
+        reaches vLLM."""
+        conversation, images = self.family.hf_conversation(request.messages, load)
         if len(images) > self._max_images:
             raise MisguardError(
                 f"request {request.id} has {len(images)} images but the vLLM engine allows {self._max_images} per "
@@ -112,7 +126,8 @@ class VLLMEngine(Engine):
         llm = self.__dict__.get("_llm")
         if llm is None:
             raise MisguardError("the vLLM engine is closed")
-        conversations = [self._conversation(r) for r in requests]
+        load = image_loader()  # a judge's K responses to one item share its images: open them once
+        conversations = [self._conversation(r, load) for r in requests]
         try:
             return llm.chat(conversations, sampling, use_tqdm=False)
         except ValueError as exc:  # vLLM's input validation: too long for max_model_len, bad image, ...
