@@ -66,6 +66,13 @@ def processor_inputs(processor, prepared: Sequence[tuple[str, list[Any]]]):
     return processor(**kwargs)
 
 
+def prompt_size(prepared: tuple[str, list[Any]]) -> tuple[int, int]:
+    """A sort key that puts prompts of similar size together, so a batch holds fewer pad tokens: the images'
+    area (standing in for their token count), then the prompt's length."""
+    prompt, images = prepared
+    return sum(im.width * im.height for im in images), len(prompt)
+
+
 def answer_logits(model, inputs) -> Any:
     """The float32 next-token logits at the last prompt position, [batch, vocab]: the position a judge's answer
     token is read at (and trained on)."""
@@ -174,9 +181,7 @@ class TransformersEngine(Engine):
                  ) -> Iterator[tuple[int, Any]]:
         """Yield (index, result) for the prepared requests at `indices`: the processor's inputs for size-sorted
         batches, each run by `forward` (one result per request)."""
-        # Similar sizes together: fewer pad tokens per batch. Image area stands in for image-token count.
-        order = sorted(indices, key=lambda i: (sum(im.width * im.height for im in prepared[i][1]),
-                                               len(prepared[i][0])))
+        order = sorted(indices, key=lambda i: prompt_size(prepared[i]))
         return self._pipeline(order, lambda batch: processor_inputs(self.processor, [prepared[i] for i in batch]),
                               forward)
 
@@ -221,8 +226,7 @@ class TransformersEngine(Engine):
         """Yield (index, label probabilities) for every member of `groups`: up to `batch_size` groups' prefixes
         per pass, their tails against the prefixes' cache. A group whose prefix cannot be cut cleanly is scored
         the plain way."""
-        order = sorted(groups, key=lambda g: (sum(im.width * im.height for im in prepared[g.members[0]][1]),
-                                              len(prepared[g.members[0]][0])))
+        order = sorted(groups, key=lambda g: prompt_size(prepared[g.members[0]]))
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         mrope = uses_mrope(self.net)
 
