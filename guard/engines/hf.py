@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from guard.engines.base import Engine, EngineOptions
-from guard.engines.prefix import PrefixGroup, plan_groups, prefix_groups, prefix_inputs, score_tails, uses_mrope
+from guard.engines.prefix import (
+    PrefixGroup,
+    image_token_ids,
+    plan_groups,
+    prefix_groups,
+    prefix_inputs,
+    score_tails,
+    uses_mrope,
+)
 from guard.families import family_for
 from guard.messages import (
     Generation,
@@ -170,7 +178,8 @@ class TransformersEngine(Engine):
         prepared = self.prepare_all(requests)
         alone: Sequence[int] = range(len(requests))
         if self.options.prefix_reuse:
-            groups, alone = plan_groups(self.tokenizer, [prompt for prompt, _ in prepared], prefix_groups(requests))
+            groups, alone = plan_groups(self.tokenizer, [prompt for prompt, _ in prepared], prefix_groups(requests),
+                                        image_token_ids(self.net.config))
             for index, probs in self._shared_prefix_batches(prepared, groups, labels.ids):
                 results[index] = probs
         for index, probs in self._batched(prepared, alone, lambda inputs: self._label_batch(inputs, labels.ids)):

@@ -65,17 +65,18 @@ class PrefixGroup:
         return [tokens[self.shared:] for tokens in self.tokens]
 
 
-def plan_groups(tokenizer, prompts: Sequence[str], groups: Sequence[list[int]]) -> tuple[list[PrefixGroup],
-                                                                                    list[int]]:
-    """(groups worth sharing: two or more members with at least MIN_SHARED_TOKENS common text tokens, the
-    indices of every other request) for `groups` from prefix_groups over requests with these rendered
-    `prompts`."""
+def plan_groups(tokenizer, prompts: Sequence[str], groups: Sequence[list[int]],
+                image_token_ids: frozenset[int] = frozenset()) -> tuple[list[PrefixGroup], list[int]]:
+    """(groups worth sharing: two or more members with at least MIN_SHARED_TOKENS common text tokens and no
+    image token after them, the indices of every other request) for `groups` from prefix_groups over requests
+    with these rendered `prompts`. An image placeholder in a tail would run without its pixels, so such a group
+    is not shared."""
     shared, alone = [], []
     for members in groups:
         if len(members) > 1:
             tokens = tokenizer([prompts[i] for i in members])["input_ids"]
             n = shared_length(tokens)
-            if n >= MIN_SHARED_TOKENS:
+            if n >= MIN_SHARED_TOKENS and not any(image_token_ids.intersection(t[n:]) for t in tokens):
                 shared.append(PrefixGroup(members, tokens, n))
                 continue
         alone.extend(members)
@@ -115,6 +116,12 @@ def prefix_inputs(processor_out, groups: Sequence[PrefixGroup], pad_id: int):
                 rows[g, width - (end - start):] = value[g, start:end]
         inputs[key] = rows
     return inputs, fits
+
+
+def image_token_ids(config) -> frozenset[int]:
+    """The model's image placeholder token ids, from its config (the names differ between families)."""
+    ids = {getattr(config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id")}
+    return frozenset(i for i in ids if isinstance(i, int))
 
 
 def uses_mrope(net) -> bool:

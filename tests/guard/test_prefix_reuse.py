@@ -106,6 +106,10 @@ def test_only_groups_with_a_long_enough_common_prefix_are_shared():
     shared, alone = plan_groups(WordTokenizer(), prompts, [[0, 1], [2, 3], [4]])
     assert [g.members for g in shared] == [[0, 1]] and shared[0].shared == 21
     assert alone == [2, 3, 4]
+    # An image placeholder after the shared prefix would run without its pixels: not shared.
+    image_token = WordTokenizer()([f"{rubric} answer one"])["input_ids"][0][-1]  # "one"
+    shared, alone = plan_groups(WordTokenizer(), prompts, [[0, 1]], frozenset({image_token}))
+    assert shared == [] and alone == [0, 1]
 
 
 def test_the_prefix_is_cut_from_the_processor_row_and_a_group_that_does_not_line_up_is_refused():
