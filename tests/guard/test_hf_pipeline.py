@@ -44,11 +44,14 @@ def test_preprocessing_workers_change_no_result(tiny_judge, easy, labels, prefix
 
 def test_preprocessing_workers_keep_generations_in_place(tiny_judge, easy):
     requests = [user_request(item.id, easy.image_paths(item), item.question) for item in easy.items[:5]]
-    params = GenerationParams(max_new_tokens=4)
+    # Seeded sampling: a random tiny model's greedy text is the same for every prompt, sampled text is not, so
+    # a generation put in another request's place would show.
+    params = GenerationParams(max_new_tokens=6, temperature=1.0, seed=3)
     texts = {}
     for workers in (0, 2):
         with TransformersEngine(str(tiny_judge), EngineOptions(batch_size=2, preprocess_workers=workers)) as engine:
             texts[workers] = [g.text for g in engine.generate(requests, params)]
+    assert len(set(texts[0])) > 1
     assert texts[2] == texts[0]
 
 
