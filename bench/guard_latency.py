@@ -32,7 +32,6 @@ import asyncio
 import base64
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.hardware import cpu_name  # noqa: E402
 from bench.infer_throughput import bench_data, build_model, mis_sized_images  # noqa: E402
 from bench.judge_throughput import RESPONSE  # noqa: E402
 
@@ -218,18 +218,6 @@ def fail_on(errors: list[str], what: str) -> None:
         raise SystemExit(f"guard_latency: {len(errors)} failed answers in {what}; the first:\n  {shown}")
 
 
-def cpu_name() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "2b", "7b"], default="tiny")
@@ -295,7 +283,7 @@ def main() -> None:
                                           "guarded_requests_per_s", "judge_mean_batch_size")} for level in levels],
         "goals": goals, "request_body_kib_mean": round(sum(map(len, bodies)) / len(bodies) / 1024, 1),
         "args": vars(args), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu": cpu_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu": f"{cpu_name()} ({os.cpu_count()} cores)",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }), flush=True)

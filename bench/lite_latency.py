@@ -35,6 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.hardware import cpu_name  # noqa: E402
+
 MOSSBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mossbench" / \
     "mossbench_benign_responses.jsonl"
 GOAL_P99_MS_AT_1 = 20.0
@@ -89,17 +91,6 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float]:
     return {"p50": round(float(np.percentile(ms, 50)), 2), "p90": round(float(np.percentile(ms, 90)), 2),
             "p99": round(float(np.percentile(ms, 99)), 2), "max": round(float(ms.max()), 2),
             "mean": round(float(ms.mean()), 2)}
-
-
-def cpu_name() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return model
 
 
 def load_1m() -> float:
