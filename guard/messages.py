@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -101,14 +102,35 @@ def images_of(messages: Sequence[Message]) -> list[Any]:
 
 def load_image(image: Any):
     """Open an image part's value as an RGB PIL image. Raises DataError naming the file if it can't be read."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
+    with _opened(image) as im:
+        return im.convert("RGB")
+
+
+def image_area(image: Any) -> int:
+    """An image part's width x height in pixels, read from the file's header without decoding the pixels.
+    Raises DataError as load_image."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.width * image.height
+    with _opened(image) as im:
+        return im.width * im.height
+
+
+@contextmanager
+def _opened(image: Any):
+    """The image file at a path, opened lazily by PIL; a missing or unreadable file (also when its pixels are
+    decoded inside the block) raises DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
     path = Path(image)
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            yield im
     except FileNotFoundError:
         raise DataError("image file not found", path=path) from None
     except (UnidentifiedImageError, OSError) as exc:
@@ -118,6 +140,11 @@ def load_image(image: Any):
 def image_key(image: Any) -> Any:
     """What makes two image parts the same image: the path for a path, the object itself for a loaded image."""
     return str(image) if isinstance(image, (str, Path)) else id(image)
+
+
+def images_key(messages: Sequence[Message]) -> tuple:
+    """What makes two requests' images the same: their image parts' keys, in order."""
+    return tuple(image_key(im) for im in images_of(messages))
 
 
 def image_loader() -> Callable[[Any], Any]:

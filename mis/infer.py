@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from guard.engines.base import Engine, EngineOptions
+from guard.engines.base import Engine, EngineOptions, batched
 from guard.messages import GenerationParams, user_request
 from mis.errors import MisguardError
 from mis.io import append_jsonl, load_split, read_responses_lenient, write_jsonl_atomic, write_text_atomic
@@ -142,17 +142,9 @@ def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine 
         requests = [user_request(item.id, split.image_paths(item), item.question) for item in todo]
         bar = _progress_bar(len(items), already_done, config, enabled=progress)
         try:
-            batch: list[Response] = []
-            pending = engine.chunk_size
-            for index, generation in engine.stream(requests, config.generation):
-                item = todo[index]
-                batch.append(Response(**item.model_dump(), response=generation.text, model=config.name))
-                if len(batch) >= pending:
-                    append_jsonl(responses_path, batch)
-                    generated += len(batch)
-                    bar.update(len(batch))
-                    batch = []
-            if batch:
+            responses = (Response(**todo[index].model_dump(), response=generation.text, model=config.name)
+                         for index, generation in engine.stream(requests, config.generation))
+            for batch in batched(responses, engine.chunk_size):
                 append_jsonl(responses_path, batch)
                 generated += len(batch)
                 bar.update(len(batch))

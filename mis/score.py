@@ -1,7 +1,8 @@
 """`misguard score`: judge target responses with a local judge and compute the MIS metrics.
 
-Stage files in OUT: `judgments.jsonl` (one line per (target model, split, item), appended and fsynced per
-chunk, so a crash loses at most the chunk in flight and a re-run judges only what is missing), a
+Stage files in OUT: `judgments.jsonl` (one line per (target model, split, item), appended and fsynced a chunk
+at a time as the judge finishes them, so a crash loses at most a chunk and a re-run judges only what is
+missing), a
 `score.manifest.json`, and `metrics.json` / `metrics.md` computed from the judgments file.
 `score_reference_labels` reads the seed's GPT-4o output (gpt_eval.py files, no ids) into the same judgments
 format, so reference and local metrics come from one code path.
@@ -13,9 +14,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
-from guard.engines.base import EngineOptions
+from guard.engines.base import EngineOptions, batched, runs
 from mis.errors import DataError, MisguardError
 from mis.io import (
     append_jsonl,
@@ -129,14 +130,17 @@ def _cases(config: ScoreConfig, index: ItemIndex):
 def item_chunks(cases: list, size: int):
     """`cases` (responses to one item side by side) in chunks of about `size`, never splitting an item's
     responses: a judge that shares their prompt prefix sees them together."""
-    start = 0
-    while start < len(cases):
-        end = min(start + max(1, size), len(cases))
-        last = (cases[end - 1].split, cases[end - 1].response.id)
-        while end < len(cases) and (cases[end].split, cases[end].response.id) == last:
-            end += 1
-        yield cases[start:end]
-        start = end
+    return runs(cases, size, key=lambda c: (c.split, c.response.id))
+
+
+def _judgments(judge, cases: list) -> Iterator:
+    """The judge's Judgments of `cases` as it finishes them: a VLM judge's engine takes them all at once (its
+    own windows keep batches full and the device busy); other judges take them an item chunk at a time."""
+    from guard.judge import Judge
+
+    if isinstance(judge, Judge):
+        return (judgment for _, judgment in judge.judge_stream(cases))
+    return (judgment for chunk in item_chunks(cases, judge.chunk_size) for judgment in judge.judge(chunk))
 
 
 def _id_order(item_id: str):
@@ -216,8 +220,7 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
         bar = tqdm(total=len(cases), initial=len(cases) - len(todo), unit="judgment", desc="score",
                    disable=not progress, dynamic_ncols=True)
         try:
-            for cases_chunk in item_chunks(todo, judge.chunk_size):
-                chunk = judge.judge(cases_chunk)
+            for chunk in batched(_judgments(judge, todo), judge.chunk_size):
                 append_jsonl(judgments_path, chunk)
                 judged += len(chunk)
                 bar.update(len(chunk))

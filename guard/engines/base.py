@@ -3,10 +3,26 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from itertools import islice
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
 
-from guard.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request
+from guard.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, images_key
 from mis.errors import MisguardError
+
+T = TypeVar("T")
+
+
+def runs(items: Sequence[T], size: int, key: Callable[[T], Any] | None = None) -> Iterator[Sequence[T]]:
+    """`items` in consecutive slices of `size` (at least one item); with a `key`, each slice is extended so that
+    items side by side with the same key stay together (e.g. a judge's K responses to one item, which share
+    their prompt's prefix)."""
+    start = 0
+    while start < len(items):
+        end = min(start + max(1, size), len(items))
+        while key is not None and end < len(items) and key(items[end]) == key(items[end - 1]):
+            end += 1
+        yield items[start:end]
+        start = end
 
 
 @dataclass
@@ -20,8 +36,9 @@ class EngineOptions:
     device: str = "auto"
     """transformers only: 'auto' = cuda if available, else cpu."""
     preprocess_workers: int | None = None
-    """transformers: threads that open images and run the processor for the next batches while the device
-    runs the current one; None = automatic (up to 8 on a GPU, none on the CPU, whose cores run the model)."""
+    """transformers: threads that decode the next batches' images, while a thread of their own builds those
+    batches' inputs, as the device runs the current one; 0 = all on the calling thread, between batches; None =
+    automatic (up to 8 on a GPU, none on the CPU, whose cores run the model)."""
     prefix_reuse: bool = True
     """transformers label scoring: requests with the same images and a common prompt prefix (a judge's K
     responses to one item) run that prefix once and only their own tails after it (guard/engines/prefix.py)."""
@@ -85,10 +102,15 @@ class Engine(ABC):
     def stream(self, requests: Sequence[Request], params: GenerationParams) -> Iterator[tuple[int, Generation]]:
         """Run every request, yielding (index into `requests`, Generation) as results become available, so a
         caller can save them as it goes. This default hands the engine `chunk_size` requests at a time."""
-        for start in range(0, len(requests), self.chunk_size):
-            chunk = requests[start:start + self.chunk_size]
-            for offset, generation in enumerate(self.generate(chunk, params)):
-                yield start + offset, generation
+        return _in_chunks(requests, self.chunk_size, lambda chunk: self.generate(chunk, params))
+
+    def label_stream(self, requests: Sequence[Request], labels: LabelSet,
+                     ) -> Iterator[tuple[int, LabelProbs | None]]:
+        """label_probs for every request, yielding (index into `requests`, probabilities) as they become
+        available. This default hands the engine `label_chunk_size` requests at a time, never splitting requests
+        with the same images."""
+        return _in_chunks(requests, self.label_chunk_size, lambda chunk: self.label_probs(chunk, labels),
+                          key=lambda request: images_key(request.messages))
 
     def close(self) -> None:
         """Free the model's memory and any workers."""
@@ -102,3 +124,26 @@ class Engine(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    """itertools.batched (Python 3.12) for older Pythons: lists of `n` items in order, the last one shorter."""
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def collect(results: Iterator[tuple[int, T]], n: int) -> list[T]:
+    """The results of a stream (index, result) as a list in index order."""
+    out: list[Any] = [None] * n
+    for index, result in results:
+        out[index] = result
+    return out
+
+
+def _in_chunks(requests: Sequence[Request], size: int, run: Callable[[Sequence[Request]], list],
+               key: Callable[[Request], Any] | None = None) -> Iterator[tuple[int, Any]]:
+    start = 0
+    for chunk in runs(requests, size, key):
+        yield from enumerate(run(chunk), start)
+        start += len(chunk)

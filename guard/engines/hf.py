@@ -1,28 +1,26 @@
 """The transformers engine: multi-image chat through the model's own processor and chat template.
 
-Requests are sorted by size so a batch holds prompts of similar length (less padding), padded on the left, and
-run with `generate` in bfloat16 on GPU or float32 on CPU. The batch size is given or automatic; on a CUDA
-out-of-memory error the batch is halved and retried.
+Requests are taken a window of WINDOW_BATCHES batches at a time and sorted by size, so a batch holds prompts of
+similar length (less padding), padded on the left, and run in bfloat16 on GPU or float32 on CPU; results are
+handed back as each batch finishes. Label scoring runs a judge's K responses to one item against one computation
+of their shared prefix (guard/engines/prefix.py). With preprocessing workers (automatic on a GPU) images are
+decoded and the processor's inputs built in a thread, batches ahead of the device and across windows, so the GPU
+does not wait on the CPU. The batch size is given or automatic; on a CUDA out-of-memory error the batch is
+halved and retried.
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
-from guard.engines.base import Engine, EngineOptions
-from guard.engines.prefix import (
-    PrefixGroup,
-    image_token_ids,
-    plan_groups,
-    prefix_groups,
-    prefix_inputs,
-    score_tails,
-    uses_mrope,
-)
+from guard.engines.base import Engine, EngineOptions, collect, runs
+from guard.engines.prefix import image_token_ids, plan_groups, prefix_groups, prefix_inputs, score_tails, uses_mrope
 from guard.families import family_for
 from guard.messages import (
     Generation,
@@ -30,7 +28,9 @@ from guard.messages import (
     LabelProbs,
     LabelSet,
     Request,
-    image_loader,
+    image_area,
+    image_key,
+    images_key,
     label_probs_from_logprobs,
     load_image,
 )
@@ -38,10 +38,14 @@ from guard.offline import enforce_offline
 from mis.errors import MisguardError
 
 log = logging.getLogger("misguard")
+T = TypeVar("T")
 
 AUTO_BATCH_SIZE = {"cuda": 32, "cpu": 8}
+WINDOW_BATCHES = 8
+"""Requests are sorted by size and planned into batches this many batches' worth at a time: a wider window
+pads less; its results are handed back (and saved by `misguard score` / `infer`) as they come."""
 PREPARED_AHEAD = 2
-"""Batches the preprocessing workers keep ready ahead of the one on the device."""
+"""Batches the preprocessing thread keeps ready ahead of the one on the device."""
 TAILS_PER_PREFIX = 4
 """With prefix reuse, a pass over tails holds this many times the batch size: a tail is a few hundred tokens
 against a whole prompt's thousand or more."""
@@ -72,13 +76,6 @@ def processor_inputs(processor, prepared: Sequence[tuple[str, list[Any]]]):
     if any(images):
         kwargs["images"] = images
     return processor(**kwargs)
-
-
-def prompt_size(prepared: tuple[str, list[Any]]) -> tuple[int, int]:
-    """A sort key that puts prompts of similar size together, so a batch holds fewer pad tokens: the images'
-    area (standing in for their token count), then the prompt's length."""
-    prompt, images = prepared
-    return sum(im.width * im.height for im in images), len(prompt)
 
 
 def answer_logits(model, inputs) -> Any:
@@ -140,137 +137,155 @@ class TransformersEngine(Engine):
         if workers is None:  # a GPU waits on the CPU's preprocessing; on the CPU it would take the model's cores
             workers = min(8, (os.cpu_count() or 1) - 1) if self.device.startswith("cuda") else 0
         self._workers = ThreadPoolExecutor(workers, thread_name_prefix="misguard-preprocess") if workers else None
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     @property
     def chunk_size(self) -> int:
-        return self.batch_size
+        return self.batch_size * WINDOW_BATCHES
+
+    @property
+    def label_chunk_size(self) -> int:
+        return self.chunk_size * (TAILS_PER_PREFIX if self.options.prefix_reuse else 1)
 
     def prepare(self, request: Request, load=load_image) -> tuple[str, list[Any]]:
         """(prompt text from the model's chat template, the request's images opened with `load`)."""
         return render_prompt(self.processor, self.family, request, load)
 
     def prepare_all(self, requests: Sequence[Request]) -> list[tuple[str, list[Any]]]:
-        """`prepare` for every request (in the preprocessing workers when there are some), each distinct image
-        opened once."""
-        load = image_loader()
-        if self._workers is None:
-            return [self.prepare(r, load) for r in requests]
-        return list(self._workers.map(lambda r: self.prepare(r, load), requests))
+        """`prepare` for every request, each distinct image opened once."""
+        staged = self._stage(requests, range(len(requests)))
+        opened = self._open(staged.values())
+        return [(s.prompt, [opened[image_key(im)] for im in s.images]) for s in staged.values()]
 
     def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
-        results: list[Generation | None] = [None] * len(requests)
-        for index, generation in self.stream(requests, params):
-            results[index] = generation
-        return results  # type: ignore[return-value]
-
-    @property
-    def label_chunk_size(self) -> int:
-        if self.options.prefix_reuse:
-            return self.batch_size * TAILS_PER_PREFIX
-        return self.batch_size
-
-    def stream(self, requests: Sequence[Request], params: GenerationParams) -> Iterator[tuple[int, Generation]]:
-        prepared = self.prepare_all(requests)
-        return self._batched(prepared, range(len(prepared)), lambda inputs: self._generate_batch(inputs, params))
+        return collect(self.stream(requests, params), len(requests))
 
     def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
-        results: list[LabelProbs | None] = [None] * len(requests)
-        prepared = self.prepare_all(requests)
-        alone: Sequence[int] = range(len(requests))
-        if self.options.prefix_reuse:
-            groups, alone = plan_groups(self.tokenizer, [prompt for prompt, _ in prepared], prefix_groups(requests),
-                                        image_token_ids(self.net.config))
-            for index, probs in self._shared_prefix_batches(prepared, groups, labels.ids):
-                results[index] = probs
-        for index, probs in self._batched(prepared, alone, lambda inputs: self._label_batch(inputs, labels.ids)):
-            results[index] = probs
-        return results
+        return collect(self.label_stream(requests, labels), len(requests))
 
-    def _batched(self, prepared: Sequence[tuple[str, list[Any]]], indices: Sequence[int], forward,
-                 ) -> Iterator[tuple[int, Any]]:
-        """Yield (index, result) for the prepared requests at `indices`: the processor's inputs for size-sorted
-        batches, each run by `forward` (one result per request)."""
-        order = sorted(indices, key=lambda i: prompt_size(prepared[i]))
-        return self._pipeline(order, lambda batch: processor_inputs(self.processor, [prepared[i] for i in batch]),
-                              forward)
+    def stream(self, requests: Sequence[Request], params: GenerationParams) -> Iterator[tuple[int, Generation]]:
+        return self._run(requests, self.chunk_size, self._plain_batches,
+                         lambda inputs: self._generate_batch(inputs, params))
 
-    def _pipeline(self, order: Sequence[Any], prepare, forward) -> Iterator[tuple[Any, Any]]:
-        """Yield (unit, result) for every unit of `order`, in batches of `batch_size` units: `prepare(batch)`
-        builds a batch's inputs on the CPU (image preprocessing, tokens), `forward(inputs)` runs them on the
-        device and returns one result per unit. With preprocessing workers the next batches are prepared in
-        threads while the device runs the current one. On CUDA out of memory the batch size is halved, the
-        batches prepared ahead are dropped, and the batch is retried."""
-        ahead: deque[tuple[Sequence[Any], Future]] = deque()
-        start = planned = 0
-        while start < len(order):
-            while self._workers is not None and len(ahead) < PREPARED_AHEAD and planned < len(order):
-                batch = order[planned:planned + self.batch_size]
-                ahead.append((batch, self._workers.submit(prepare, batch)))
-                planned += len(batch)
-            if ahead:
-                batch, future = ahead.popleft()
-                inputs = future.result()
-            else:
-                batch = order[start:start + self.batch_size]
-                inputs = prepare(batch)
-                planned = start + len(batch)
-            try:
-                results = forward(inputs)
-            except Exception as exc:
-                if not _is_cuda_oom(exc) or self.batch_size == 1:
-                    raise
-                self.batch_size = max(1, self.batch_size // 2)
+    def label_stream(self, requests: Sequence[Request], labels: LabelSet,
+                     ) -> Iterator[tuple[int, LabelProbs | None]]:
+        plan = self._shared_batches if self.options.prefix_reuse else self._plain_batches
+        return self._run(requests, self.label_chunk_size, plan, lambda inputs: self._label_batch(inputs, labels.ids),
+                         labels.ids)
+
+    def _run(self, requests: Sequence[Request], window: int, plan, forward, token_ids: Sequence[int] = (),
+             ) -> Iterator[tuple[int, Any]]:
+        """Yield (index, result) for every request. The requests are staged a window of about `window` at a
+        time (never splitting requests with the same images) and `plan` cuts each window into batches; each
+        batch's images are opened and its processor inputs built, then `forward` runs a plain batch (one result
+        per request) and score_tails a shared one. With preprocessing workers all of that is done in a thread,
+        PREPARED_AHEAD batches ahead of the device, across windows."""
+        def batches() -> Iterator[tuple[_Batch, Any]]:
+            for indices in runs(range(len(requests)), window, key=lambda i: images_key(requests[i].messages)):
+                for batch in plan(requests, self._stage(requests, indices)):
+                    yield batch, self._prepare(batch)
+
+        for batch, inputs in prefetched(batches(), PREPARED_AHEAD if self._workers is not None else 0):
+            yield from self._forward(batch, inputs, forward, token_ids)
+
+    def _stage(self, requests: Sequence[Request], indices: Sequence[int]) -> dict[int, _Staged]:
+        """Each request's prompt and image parts, with the images' area read from their headers (each image's
+        once): what sorting and prefix planning need, without decoding any pixels."""
+        areas: dict[Any, int] = {}
+        staged = {}
+        for i in indices:
+            prompt, images = self.prepare(requests[i], load=lambda image: image)
+            for im in images:
+                if image_key(im) not in areas:
+                    areas[image_key(im)] = image_area(im)
+            staged[i] = _Staged(prompt, tuple(images), sum(areas[image_key(im)] for im in images))
+        return staged
+
+    def _plain_batches(self, requests: Sequence[Request], staged: dict[int, _Staged]) -> list[_Batch]:
+        """The staged requests sorted by size (fewer pad tokens) in batches of `batch_size`."""
+        order = sorted(staged, key=lambda i: staged[i].size)
+        return [_Batch(list(units), staged) for units in runs(order, self.batch_size)]
+
+    def _shared_batches(self, requests: Sequence[Request], staged: dict[int, _Staged]) -> list[_Batch]:
+        """Groups of requests that share a prompt prefix, `batch_size` groups a batch, then the others plain."""
+        window = list(staged)
+        local = prefix_groups([requests[i] for i in window])
+        groups, alone = plan_groups(self.tokenizer, {i: staged[i].prompt for i in window},
+                                    [[window[j] for j in members] for members in local],
+                                    image_token_ids(self.net.config))
+        groups.sort(key=lambda g: staged[g.members[0]].size)
+        shared = [_Batch(list(units), staged, shared=True) for units in runs(groups, self.batch_size)]
+        return shared + self._plain_batches(requests, {i: staged[i] for i in alone})
+
+    def _open(self, staged: Iterable[_Staged]) -> dict[Any, Any]:
+        """The staged requests' images decoded (in the preprocessing workers when there are some), by
+        image_key, each distinct image once."""
+        distinct = {image_key(im): im for s in staged for im in s.images}
+        decode = self._workers.map if self._workers is not None else map
+        return dict(zip(distinct, decode(load_image, distinct.values())))
+
+    def _inputs(self, staged: Sequence[_Staged]):
+        opened = self._open(staged)
+        return processor_inputs(self.processor, [(s.prompt, [opened[image_key(im)] for im in s.images])
+                                                 for s in staged])
+
+    def _prepare(self, batch: _Batch):
+        """A batch's inputs on the CPU: the processor's for a plain batch; for a shared one (prefix inputs or
+        None, whether each group's prefix could be cut from the processor's tokens)."""
+        if not batch.shared:
+            return self._inputs([batch.staged[i] for i in batch.units])
+        first = self._inputs([batch.staged[g.members[0]] for g in batch.units])
+        if uses_mrope(self.net) and "mm_token_type_ids" not in first:  # no way to place the tails
+            return None, [False] * len(batch.units)
+        prefix, fits = prefix_inputs(first, batch.units, self._pad_id)
+        fitting = [g for g, fit in zip(batch.units, fits) if fit]
+        if fitting and len(fitting) < len(batch.units):  # cut again without the others' images
+            prefix, _ = prefix_inputs(self._inputs([batch.staged[g.members[0]] for g in fitting]), fitting,
+                                      self._pad_id)
+        return prefix, fits
+
+    def _forward(self, batch: _Batch, inputs, forward, token_ids: Sequence[int]) -> Iterator[tuple[int, Any]]:
+        """Yield (index, result) for the batch's requests. On CUDA out of memory the batch size is halved until
+        it is below the batch's (a batch prepared before at a larger size is only cut to the current one) and
+        the batch run in pieces."""
+        try:
+            results = self._score_shared(batch, inputs, token_ids) if batch.shared else forward(inputs)
+        except Exception as exc:
+            if not _is_cuda_oom(exc) or len(batch.units) == 1:
+                raise
+            if len(batch.units) <= self.batch_size:
+                while self.batch_size >= len(batch.units):
+                    self.batch_size //= 2
                 log.warning("CUDA out of memory; retrying with batch size %d", self.batch_size)
-                for _, pending in ahead:
-                    pending.cancel()
-                ahead.clear()
-                planned = start
-                _empty_cuda_cache()
-                continue
-            yield from zip(batch, results)
-            start += len(batch)
-
-    def _shared_prefix_batches(self, prepared: Sequence[tuple[str, list[Any]]], groups: Sequence[PrefixGroup],
-                               token_ids: Sequence[int]) -> Iterator[tuple[int, LabelProbs]]:
-        """Yield (index, label probabilities) for every member of `groups`: up to `batch_size` groups' prefixes
-        per pass, their tails against the prefixes' cache. A group whose prefix cannot be cut cleanly is scored
-        the plain way."""
-        order = sorted(groups, key=lambda g: prompt_size(prepared[g.members[0]]))
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        mrope = uses_mrope(self.net)
-
-        def prepare(batch: Sequence[PrefixGroup]):
-            first = processor_inputs(self.processor, [prepared[g.members[0]] for g in batch])
-            if mrope and "mm_token_type_ids" not in first:  # no way to place the tails: the plain way
-                return None, batch, [False] * len(batch)
-            prefix, fits = prefix_inputs(first, batch, pad_id)
-            fitting = [g for g, fit in zip(batch, fits) if fit]
-            if fitting and len(fitting) < len(batch):  # cut again without the others' images
-                prefix, _ = prefix_inputs(processor_inputs(self.processor,
-                                                           [prepared[g.members[0]] for g in fitting]), fitting, pad_id)
-            return prefix, batch, fits
-
-        def forward(inputs) -> list[list[LabelProbs] | None]:
-            import torch
-
-            prefix, batch, fits = inputs
-            fitting = [g for g, fit in zip(batch, fits) if fit]
-            if not fitting:
-                return [None] * len(batch)
-            with torch.inference_mode():
-                logits = score_tails(self.net, {k: v.to(self.device) for k, v in prefix.items()}, fitting, pad_id,
-                                     self.batch_size * TAILS_PER_PREFIX)
-            rows = iter(label_probs_from_logprobs(row) for row in
-                        torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist())
-            return [[next(rows) for _ in g.members] if fit else None for g, fit in zip(batch, fits)]
-
-        plain: list[int] = []
-        for group, probs in self._pipeline(order, prepare, forward):
-            if probs is None:
-                plain.extend(group.members)
-            else:
+            _empty_cuda_cache()
+            for piece in batch.split(self.batch_size):
+                yield from self._forward(piece, self._prepare(piece), forward, token_ids)
+            return
+        if not batch.shared:
+            yield from zip(batch.units, results)
+            return
+        for group, probs in zip(batch.units, results):
+            if probs is not None:
                 yield from zip(group.members, probs)
-        yield from self._batched(prepared, plain, lambda inputs: self._label_batch(inputs, token_ids))
+                continue
+            for piece in _Batch(group.members, batch.staged).split(self.batch_size):  # the plain way
+                yield from self._forward(piece, self._prepare(piece), forward, token_ids)
+
+    def _score_shared(self, batch: _Batch, inputs, token_ids: Sequence[int]) -> list[list[LabelProbs] | None]:
+        """Label probabilities of each group's members from their tails against the prefixes' cache; None for a
+        group whose prefix could not be cut."""
+        import torch
+
+        prefix, fits = inputs
+        fitting = [g for g, fit in zip(batch.units, fits) if fit]
+        if not fitting:
+            return [None] * len(batch.units)
+        with torch.inference_mode():
+            logits = score_tails(self.net, {k: v.to(self.device) for k, v in prefix.items()}, fitting,
+                                 self._pad_id, self.batch_size * TAILS_PER_PREFIX)
+        rows = iter(label_probs_from_logprobs(row) for row in
+                    torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist())
+        return [[next(rows) for _ in g.members] if fit else None for g, fit in zip(batch.units, fits)]
 
     def _label_batch(self, inputs, token_ids: Sequence[int]) -> list[LabelProbs]:
         import torch
@@ -309,6 +324,76 @@ class TransformersEngine(Engine):
             self._workers.shutdown(cancel_futures=True)
         self.net = None
         _empty_cuda_cache()
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A request's prompt text and image parts (paths or images, decoded only when its batch is prepared),
+    with the images' area in pixels."""
+
+    prompt: str
+    images: tuple
+    area: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """A sort key that puts prompts of similar size together, so a batch holds fewer pad tokens: the images'
+        area (standing in for their token count), then the prompt's length."""
+        return self.area, len(self.prompt)
+
+
+@dataclass
+class _Batch:
+    """One forward pass's worth: request indices run the plain way, or (shared) prefix groups whose members'
+    tails run against one computation of their prefix. `staged` holds (at least) every member's _Staged."""
+
+    units: list
+    staged: dict[int, _Staged]
+    shared: bool = False
+
+    def split(self, size: int) -> list[_Batch]:
+        return [_Batch(list(units), self.staged, self.shared) for units in runs(self.units, size)]
+
+
+def prefetched(items: Iterable[T], ahead: int) -> Iterator[T]:
+    """`items` as they are, or with `ahead` > 0 produced in a background thread up to `ahead` items before the
+    consumer takes them (the next batches prepared while the device runs this one). An exception there is
+    raised here, in its place; the thread stops when the consumer does."""
+    if ahead <= 0:
+        yield from items
+        return
+    done = object()
+    ready: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def put(entry) -> None:
+        while not stop.is_set():
+            try:
+                return ready.put(entry, timeout=0.1)
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            for item in items:
+                put((item, None))
+                if stop.is_set():
+                    return
+            put((done, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((done, exc))
+
+    threading.Thread(target=produce, name="misguard-prepare", daemon=True).start()
+    try:
+        while True:
+            item, exc = ready.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:

@@ -21,7 +21,7 @@ import copy
 from dataclasses import dataclass
 from typing import Sequence
 
-from guard.messages import Request, image_key, images_of
+from guard.messages import Request, images_key
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 """Processor outputs laid out [batch, sequence]: cut to the prefix. Every other output (pixel values, image
@@ -35,7 +35,7 @@ def prefix_groups(requests: Sequence[Request]) -> list[list[int]]:
     appearance. Only groups of two or more can share a prefix."""
     groups: dict[tuple, list[int]] = {}
     for i, request in enumerate(requests):
-        groups.setdefault(tuple(image_key(im) for im in images_of(request.messages)), []).append(i)
+        groups.setdefault(images_key(request.messages), []).append(i)
     return list(groups.values())
 
 

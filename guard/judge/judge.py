@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, ValidationError
 
 from guard.engines import Engine, EngineOptions, load_engine
+from guard.engines.base import collect
 from guard.judge.parse import parse_json_verdict
 from guard.judge.rubric import CODES, DEFAULT_CODES_TEMPLATE, DEFAULT_JSON_TEMPLATE, get_template
 from guard.messages import GenerationParams, LabelProbs, LabelSet
@@ -240,13 +241,19 @@ class Judge:
 
     def judge(self, cases: Sequence[Case]) -> list[Judgment]:
         """One Judgment per case, in order; unreadable outputs are unscored Judgments with a reason."""
+        return collect(self.judge_stream(cases), len(cases))
+
+    def judge_stream(self, cases: Sequence[Case]) -> Iterator[tuple[int, Judgment]]:
+        """(index into `cases`, Judgment) for every case, in the order the engine finishes them, so a caller
+        can save them as it goes; unreadable outputs are unscored Judgments with a reason."""
         requests = [self.template.request(f"{c.split}/{c.response.model}/{c.response.id}", c.images,
                                           c.response.question, c.response.response) for c in cases]
         if self.template.mode == "codes":
-            scored = self.engine.label_probs(requests, self.labels)
-            return self._from_probs(cases, scored)
-        generations = self.engine.generate(requests, GenerationParams(max_new_tokens=JSON_VERDICT_TOKENS))
-        return [self._from_text(case, g.text) for case, g in zip(cases, generations)]
+            for index, probs in self.engine.label_stream(requests, self.labels):
+                yield index, self._from_probs([cases[index]], [probs])[0]
+            return
+        for index, generation in self.engine.stream(requests, GenerationParams(max_new_tokens=JSON_VERDICT_TOKENS)):
+            yield index, self._from_text(cases[index], generation.text)
 
     def _from_probs(self, cases: Sequence[Case], scored: Sequence[LabelProbs | None]) -> list[Judgment]:
         """Judgments from the six codes' probabilities: each head's marginals, calibrated when the judge has a

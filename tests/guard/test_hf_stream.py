@@ -1,0 +1,179 @@
+"""The transformers engine hands results back as it goes: requests are taken a window at a time (never splitting
+the responses to one item), batches are prepared in a thread ahead of the device across windows when there are
+preprocessing workers, and a bad image stops the run at its own batch with an error naming the file."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import guard.engines.hf as hf
+from guard.engines import EngineOptions
+from guard.engines.base import batched, runs
+from guard.engines.hf import TransformersEngine, prefetched
+from guard.judge import read_judge_spec
+from guard.judge.rubric import get_template
+from guard.messages import image_area, load_image
+from mis.errors import DataError
+from mis.io import load_split
+from tests.guard.test_prefix_reuse import judge_requests
+
+
+@pytest.fixture(scope="module")
+def easy(demo_dir):
+    return load_split(demo_dir, "easy")
+
+
+@pytest.fixture(scope="module")
+def labels(tiny_judge):
+    return read_judge_spec(tiny_judge).label_set()
+
+
+def label_probs(tiny_judge, requests, labels, **options):
+    with TransformersEngine(str(tiny_judge), EngineOptions(**options)) as engine:
+        return np.array([p.probs for p in engine.label_probs(requests, labels)])
+
+
+def test_windows_never_split_an_items_responses_and_change_no_result(tiny_judge, easy, labels, monkeypatch):
+    requests = judge_requests(easy, n_items=8)  # items with 1, 2, 3, 4, 1, 2, 3, 4 responses
+    whole = label_probs(tiny_judge, requests, labels, batch_size=8)  # one window
+    groups = []
+    real_score_tails = hf.score_tails
+
+    def recording(net, prefix, shared, *args):
+        groups.extend(len(g.members) for g in shared)
+        return real_score_tails(net, prefix, shared, *args)
+
+    monkeypatch.setattr(hf, "score_tails", recording)
+    monkeypatch.setattr(hf, "WINDOW_BATCHES", 1)  # windows of about 4 requests: every item's would be cut
+    windowed = label_probs(tiny_judge, requests, labels, batch_size=1)
+    assert sorted(groups) == [2, 2, 3, 3, 4, 4]
+    np.testing.assert_allclose(windowed, whole, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_prepared_ahead_of_the_model_only_with_workers(tiny_judge, easy, labels, monkeypatch, workers):
+    requests = judge_requests(easy, n_items=8)
+    events = []
+    real_prepare, real_label_batch = TransformersEngine._prepare, TransformersEngine._label_batch
+
+    def prepare(self, batch):
+        inputs = real_prepare(self, batch)
+        events.append("prepared")
+        return inputs
+
+    def label_batch(self, inputs, token_ids):
+        events.append("forward")
+        time.sleep(0.1)  # a device busy long enough for the thread to prepare what comes next
+        return real_label_batch(self, inputs, token_ids)
+
+    monkeypatch.setattr(TransformersEngine, "_prepare", prepare)
+    monkeypatch.setattr(TransformersEngine, "_label_batch", label_batch)
+    monkeypatch.setattr(hf, "WINDOW_BATCHES", 1)
+    label_probs(tiny_judge, requests, labels, batch_size=2, prefix_reuse=False, preprocess_workers=workers)
+    # Batches prepared by the time each forward pass starts, beyond the one it runs.
+    ahead = [events[:i].count("prepared") - events[:i].count("forward") - 1
+             for i, event in enumerate(events) if event == "forward"]
+    assert len(ahead) >= 10  # 20 requests in windows of about one batch
+    if workers:  # the queue full, and one more done in the thread's hands
+        assert hf.PREPARED_AHEAD <= max(ahead) <= hf.PREPARED_AHEAD + 1 and min(ahead) >= 0
+    else:
+        assert set(ahead) == {0}
+
+
+def broken_image(tmp_path, easy, kind: str):
+    """A truncated PNG (its header, hence its size, reads; its pixels do not) or a missing file."""
+    path = tmp_path / f"{kind}.png"
+    if kind == "truncated":
+        data = easy.image_paths(easy.items[0])[0].read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("kind", ["truncated", "missing"])
+def test_a_bad_image_stops_the_run_in_its_place_naming_the_file(tiny_judge, easy, labels, tmp_path, monkeypatch,
+                                                                 workers, kind):
+    bad = broken_image(tmp_path, easy, kind)
+    item = easy.items[0]
+    requests = judge_requests(easy, n_items=8)
+    requests.append(get_template("mis-judge-codes-v1").request("bad", [bad, easy.image_paths(item)[1]],
+                                                              item.question, "a response"))
+    monkeypatch.setattr(hf, "WINDOW_BATCHES", 1)
+    returned = []
+    with TransformersEngine(str(tiny_judge), EngineOptions(batch_size=2, preprocess_workers=workers,
+                                                          prefix_reuse=False)) as engine:
+        with pytest.raises(DataError, match=f"{kind}.png"):
+            for index, probs in engine.label_stream(requests, labels):
+                returned.append(index)
+    assert sorted(returned) == list(range(len(requests) - 1))  # every request before it came back
+
+
+def test_image_area_reads_only_the_header(tmp_path, easy):
+    good = easy.image_paths(easy.items[0])[0]
+    im = load_image(good)
+    assert image_area(good) == im.width * im.height == image_area(im)
+    truncated = broken_image(tmp_path, easy, "truncated")
+    assert image_area(truncated) == im.width * im.height
+    with pytest.raises(DataError, match="truncated.png"):
+        load_image(truncated)
+    with pytest.raises(DataError, match="missing.png"):
+        image_area(tmp_path / "missing.png")
+
+
+def test_prefetched_runs_ahead_by_a_bounded_number_and_keeps_order():
+    produced = []
+
+    def items():
+        for i in range(10):
+            produced.append(i)
+            yield i
+
+    it = prefetched(items(), 2)
+    assert next(it) == 0
+    time.sleep(0.5)
+    # One taken, two waiting, and at most one more in the producer's hands.
+    assert 3 <= len(produced) <= 4
+    assert [0, *it] == list(range(10))
+
+
+def test_prefetched_raises_the_producers_error_in_its_place():
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("the third item")
+
+    got = []
+    with pytest.raises(ValueError, match="the third item"):
+        for item in prefetched(items(), 2):
+            got.append(item)
+    assert got == [1, 2]
+
+
+def test_prefetched_stops_its_thread_when_the_consumer_stops():
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(1)
+            yield len(produced)
+
+    it = prefetched(endless(), 2)
+    assert next(it) == 1
+    it.close()
+    time.sleep(0.5)
+    stopped_at = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == stopped_at <= 5
+    assert not any(t.name == "misguard-prepare" and t.is_alive() for t in threading.enumerate())
+
+
+def test_runs_keep_equal_keys_together_and_batched_cuts_evenly():
+    items = [1, 1, 2, 2, 2, 3, 4, 4]
+    assert list(runs(items, 3)) == [[1, 1, 2], [2, 2, 3], [4, 4]]
+    assert list(runs(items, 3, key=lambda x: x)) == [[1, 1, 2, 2, 2], [3, 4, 4]]
+    assert list(runs(items, 0)) == [[x] for x in items]
+    assert list(batched(iter(items), 3)) == [[1, 1, 2], [2, 2, 3], [4, 4]]
+    assert list(batched([], 3)) == []
