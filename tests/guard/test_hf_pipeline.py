@@ -8,20 +8,8 @@ import pytest
 import guard.engines.hf as hf
 from guard.engines import EngineOptions
 from guard.engines.hf import TransformersEngine
-from guard.judge import read_judge_spec
 from guard.messages import GenerationParams, user_request
-from mis.io import load_split
 from tests.guard.test_prefix_reuse import judge_requests
-
-
-@pytest.fixture(scope="module")
-def easy(demo_dir):
-    return load_split(demo_dir, "easy")
-
-
-@pytest.fixture(scope="module")
-def labels(tiny_judge):
-    return read_judge_spec(tiny_judge).label_set()
 
 
 def label_probs(tiny_judge, requests, labels, **options):

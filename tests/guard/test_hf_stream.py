@@ -13,32 +13,16 @@ import guard.engines.hf as hf
 from guard.engines import EngineOptions
 from guard.engines.base import batched, runs
 from guard.engines.hf import TransformersEngine, prefetched
-from guard.judge import read_judge_spec
 from guard.judge.rubric import get_template
 from guard.messages import image_area, load_image
 from mis.errors import DataError
-from mis.io import load_split
+from tests.guard.test_hf_pipeline import label_probs
 from tests.guard.test_prefix_reuse import judge_requests
-
-
-@pytest.fixture(scope="module")
-def easy(demo_dir):
-    return load_split(demo_dir, "easy")
-
-
-@pytest.fixture(scope="module")
-def labels(tiny_judge):
-    return read_judge_spec(tiny_judge).label_set()
-
-
-def label_probs(tiny_judge, requests, labels, **options):
-    with TransformersEngine(str(tiny_judge), EngineOptions(**options)) as engine:
-        return np.array([p.probs for p in engine.label_probs(requests, labels)])
 
 
 def test_windows_never_split_an_items_responses_and_change_no_result(tiny_judge, easy, labels, monkeypatch):
     requests = judge_requests(easy, n_items=8)  # items with 1, 2, 3, 4, 1, 2, 3, 4 responses
-    whole = label_probs(tiny_judge, requests, labels, batch_size=8)  # one window
+    whole, _ = label_probs(tiny_judge, requests, labels, batch_size=8)  # one window
     groups = []
     real_score_tails = hf.score_tails
 
@@ -48,7 +32,7 @@ def test_windows_never_split_an_items_responses_and_change_no_result(tiny_judge,
 
     monkeypatch.setattr(hf, "score_tails", recording)
     monkeypatch.setattr(hf, "WINDOW_BATCHES", 1)  # windows of about 4 requests: every item's would be cut
-    windowed = label_probs(tiny_judge, requests, labels, batch_size=1)
+    windowed, _ = label_probs(tiny_judge, requests, labels, batch_size=1)
     assert sorted(groups) == [2, 2, 3, 3, 4, 4]
     np.testing.assert_allclose(windowed, whole, rtol=0, atol=1e-6)
 

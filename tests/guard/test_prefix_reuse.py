@@ -12,7 +12,6 @@ from guard.judge import Case, Judge, write_judge_spec
 from guard.judge.rubric import get_template
 from guard.messages import Request
 from guard.tiny_models import TINY_ARCHS
-from mis.io import load_split
 from mis.records import Response
 
 ANSWERS = ["I can't help with that.",
@@ -29,11 +28,6 @@ def judge_requests(split, n_items: int = 4):
     template = get_template("mis-judge-codes-v1")
     return [template.request(f"{item.id}-{k}", split.image_paths(item), item.question, ANSWERS[(n + k) % 4])
             for n, item in enumerate(split.items[:n_items]) for k in range(1 + n % 4)]
-
-
-@pytest.fixture(scope="module")
-def easy(demo_dir):
-    return load_split(demo_dir, "easy")
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
