@@ -2,8 +2,7 @@
 
 Stage files in OUT: `judgments.jsonl` (one line per (target model, split, item), appended and fsynced a chunk
 at a time as the judge finishes them, so a crash loses at most a chunk and a re-run judges only what is
-missing), a
-`score.manifest.json`, and `metrics.json` / `metrics.md` computed from the judgments file.
+missing), a `score.manifest.json`, and `metrics.json` / `metrics.md` computed from the judgments file.
 `score_reference_labels` reads the seed's GPT-4o output (gpt_eval.py files, no ids) into the same judgments
 format, so reference and local metrics come from one code path.
 """

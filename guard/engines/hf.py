@@ -283,17 +283,14 @@ class TransformersEngine(Engine):
         with torch.inference_mode():
             logits = score_tails(self.net, {k: v.to(self.device) for k, v in prefix.items()}, fitting,
                                  self._pad_id, self.batch_size * TAILS_PER_PREFIX)
-        rows = iter(label_probs_from_logprobs(row) for row in
-                    torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist())
+        rows = iter(_label_rows(logits, token_ids))
         return [[next(rows) for _ in g.members] if fit else None for g, fit in zip(batch.units, fits)]
 
     def _label_batch(self, inputs, token_ids: Sequence[int]) -> list[LabelProbs]:
         import torch
 
         with torch.inference_mode():
-            logits = answer_logits(self.net, inputs.to(self.device))
-        logprobs = torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist()
-        return [label_probs_from_logprobs(row) for row in logprobs]
+            return _label_rows(answer_logits(self.net, inputs.to(self.device)), token_ids)
 
     def _generate_batch(self, inputs, params: GenerationParams) -> list[Generation]:
         import torch
@@ -394,6 +391,13 @@ def prefetched(items: Iterable[T], ahead: int) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+
+
+def _label_rows(logits, token_ids: Sequence[int]) -> list[LabelProbs]:
+    """Each row's label probabilities from its answer logits [rows, vocab]."""
+    import torch
+
+    return [label_probs_from_logprobs(row) for row in torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist()]
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
