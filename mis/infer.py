@@ -13,10 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from guard.engines.base import Engine, EngineOptions, batched
+from guard.engines.base import Engine, EngineOptions
 from guard.messages import GenerationParams, user_request
 from mis.errors import MisguardError
-from mis.io import append_jsonl, load_split, read_responses_lenient, write_jsonl_atomic, write_text_atomic
+from mis.io import append_as_they_come, load_split, read_responses_lenient, write_jsonl_atomic, write_text_atomic
 from mis.records import Item, Response
 
 log = logging.getLogger("misguard")
@@ -144,10 +144,7 @@ def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine 
         try:
             responses = (Response(**todo[index].model_dump(), response=generation.text, model=config.name)
                          for index, generation in engine.stream(requests, config.generation))
-            for batch in batched(responses, engine.chunk_size):
-                append_jsonl(responses_path, batch)
-                generated += len(batch)
-                bar.update(len(batch))
+            generated = append_as_they_come(responses_path, responses, engine.chunk_size, bar.update)
         finally:
             bar.close()
             if owned:

@@ -14,7 +14,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -445,6 +445,32 @@ def append_jsonl(path: str | Path, records: Iterable[BaseModel | dict[str, Any]]
         handle.flush()
         os.fsync(handle.fileno())
     return payload.count("\n")
+
+
+def append_as_they_come(path: str | Path, records: Iterable[BaseModel | dict[str, Any]], every: int,
+                        on_saved: Callable[[int], Any] = lambda n: None) -> int:
+    """Append `records` to a JSON Lines file as they are produced, `every` at a time (each append_jsonl'd, so
+    fsynced), calling `on_saved(n)` after each append. If producing them fails or is interrupted, the records
+    that came before are appended before the error goes on: a long run loses nothing it finished.
+    Returns the number of records appended."""
+    pending: list = []
+    saved = 0
+
+    def save() -> None:
+        nonlocal pending, saved
+        if pending:
+            saved += append_jsonl(path, pending)
+            on_saved(len(pending))
+            pending = []
+
+    try:
+        for record in records:
+            pending.append(record)
+            if len(pending) >= every:
+                save()
+    finally:
+        save()
+    return saved
 
 
 def _mend_last_line(handle, path: Path) -> None:

@@ -1,8 +1,9 @@
 """`misguard score`: judge target responses with a local judge and compute the MIS metrics.
 
 Stage files in OUT: `judgments.jsonl` (one line per (target model, split, item), appended and fsynced a chunk
-at a time as the judge finishes them, so a crash loses at most a chunk and a re-run judges only what is
-missing), a `score.manifest.json`, and `metrics.json` / `metrics.md` computed from the judgments file.
+at a time as the judge finishes them, so a crash loses at most a chunk and an error such as a bad image nothing
+finished; a re-run judges only what is missing), a `score.manifest.json`, and `metrics.json` / `metrics.md`
+computed from the judgments file.
 `score_reference_labels` reads the seed's GPT-4o output (gpt_eval.py files, no ids) into the same judgments
 format, so reference and local metrics come from one code path.
 """
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from guard.engines.base import EngineOptions, batched, runs
+from guard.engines.base import EngineOptions, runs
 from mis.errors import DataError, MisguardError
 from mis.io import (
-    append_jsonl,
+    append_as_they_come,
     find_split_file,
     load_split,
     read_jsonl,
@@ -219,10 +220,7 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
         bar = tqdm(total=len(cases), initial=len(cases) - len(todo), unit="judgment", desc="score",
                    disable=not progress, dynamic_ncols=True)
         try:
-            for chunk in batched(_judgments(judge, todo), judge.chunk_size):
-                append_jsonl(judgments_path, chunk)
-                judged += len(chunk)
-                bar.update(len(chunk))
+            judged = append_as_they_come(judgments_path, _judgments(judge, todo), judge.chunk_size, bar.update)
         finally:
             bar.close()
             if owned:

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from itertools import islice
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 
 from guard.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, images_key
 from mis.errors import MisguardError
@@ -124,13 +123,6 @@ class Engine(ABC):
 
     def __exit__(self, *exc):
         self.close()
-
-
-def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
-    """itertools.batched (Python 3.12) for older Pythons: lists of `n` items in order, the last one shorter."""
-    it = iter(items)
-    while chunk := list(islice(it, n)):
-        yield chunk
 
 
 def collect(results: Iterator[tuple[int, T]], n: int) -> list[T]:

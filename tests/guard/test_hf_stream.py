@@ -11,7 +11,7 @@ import pytest
 
 import guard.engines.hf as hf
 from guard.engines import EngineOptions
-from guard.engines.base import batched, runs
+from guard.engines.base import runs
 from guard.engines.hf import TransformersEngine, prefetched
 from guard.judge.rubric import get_template
 from guard.messages import image_area, load_image
@@ -154,10 +154,8 @@ def test_prefetched_stops_its_thread_when_the_consumer_stops():
     assert not any(t.name == "misguard-prepare" and t.is_alive() for t in threading.enumerate())
 
 
-def test_runs_keep_equal_keys_together_and_batched_cuts_evenly():
+def test_runs_keep_equal_keys_together():
     items = [1, 1, 2, 2, 2, 3, 4, 4]
     assert list(runs(items, 3)) == [[1, 1, 2], [2, 2, 3], [4, 4]]
     assert list(runs(items, 3, key=lambda x: x)) == [[1, 1, 2, 2, 2], [3, 4, 4]]
     assert list(runs(items, 0)) == [[x] for x in items]
-    assert list(batched(iter(items), 3)) == [[1, 1, 2], [2, 2, 3], [4, 4]]
-    assert list(batched([], 3)) == []

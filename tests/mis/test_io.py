@@ -11,6 +11,7 @@ import pytest
 from mis.errors import DataError
 from mis.io import (
     GPT_EVAL_FIELDS,
+    append_as_they_come,
     append_jsonl,
     find_split_file,
     iter_jsonl_lenient,
@@ -529,6 +530,26 @@ def test_append_after_a_crash_drops_the_torn_line(responses, tmp_path):
     _torn(path, responses, keep=4)
     append_jsonl(path, responses[4:])  # the resumed run redoes the item whose line was torn
     assert read_responses(path) == responses
+
+
+def test_records_are_appended_as_they_come_every_n(responses, tmp_path):
+    path = tmp_path / "responses.jsonl"
+    appends = []
+    assert append_as_they_come(path, iter(responses[:5]), 2, appends.append) == 5
+    assert appends == [2, 2, 1]
+    assert read_responses(path) == responses[:5]
+
+
+def test_what_came_before_an_error_is_appended_before_it_goes_on(responses, tmp_path):
+    path = tmp_path / "responses.jsonl"
+
+    def failing():
+        yield from responses[:3]
+        raise DataError("a bad image", path=tmp_path / "object1.png")
+
+    with pytest.raises(DataError, match="object1.png"):
+        append_as_they_come(path, failing(), 10)
+    assert read_responses(path) == responses[:3]
 
 
 def test_lenient_responses_reader_still_rejects_duplicates(responses, tmp_path):

@@ -168,6 +168,55 @@ def test_sigkill_mid_score_then_rerun_judges_each_response_once(tiny_model, judg
     assert len(review) == 6 and [r["confidence"] for r in review] == sorted(r["confidence"] for r in review)
 
 
+def garble_pixels(path: Path) -> None:
+    """Zero a PNG's compressed pixel data and fix its checksums: load_split's check (Pillow's verify) passes, the
+    decode fails, as with an image corrupted inside its data."""
+    import struct
+    import zlib
+
+    data = bytearray(path.read_bytes())
+    pos = 8
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", bytes(data[pos:pos + 8]))
+        if kind == b"IDAT":
+            data[pos + 8:pos + 8 + length] = bytes(length)
+            data[pos + 8 + length:pos + 12 + length] = struct.pack(">I", zlib.crc32(kind + bytes(length)))
+        pos += 12 + length
+    path.write_bytes(bytes(data))
+
+
+def test_a_bad_image_stops_scoring_with_every_finished_judgment_saved(responses, judge_dir, demo_dir, tmp_path,
+                                                                      monkeypatch):
+    from guard.engines.hf import TransformersEngine
+    from guard.messages import image_area
+
+    data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
+    # The scored items' largest images: the engine sorts by size, so their batch runs after the others.
+    items = [(split, item) for split in ("easy", "real") for item in load_split(data, split).items[:6]]
+    split, item = max(items, key=lambda s_i: sum(map(image_area, load_split(data, s_i[0]).image_paths(s_i[1]))))
+    bad = load_split(data, split).image_paths(item)[0]
+    garble_pixels(bad)
+    handed_back = []
+    real_stream = TransformersEngine.label_stream
+
+    def counting(self, requests, labels):
+        for index, probs in real_stream(self, requests, labels):
+            handed_back.append(index)
+            yield index, probs
+
+    monkeypatch.setattr(TransformersEngine, "label_stream", counting)
+    config = score_config(responses, judge_dir, data, tmp_path / "out")
+    with pytest.raises(DataError, match=bad.name):
+        run_score(config, progress=False)
+    saved = read_jsonl(tmp_path / "out" / "judgments.jsonl", Judgment)
+    assert 0 < len(saved) == len(handed_back) < 24  # fewer than a chunk: saved only because of the error
+    assert (split, item.id) not in {(j.split, j.id) for j in saved}
+    shutil.copy(demo_dir / bad.relative_to(data), bad)
+    result = run_score(config, progress=False)
+    assert result.already_done == len(saved) and result.judged == 24 - len(saved)
+    assert len({(j.model, j.split, j.id) for j in read_jsonl(result.judgments_path, Judgment)}) == 24
+
+
 def test_chunks_never_split_the_responses_to_one_item():
     from types import SimpleNamespace
 
