@@ -39,9 +39,9 @@ def main() -> None:
 
     import torch
 
-    from calibration.pipeline import AgreeConfig, LabelSource, run_agree
-    from guard.engines.base import EngineOptions
-    from mis.score import ScoreConfig, run_score
+    from misguard.mis.evaluate import AgreeConfig, LabelSource, run_agree
+    from misguard.engines.base import EngineOptions
+    from misguard.mis.score import ScoreConfig, run_score
 
     if args.demo is not None:
         args.responses = args.responses or sorted((args.demo / "responses").glob("*/*.jsonl"))

@@ -55,7 +55,7 @@ def request_bodies(data: Path, n: int, *, photo_like: bool = False) -> list[byte
     generated images are flat shapes whose PNGs are a few KiB; with `photo_like` each gets seeded pixel noise
     and is sent as a JPEG (quality 90), about the size of an MIS photo, so the guard's own per-request work
     (base64, decoding, hashing, JSON of a large body) is of a real request's size."""
-    from mis.io import load_split
+    from misguard.core.io import load_split
 
     split = load_split(data, "easy")
     bodies = []
@@ -238,13 +238,13 @@ def main() -> None:
     import torch
     import transformers
 
-    from guard.engines import EngineOptions
-    from guard.judge import write_judge_spec
-    from guard.policy import Batching, Policy, RailPolicy
-    from guard.rails import Guard
-    from guard.server.app import create_app, running_server
-    from guard.server.replay import replay_app
-    from guard.server.service import GuardService
+    from misguard.engines import EngineOptions
+    from misguard.judges import write_judge_spec
+    from misguard.guard.policy import Batching, Policy, RailPolicy
+    from misguard.guard.rails import Guard
+    from misguard.guard.server.app import create_app, running_server
+    from misguard.guard.server.replay import replay_app
+    from misguard.guard.server.service import GuardService
 
     # Removed at the end: a 7B judge folder is 15 GiB of random weights.
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-guard-"))

@@ -31,7 +31,7 @@ VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14
 def build_model(size: str, folder: Path) -> Path:
     """A tiny Qwen2-VL folder; for 2b/7b its config is swapped for full-size shapes with random weights (the
     tiny tokenizer and processor stay: speed depends on shapes and token counts, not on the vocabulary)."""
-    from guard.tiny_models import make_tiny_model
+    from misguard.engines.tiny_models import make_tiny_model
 
     make_tiny_model(folder, arch="qwen2_vl", seed=0)
     if size == "tiny":
@@ -81,7 +81,7 @@ def mis_sized_images(data: Path, side: int = 504) -> None:
 
 def bench_data(folder: Path, n_items: int, size: str) -> Path:
     """Generated MIS-shaped data for a benchmark: for full-size shapes every image is resized to MIS size."""
-    from mis.demo_data import make_demo_data
+    from misguard.mis.demo_data import make_demo_data
 
     data = make_demo_data(folder, n_items=n_items, seed=0)
     if size != "tiny":
@@ -100,9 +100,9 @@ def main() -> None:
 
     import torch
 
-    from guard.engines import EngineOptions, load_engine
-    from guard.messages import GenerationParams
-    from mis.infer import InferConfig, run_inference
+    from misguard.engines import EngineOptions, load_engine
+    from misguard.engines.messages import GenerationParams
+    from misguard.mis.infer import InferConfig, run_inference
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-"))
     data = bench_data(work / "data", args.items, args.size)
@@ -113,8 +113,8 @@ def main() -> None:
 
     engine = load_engine("transformers", str(model), config.engine_options)
     # Warm-up (kernels, allocator) outside the timings, for both.
-    from guard.messages import user_request
-    from mis.io import load_split
+    from misguard.engines.messages import user_request
+    from misguard.core.io import load_split
     split = load_split(data, "easy")
     warm = [user_request(i.id, split.image_paths(i), i.question) for i in split.items[:2]]
     engine.generate(warm, GenerationParams(max_new_tokens=4))

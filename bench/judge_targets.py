@@ -51,11 +51,11 @@ def main() -> None:
 
     import torch
 
-    from guard.engines import EngineOptions, load_engine
-    from guard.judge import Judge, write_judge_spec
-    from mis.io import load_split, write_jsonl_atomic
-    from mis.records import Response
-    from mis.score import ScoreConfig, run_score
+    from misguard.engines import EngineOptions, load_engine
+    from misguard.judges import Judge, write_judge_spec
+    from misguard.core.io import load_split, write_jsonl_atomic
+    from misguard.core.records import Response
+    from misguard.mis.score import ScoreConfig, run_score
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-targets-"))
     t = time.perf_counter()

@@ -49,13 +49,13 @@ def main() -> None:
 
     import torch
 
-    from guard.engines import EngineOptions, load_engine
-    from guard.judge import Case, Judge, write_judge_spec
-    from guard.judge.rubric import DEFAULT_JSON_TEMPLATE, get_template
-    from guard.messages import GenerationParams
-    from mis.io import load_split, write_jsonl_atomic
-    from mis.records import Response
-    from mis.score import ScoreConfig, run_score
+    from misguard.engines import EngineOptions, load_engine
+    from misguard.judges import Case, Judge, write_judge_spec
+    from misguard.judges.templates import DEFAULT_JSON_TEMPLATE, get_template
+    from misguard.engines.messages import GenerationParams
+    from misguard.core.io import load_split, write_jsonl_atomic
+    from misguard.core.records import Response
+    from misguard.mis.score import ScoreConfig, run_score
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-judge-"))
     data = bench_data(work / "data", args.items, args.size)
@@ -120,7 +120,7 @@ def profile_batch(engine, judge, cases, sync, repeats: int = 5) -> dict:
 
     import torch
 
-    from guard.engines.hf import answer_logits, processor_inputs
+    from misguard.engines.hf import answer_logits, processor_inputs
 
     requests = [judge.template.request(c.response.id, c.images, c.response.question, c.response.response)
                 for c in cases[:engine.batch_size]]

@@ -72,8 +72,8 @@ def build_judge(folder: Path, encoder, pairs: list[tuple[str, str]], seed: int) 
     levels) and write a lite judge folder."""
     import numpy as np
 
-    from guard.lite.heads import LiteHeads, build_features
-    from guard.lite.judge import write_lite_judge
+    from misguard.judges.lite.heads import LiteHeads, build_features
+    from misguard.judges.lite.judge import write_lite_judge
 
     features = build_features(encoder, [q for q, _ in pairs], [r for _, r in pairs])
     rng = np.random.default_rng(seed)
@@ -117,8 +117,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from guard.lite.encoder import TextEncoder
-    from guard.lite.judge import LiteJudge
+    from misguard.judges.lite.encoder import TextEncoder
+    from misguard.judges.lite.judge import LiteJudge
 
     if args.threads:
         torch.set_num_threads(args.threads)

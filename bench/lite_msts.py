@@ -47,12 +47,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration import Calibration, calibration_report, fit_calibration  # noqa: E402
-from calibration.agreement import head_agreement  # noqa: E402
-from guard.lite.heads import FEATURES_ID, LiteHeads, build_features  # noqa: E402
-from mis.errors import DataError  # noqa: E402
-from mis.io import write_text_atomic  # noqa: E402
-from mis.records import SAFETY_LABELS  # noqa: E402
+from misguard.calibration import Calibration, calibration_report, fit_calibration  # noqa: E402
+from misguard.calibration.agreement import head_agreement  # noqa: E402
+from misguard.judges.lite.heads import FEATURES_ID, LiteHeads, build_features  # noqa: E402
+from misguard.core.errors import DataError  # noqa: E402
+from misguard.core.io import write_text_atomic  # noqa: E402
+from misguard.core.records import SAFETY_LABELS  # noqa: E402
 
 DEFAULT_MSTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "msts"
 MSTS_FILE = "msts_english_multimodal_normalized.jsonl"
@@ -176,7 +176,7 @@ class EmbeddingCache:
     @property
     def encoder(self):
         if self._encoder is None:
-            from guard.lite.encoder import TextEncoder
+            from misguard.judges.lite.encoder import TextEncoder
 
             self._encoder = TextEncoder()
         return self._encoder
@@ -335,7 +335,7 @@ def distil(features: np.ndarray, y: np.ndarray, groups: np.ndarray, train: np.nd
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from calibration import log_loss
+    from misguard.calibration import log_loss
 
     grid = tuple(variant.grid if grid is None else grid)
     x_train, y_train = features[train], y[train]

@@ -36,9 +36,9 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
-    from judge_training.examples import TrainingExample
-    from judge_training.trainer import TrainConfig, train_judge
-    from mis.io import load_split
+    from misguard.judge_training.examples import TrainingExample
+    from misguard.judge_training.trainer import TrainConfig, train_judge
+    from misguard.core.io import load_split
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-train-"))
     data = bench_data(work / "data", args.items, args.size)

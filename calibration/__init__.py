@@ -5,8 +5,8 @@ A judge reports p_unsafe (binary safety head) and p_perception (3-class percepti
 they agree (ECE, Brier, log-loss); `thresholds` picks the p_unsafe cut for an Unsafe label; `artifact` bundles
 all of it as one versioned JSON file. Needs numpy and scikit-learn; never imports torch.
 """
-from calibration._checks import CalibrationFormatError
-from calibration.artifact import (
+from misguard.calibration._checks import CalibrationFormatError
+from misguard.calibration.artifact import (
     FORMAT,
     VERSION,
     Calibration,
@@ -15,7 +15,7 @@ from calibration.artifact import (
     encode_safety,
     fit_calibration,
 )
-from calibration.calibrators import (
+from misguard.calibration.calibrators import (
     METHODS,
     BaseCalibrator,
     IdentityCalibration,
@@ -26,8 +26,8 @@ from calibration.calibrators import (
     make_calibrator,
     select_method,
 )
-from calibration.scores import brier, calibration_report, ece, log_loss
-from calibration.thresholds import THRESHOLD_RULES, Threshold, fit_threshold, threshold_match_rate, threshold_max_kappa
+from misguard.calibration.scores import brier, calibration_report, ece, log_loss
+from misguard.calibration.thresholds import THRESHOLD_RULES, Threshold, fit_threshold, threshold_match_rate, threshold_max_kappa
 
 __all__ = [
     "FORMAT", "METHODS", "THRESHOLD_RULES", "VERSION", "BaseCalibrator", "Calibration", "CalibrationFileError",

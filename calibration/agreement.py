@@ -29,9 +29,9 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from calibration.labels import Joined, LabelRecord
-from mis.metrics import DEFINITIONS, METRICS
-from mis.records import CATEGORIES, PERCEPTION_LEVELS
+from misguard.core.labels import Joined, LabelRecord
+from misguard.core.metrics import DEFINITIONS, METRICS
+from misguard.core.records import CATEGORIES, PERCEPTION_LEVELS
 
 AGREEMENT_VERSION = 1
 SAFETY_LABELS: tuple[str, ...] = ("Safe", "Unsafe")

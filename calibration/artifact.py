@@ -19,19 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from calibration._checks import CalibrationFormatError, check_labels, check_probabilities
-from calibration.calibrators import (
+from misguard.calibration._checks import CalibrationFormatError, check_labels, check_probabilities
+from misguard.calibration.calibrators import (
     BaseCalibrator,
     calibrator_from_dict,
     cross_val_proba,
     make_calibrator,
     select_method,
 )
-from calibration.scores import calibration_report
-from calibration.thresholds import DEFAULT_THRESHOLD, Threshold, fit_threshold
-from mis.errors import DataError
-from mis.io import write_text_atomic
-from mis.records import PERCEPTION_LEVELS, SAFETY_LABELS
+from misguard.calibration.scores import calibration_report
+from misguard.calibration.thresholds import DEFAULT_THRESHOLD, Threshold, fit_threshold
+from misguard.core.errors import DataError
+from misguard.core.io import write_text_atomic
+from misguard.core.records import PERCEPTION_LEVELS, SAFETY_LABELS
 
 FORMAT = "misguard-calibration"
 VERSION = 1

@@ -15,10 +15,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from calibration.agreement import POSITIVE_LABEL, SAFETY_LABELS, head_agreement, outcome_of
-from calibration.labels import LabelRecord
-from mis.metrics import METRICS
-from mis.records import PERCEPTION_LEVELS
+from misguard.calibration.agreement import POSITIVE_LABEL, SAFETY_LABELS, head_agreement, outcome_of
+from misguard.core.labels import LabelRecord
+from misguard.core.metrics import METRICS
+from misguard.core.records import PERCEPTION_LEVELS
 
 DEFAULT_COVERAGES: tuple[float, ...] = tuple(round(1.0 - 0.05 * step, 2) for step in range(11))
 """1.00, 0.95, ..., 0.50: the shares of items the judge keeps."""

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.scores import ece
-from mis.io import write_bytes_atomic
+from misguard.calibration.scores import ece
+from misguard.core.io import write_bytes_atomic
 
 _DPI = 120
 _HEAD_TITLES = {"safety": "Safety", "perception": "Perception level", "outcome": "MIS outcome"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import log_loss as sklearn_log_loss
 
-from calibration._checks import as_class_matrix, check_labels, check_probabilities
+from misguard.calibration._checks import as_class_matrix, check_labels, check_probabilities
 
 BIN_STRATEGIES: tuple[str, ...] = ("uniform", "quantile")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration._checks import CalibrationFormatError, check_labels, check_probabilities
+from misguard.calibration._checks import CalibrationFormatError, check_labels, check_probabilities
 
 THRESHOLD_RULES: tuple[str, ...] = ("fixed", "max_kappa", "match_rate")
 DEFAULT_THRESHOLD = 0.5

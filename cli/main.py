@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from guard.offline import enforce_offline
-from mis.errors import MisguardError
+from misguard.core.offline import enforce_offline
+from misguard.core.errors import MisguardError
 
 app = typer.Typer(
     name="misguard",
@@ -79,8 +79,8 @@ def infer(
     quiet: Quiet = False,
 ):
     """Run a target VLM over an MIS split and write its responses (resumable: re-run to finish)."""
-    from guard.messages import GenerationParams
-    from mis.infer import InferConfig, parse_shard, run_inference
+    from misguard.engines.messages import GenerationParams
+    from misguard.mis.infer import InferConfig, parse_shard, run_inference
 
     options = engine_options(locals())
     config = InferConfig(
@@ -133,7 +133,7 @@ def score(
     quiet: Quiet = False,
 ):
     """Judge responses with a local judge (or read GPT-4o's labels) and write the MIS metrics (resumable)."""
-    from mis.score import ScoreConfig, run_score, score_reference_labels
+    from misguard.mis.score import ScoreConfig, run_score, score_reference_labels
 
     share = share_option(escalate) if escalate is not None else None  # a bad value fails before any work
     if from_labels:
@@ -159,7 +159,7 @@ def score(
     typer.echo(f"metrics:   {result.metrics_paths[0]}")
     typer.echo(f"           {result.metrics_paths[1]}")
     if share is not None:
-        from calibration.pipeline import score_escalation
+        from misguard.mis.evaluate import score_escalation
 
         typer.echo(f"escalate:  {score_escalation(result.judgments_path, share, out)}")
 
@@ -172,7 +172,7 @@ ValueMap = Annotated[Optional[list[str]], typer.Option(
 def label_source(path: Path, safety_field: str, perception_field: str, value_map: list[str] | None, *,
                  id_field: str = "id", model_name: str | None = None):
     """A LabelSource from a command's label-file options."""
-    from calibration.pipeline import LabelSource
+    from misguard.mis.evaluate import LabelSource
 
     return LabelSource(path=path, safety_field=safety_field,
                        perception_field=None if perception_field.lower() == "none" else perception_field,
@@ -201,7 +201,7 @@ def calibrate(
     skip_bad: SkipBad = False,
 ):
     """Fit a calibration of the judge's probabilities (and its Unsafe threshold) against reference labels."""
-    from calibration.pipeline import CalibrateConfig, run_calibrate
+    from misguard.mis.evaluate import CalibrateConfig, run_calibrate
 
     calibration = run_calibrate(CalibrateConfig(
         judgments=label_source(judgments, "label_str", "label_perception", None),
@@ -246,7 +246,7 @@ def agree(
     skip_bad: SkipBad = False,
 ):
     """Agreement of the judge with reference (GPT-4o) and human labels: kappa, confusion, metric deltas."""
-    from calibration.pipeline import AgreeConfig, run_agree
+    from misguard.mis.evaluate import AgreeConfig, run_agree
 
     share = share_option(escalate) if escalate is not None else None
     result = run_agree(AgreeConfig(
@@ -270,7 +270,7 @@ def agree(
 
 def share_option(text: str) -> float:
     """--escalate's value ("10%" or "0.1") as a share; a bad value is a MisguardError naming the option."""
-    from calibration.escalation import parse_share
+    from misguard.calibration.escalation import parse_share
 
     try:
         return parse_share(text)
@@ -325,7 +325,7 @@ def train(
 ):
     """Train a judge on GPT-4o's labels (a fine-tuned VLM, or with --kind lite a CPU text judge); writes a judge
     folder that score/agree/calibrate/serve take."""
-    from judge_training.run import TrainData, run_train
+    from misguard.mis.train import TrainData, run_train
 
     if kind not in ("vlm", "lite"):
         raise MisguardError(f"--kind must be vlm or lite, got {kind!r}")
@@ -337,12 +337,12 @@ def train(
     train_data = TrainData(responses=responses, labels=labels, data=data, label_model_names=label_model_name,
                            val_frac=val_frac, skip_bad=skip_bad)
     if kind == "lite":
-        from judge_training.lite import DEFAULT_C_GRID, LiteTrainConfig
+        from misguard.judge_training.lite import DEFAULT_C_GRID, LiteTrainConfig
 
         config = LiteTrainConfig(out=out, c_grid=tuple(lite_c) if lite_c else DEFAULT_C_GRID, seed=seed,
                                  judge_id=judge_id)
     else:
-        from judge_training.trainer import TrainConfig
+        from misguard.judge_training.trainer import TrainConfig
 
         if base is None:
             raise MisguardError("--base is required for --kind vlm (the VLM folder to fine-tune)")
@@ -385,7 +385,7 @@ def merge(
     model_name: Annotated[str, typer.Option(help="The model name in the shard file names.")],
 ):
     """Join the shards of a `misguard infer --shard I/N` run into one responses file."""
-    from mis.infer import merge_shards
+    from misguard.mis.infer import merge_shards
 
     typer.echo(f"merged: {merge_shards(out, split, model_name)}")
 
@@ -426,8 +426,8 @@ def serve(
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Put the judge in front of a deployed VLM as an OpenAI-compatible guardrail (input and output rails)."""
-    from guard.server.app import create_app, run_server
-    from guard.server.loading import build_service
+    from misguard.guard.server.app import create_app, run_server
+    from misguard.guard.server.loading import build_service
 
     service = build_service(judge, upstream, policy_path=policy, calibration_path=calibration, audit_log=audit_log,
                             engine=engine, options=engine_options(locals()), served_model=served_model,
@@ -446,7 +446,7 @@ def make_demo_data(
     seed: Annotated[int, typer.Option()] = 0,
 ):
     """Write a small, clearly synthetic MIS-shaped test directory (published layout, generated images)."""
-    from mis.demo_data import make_demo_data as make
+    from misguard.mis.demo_data import make_demo_data as make
 
     typer.echo(f"synthetic MIS data: {make(out, n_items=items, seed=seed)}")
 
@@ -458,7 +458,7 @@ def make_judge(
     template: Annotated[str, typer.Option(help="Prompt template id.")] = "mis-judge-codes-v1",
 ):
     """Make a model folder a judge folder: write its judge.json (template and answer-label token ids)."""
-    from guard.judge import write_judge_spec
+    from misguard.judges import write_judge_spec
 
     spec = write_judge_spec(folder, judge_id=judge_id, template=template)
     typer.echo(f"judge '{spec.id}' ({spec.template}): {folder / 'judge.json'}")
@@ -471,7 +471,7 @@ def make_tiny_model(
     seed: Annotated[int, typer.Option()] = 0,
 ):
     """Build a tiny random-weight model of a real VLM architecture (for tests and the demo), offline."""
-    from guard.tiny_models import make_tiny_model as make
+    from misguard.engines.tiny_models import make_tiny_model as make
 
     typer.echo(f"tiny {arch} model: {make(out, arch=arch, seed=seed)}")
 
@@ -482,7 +482,7 @@ def demo(
     items: Annotated[int, typer.Option(help="Items per split.")] = 12,
 ):
     """Run misguard end to end on generated data and tiny models (no GPU, no downloads)."""
-    from mis.demo import run_demo
+    from misguard.mis.demo import run_demo
 
     run_demo(out, n_items=items)
 
@@ -490,7 +490,7 @@ def demo(
 def engine_options(command_args: dict):
     """The EngineOptions from a command's arguments (its `locals()`), which declare the shared engine options
     with the aliases at the top of this module."""
-    from guard.engines.base import EngineOptions
+    from misguard.engines.base import EngineOptions
 
     a = command_args
     return EngineOptions(

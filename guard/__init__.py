@@ -1,2 +1,2 @@
-"""Everything that runs a model: the engines (transformers, vLLM, OpenAI-compatible HTTP) and, later, the judge
-and the guardrail server. Heavy libraries are imported lazily, inside the engine that needs them."""
+"""The runtime guardrail: the policy, the two rails (`Guard`) over any judge, and the OpenAI-compatible server in
+front of a deployed VLM (`server/`, which needs the `guard` extra)."""

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from guard.messages import Message
-from guard.policy import Limits
-from mis.errors import MisguardError
+from misguard.engines.messages import Message
+from misguard.guard.policy import Limits
+from misguard.core.errors import MisguardError
 
 
 class InputError(MisguardError):

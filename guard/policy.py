@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mis.errors import DataError
+from misguard.core.errors import DataError
 
 DEFAULT_REFUSAL = ("I can't help with that. This request was stopped by a safety check because, together with "
                    "its images, it may lead to harm.")

@@ -15,20 +15,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from guard.chat_input import parse_chat_messages
-from guard.judge.judge import code_marginals, load_judge
-from guard.judge.parse import parse_json_safety, parse_json_verdict
-from guard.judge.rubric import REQUEST_CODES, request_template_for
-from guard.messages import GenerationParams
-from guard.policy import Policy
-from mis.errors import MisguardError
+from misguard.guard.chat_input import parse_chat_messages
+from misguard.judges.judge import code_marginals, load_judge
+from misguard.judges.parse import parse_json_safety, parse_json_verdict
+from misguard.judges.templates import REQUEST_CODES, request_template_for
+from misguard.engines.messages import GenerationParams
+from misguard.guard.policy import Policy
+from misguard.core.errors import MisguardError
 
 if TYPE_CHECKING:
-    from calibration import Calibration
-    from guard.engines import EngineOptions
-    from guard.judge.cascade import CascadeBand
-    from guard.judge.judge import Judge
-    from guard.lite.judge import LiteJudge
+    from misguard.calibration import Calibration
+    from misguard.engines import EngineOptions
+    from misguard.judges.cascade import CascadeBand
+    from misguard.judges.judge import Judge
+    from misguard.judges.lite.judge import LiteJudge
 
 Rail = Literal["input", "output"]
 RAILS: tuple[Rail, ...] = ("input", "output")
@@ -110,8 +110,8 @@ class Guard:
                  options: EngineOptions | None = None, served_model: str | None = None,
                  calibration: Calibration | None = None, lite_judge: LiteJudge | str | Path | None = None,
                  cascade_band: CascadeBand | None = None):
-        from guard.judge.cascade import CascadeBand
-        from guard.judge.judge import calibration_id
+        from misguard.judges.cascade import CascadeBand
+        from misguard.judges.judge import calibration_id
 
         self.policy = policy or Policy()
         self._owns_judge = isinstance(judge, (str, Path))
@@ -304,6 +304,6 @@ class Guard:
 
 def _load_calibration(path: Path) -> Calibration:
     """A rail's calibration file. Raises CalibrationFileError (a DataError) naming the file."""
-    from calibration import Calibration
+    from misguard.calibration import Calibration
 
     return Calibration.load(path)

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from guard.judge.rubric import CODES
-from judge_training.examples import TrainingExample
-from mis.errors import DataError, MisguardError
-from mis.io import read_jsonl_numbered
-from mis.records import CATEGORIES, PERCEPTION_LABELS, PERCEPTION_LEVELS, SAFETY_LABELS, Judgment, Response, Verdict
-from mis.score import ItemIndex
+from misguard.judges.templates import CODES
+from misguard.judge_training.examples import TrainingExample
+from misguard.core.errors import DataError, MisguardError
+from misguard.core.io import read_jsonl_numbered
+from misguard.core.records import CATEGORIES, PERCEPTION_LABELS, PERCEPTION_LEVELS, SAFETY_LABELS, Judgment, Response, Verdict
+from misguard.mis.score import ItemIndex
 
 if TYPE_CHECKING:
     import datasets

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from guard.judge.rubric import CODES
+from misguard.judges.templates import CODES
 
 ANSWER_CODE: dict[tuple[str, str], str] = {(level, safety): code for code, (level, safety) in CODES.items()}
 """(perception level "Level1".."Level3", "Safe"|"Unsafe") -> the judge's answer code "1".."6"."""

@@ -19,14 +19,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from judge_training.data import label_counts
-from judge_training.examples import TrainingExample
-from mis.errors import MisguardError
+from misguard.judge_training.data import label_counts
+from misguard.judge_training.examples import TrainingExample
+from misguard.core.errors import MisguardError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
 
-    from guard.lite.heads import LiteHeads
+    from misguard.judges.lite.heads import LiteHeads
 
 log = logging.getLogger("misguard")
 
@@ -104,16 +104,16 @@ def train_lite_judge(config: LiteTrainConfig, train: Sequence[TrainingExample], 
     Returns a LiteTrainResult. Raises MisguardError for bad settings, an empty training split, training labels
     of one safety class, or an out folder that holds a model; MissingExtraError without the `lite` extra.
     """
-    from guard.offline import enforce_offline
+    from misguard.core.offline import enforce_offline
 
     enforce_offline()
     started = time.time()
     out = Path(config.out).expanduser()
     _check_run(config, out, train)
 
-    from guard.lite.encoder import ENCODER_PACKAGE, TextEncoder
-    from guard.lite.heads import FEATURES_ID, LiteHeads, build_features
-    from guard.lite.judge import CARD_FILE, LITE_TEMPLATE, write_lite_judge
+    from misguard.judges.lite.encoder import ENCODER_PACKAGE, TextEncoder
+    from misguard.judges.lite.heads import FEATURES_ID, LiteHeads, build_features
+    from misguard.judges.lite.judge import CARD_FILE, LITE_TEMPLATE, write_lite_judge
 
     y_unsafe, y_perception = encode_labels(train)
     if len(set(y_unsafe.tolist())) < 2:
@@ -185,7 +185,7 @@ def encode_labels(examples: Sequence[TrainingExample]) -> tuple[np.ndarray, np.n
     judge learns as one answer code, one array per head."""
     import numpy as np
 
-    from mis.records import PERCEPTION_LEVELS
+    from misguard.core.records import PERCEPTION_LEVELS
 
     y_unsafe = np.array([e.label_str == "Unsafe" for e in examples], dtype=np.int64)
     y_perception = np.array([PERCEPTION_LEVELS.index(e.label_perception.removeprefix("Perception "))
@@ -206,7 +206,7 @@ def select_c(features: np.ndarray, y_unsafe: np.ndarray, y_perception: np.ndarra
     from sklearn.metrics import log_loss
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from guard.lite.heads import LiteHeads
+    from misguard.judges.lite.heads import LiteHeads
 
     if len(set(config.c_grid)) == 1:
         return float(config.c_grid[0]), [], "one candidate C: nothing to choose, not cross-validated"
@@ -263,8 +263,8 @@ def validation_agreement(heads: LiteHeads, features: np.ndarray, examples: Seque
     import numpy as np
     from sklearn.metrics import log_loss
 
-    from calibration.agreement import SAFETY_LABELS, head_agreement
-    from mis.records import PERCEPTION_LEVELS
+    from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
+    from misguard.core.records import PERCEPTION_LEVELS
 
     y_unsafe, y_perception = encode_labels(examples)
     p_unsafe, p_perception = heads.predict(features)
@@ -327,7 +327,7 @@ def _package_version(name: str) -> str | None:
 
 
 def _misguard_version() -> str:
-    from mis.version import __version__
+    from misguard.core.version import __version__
 
     return __version__
 

@@ -26,14 +26,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from guard.engines.hf import answer_logits, processor_inputs, render_prompt
-from judge_training.data import label_counts
-from judge_training.examples import TrainingExample
-from mis.errors import MisguardError
+from misguard.engines.hf import answer_logits, processor_inputs, render_prompt
+from misguard.judge_training.data import label_counts
+from misguard.judge_training.examples import TrainingExample
+from misguard.core.errors import MisguardError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from guard.families import Family
-    from guard.messages import LabelProbs
+    from misguard.engines.families import Family
+    from misguard.engines.messages import LabelProbs
 
 log = logging.getLogger("misguard")
 
@@ -143,7 +143,7 @@ class AnswerCodeCollator:
     row's last position is its last prompt token, plus `answer_ids` (each example's answer-code token id)."""
 
     def __init__(self, processor, family: Family, template_id: str, code_ids: dict[str, int]):
-        from guard.judge.rubric import get_template
+        from misguard.judges.templates import get_template
 
         self.processor = processor
         self.family = family
@@ -200,8 +200,8 @@ def load_for_training(config: TrainConfig):
     fine-tuning, with the vision tower and projector frozen unless `train_vision`. Raises MisguardError when the
     folder cannot be loaded or the dtype is unknown."""
 
-    from guard.engines import EngineOptions
-    from guard.engines.hf import load_processor_and_model, resolve_device_dtype
+    from misguard.engines import EngineOptions
+    from misguard.engines.hf import load_processor_and_model, resolve_device_dtype
 
     if config.dtype not in ("auto", "float32", "bfloat16"):
         raise MisguardError(f"unknown training dtype '{config.dtype}'; choose auto, float32 or bfloat16")
@@ -237,7 +237,7 @@ def load_for_training(config: TrainConfig):
 def _verdicts(probs: Sequence[LabelProbs], threshold: float = 0.5) -> tuple[list[str], list[str]]:
     """(safety labels, perception levels) from the six codes' probabilities, as Judge reads them: Unsafe when
     the Unsafe codes' mass >= threshold; the perception level with the largest marginal."""
-    from guard.judge.judge import code_marginals
+    from misguard.judges.judge import code_marginals
 
     safety, perception = [], []
     for row in probs:
@@ -255,9 +255,9 @@ def validation_metrics(examples: Sequence[TrainingExample], probs: Sequence[Labe
     examples."""
     if not examples:
         raise ValueError("no validation examples")
-    from calibration.agreement import SAFETY_LABELS, head_agreement
-    from guard.judge.rubric import CODES
-    from mis.records import PERCEPTION_LEVELS
+    from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
+    from misguard.judges.templates import CODES
+    from misguard.core.records import PERCEPTION_LEVELS
 
     safety, perception = _verdicts(probs)
     safety_agreement = head_agreement([e.label_str for e in examples], safety, SAFETY_LABELS, positive="Unsafe")
@@ -294,7 +294,7 @@ def _judge_trainer_class():
     from transformers import Trainer
     from transformers.trainer import TRAINING_ARGS_NAME, _is_peft_model
 
-    from guard.messages import label_probs_from_logprobs
+    from misguard.engines.messages import label_probs_from_logprobs
 
     class JudgeTrainer(Trainer):
         loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; Trainer divides by grad_accum
@@ -382,7 +382,7 @@ def train_judge(config: TrainConfig, train: list[TrainingExample], val: list[Tra
     template, a base or out folder that cannot be used, an answer code that is not one token of the base's
     tokenizer, or checkpoints that come from other settings or data.
     """
-    from guard.offline import enforce_offline
+    from misguard.core.offline import enforce_offline
 
     enforce_offline()
     started = time.time()
@@ -393,8 +393,8 @@ def train_judge(config: TrainConfig, train: list[TrainingExample], val: list[Tra
     from transformers import TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from guard.families import family_for
-    from guard.judge.judge import code_token_ids
+    from misguard.engines.families import family_for
+    from misguard.judges.judge import code_token_ids
 
     set_seed(config.seed)  # before the model is built: the LoRA initialisation is random
     model, processor, dtype = load_for_training(config)
@@ -442,14 +442,14 @@ def train_judge(config: TrainConfig, train: list[TrainingExample], val: list[Tra
     history = _history(trainer.state.log_history)
     best_epoch, best = _best(history, trainer.state)
     adapter = _export(trainer.model, config, base, out)
-    from guard.judge import write_judge_spec
+    from misguard.judges import write_judge_spec
 
     spec = write_judge_spec(out, judge_id=config.judge_id, template=config.template, base_model=str(base))
     seconds = time.time() - started
     card = _judge_card(config, base, spec.id, train, val, history, best_epoch, best, data_hashes,
                        trainer.state.global_step, resumed_from, seconds, str(dtype).removeprefix("torch."),
                        "cuda" if on_gpu else "cpu")
-    from mis.io import write_text_atomic
+    from misguard.core.io import write_text_atomic
 
     write_text_atomic(out / JUDGE_CARD, json.dumps(card, indent=2) + "\n")
     return TrainResult(out=out, adapter=adapter, judge_spec=out / "judge.json", judge_card=out / JUDGE_CARD,
@@ -459,8 +459,8 @@ def train_judge(config: TrainConfig, train: list[TrainingExample], val: list[Tra
 
 def _check_run(config: TrainConfig, base: Path, out: Path, train: Sequence[TrainingExample]) -> None:
     """Raise MisguardError for settings that cannot train."""
-    from guard.engines.hf import check_model_folder
-    from guard.judge.rubric import get_template
+    from misguard.engines.hf import check_model_folder
+    from misguard.judges.templates import get_template
 
     check_model_folder(str(base))
     if get_template(config.template).mode != "codes":
@@ -491,7 +491,7 @@ def _fingerprint(config: TrainConfig, train: Sequence[TrainingExample], val: Seq
 def _resume_point(config: TrainConfig, checkpoints: Path, train, val, get_last_checkpoint) -> str | None:
     """The checkpoint to continue from (None for a fresh run), after checking it comes from the same settings
     and examples; records this run's fingerprint for the next resume."""
-    from mis.io import write_text_atomic
+    from misguard.core.io import write_text_atomic
 
     fingerprint = _fingerprint(config, train, val)
     run_file = checkpoints / RUN_FILE
@@ -556,7 +556,7 @@ def _export(model, config: TrainConfig, base: Path, out: Path) -> Path | None:
 def _judge_card(config: TrainConfig, base: Path, judge_id: str, train, val, history, best_epoch, best,
                 data_hashes, global_step, resumed_from, seconds, dtype, device) -> dict[str, Any]:
     """judge_card.json: where the judge comes from and how well it agreed with the validation labels."""
-    from mis.version import __version__
+    from misguard.core.version import __version__
 
     def sizes(examples):
         return {"examples": len(examples), "items": len({e.item_key for e in examples}),

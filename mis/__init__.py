@@ -1,8 +1,3 @@
-"""The MIS benchmark: items, responses and reference verdicts, their files, and the target-inference loop.
-
-Importing this package never imports torch, transformers or vllm.
-"""
-from mis.errors import DataError, MisguardError
-from mis.records import CATEGORIES, SPLITS, Item, Response, Verdict
-
-__all__ = ["CATEGORIES", "SPLITS", "DataError", "Item", "MisguardError", "Response", "Verdict"]
+"""The MIS benchmark's stages, each a pipeline from the previous stage's files to its own: `infer` (target
+responses), `score` (judgments and metrics), `calibrate` and `agree` (against GPT-4o or human labels), `train` (a
+judge), and `demo` (all of them on generated data)."""

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from mis.records import SPLITS
+from misguard.core.records import SPLITS
 
 DEMO_TARGETS = ("qwen2_vl", "qwen2_5_vl")
 DEMO_JUDGE_ARCH = "qwen2_vl"
@@ -29,17 +29,17 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
     from rich.table import Table
     from transformers.utils import logging as hf_logging
 
-    from calibration.pipeline import AgreeConfig, CalibrateConfig, LabelSource, run_agree, run_calibrate
-    from guard.engines import load_engine
-    from guard.engines.base import EngineOptions
-    from guard.messages import GenerationParams
-    from guard.tiny_models import make_tiny_model
-    from judge_training.lite import LiteTrainConfig
-    from judge_training.run import TrainData, run_train
-    from judge_training.trainer import TrainConfig
-    from mis.demo_data import make_demo_data, synthetic_verdicts
-    from mis.infer import InferConfig, run_inference
-    from mis.score import ScoreConfig, run_score, score_reference_labels
+    from misguard.mis.evaluate import AgreeConfig, CalibrateConfig, LabelSource, run_agree, run_calibrate
+    from misguard.engines import load_engine
+    from misguard.engines.base import EngineOptions
+    from misguard.engines.messages import GenerationParams
+    from misguard.engines.tiny_models import make_tiny_model
+    from misguard.judge_training.lite import LiteTrainConfig
+    from misguard.mis.train import TrainData, run_train
+    from misguard.judge_training.trainer import TrainConfig
+    from misguard.mis.demo_data import make_demo_data, synthetic_verdicts
+    from misguard.mis.infer import InferConfig, run_inference
+    from misguard.mis.score import ScoreConfig, run_score, score_reference_labels
 
     hf_logging.disable_progress_bar()  # tiny models load in milliseconds; their bars would only clutter the demo
     console = Console(soft_wrap=True)  # paths whole, never broken across lines

@@ -14,9 +14,9 @@ import random
 from io import BytesIO
 from pathlib import Path
 
-from mis.errors import MisguardError
-from mis.io import write_text_atomic
-from mis.records import CATEGORIES, SPLITS
+from misguard.core.errors import MisguardError
+from misguard.core.io import write_text_atomic
+from misguard.core.records import CATEGORIES, SPLITS
 
 # Placeholder sub-categories, 2-3 per category, named like the benchmark's taxonomy.
 SUB_CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -179,8 +179,8 @@ def synthetic_verdicts(responses_path: str | Path, out_path: str | Path) -> Path
     fixed rule on the item, not a judgment of the response (Unsafe for the SYNTHETIC_UNSAFE_CATEGORIES;
     Perception Level1 for "How could ..." questions, else Level2). The rule is visible in the judge's prompt
     (the demo questions name their category), so a tiny judge can learn it in the demo. Returns out_path."""
-    from mis.io import read_responses, write_verdicts
-    from mis.records import Verdict
+    from misguard.core.io import read_responses, write_verdicts
+    from misguard.core.records import Verdict
 
     verdicts = []
     for response in read_responses(responses_path):

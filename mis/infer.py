@@ -13,11 +13,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from guard.engines.base import Engine, EngineOptions
-from guard.messages import GenerationParams, user_request
-from mis.errors import MisguardError
-from mis.io import append_as_they_come, load_split, read_responses_lenient, write_jsonl_atomic, write_text_atomic
-from mis.records import Item, Response
+from misguard.engines.base import Engine, EngineOptions
+from misguard.engines.messages import GenerationParams, user_request
+from misguard.core.errors import MisguardError
+from misguard.core.io import append_as_they_come, load_split, read_responses_lenient, write_jsonl_atomic, write_text_atomic
+from misguard.core.records import Item, Response
 
 log = logging.getLogger("misguard")
 MANIFEST_VERSION = 1
@@ -102,8 +102,8 @@ def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine 
     """Run (or resume) inference; returns where the responses went and what was done. `engine`, if given, is
     used instead of loading config.model (and is left open, for the caller to reuse). Raises DataError for bad
     input (unless skip_bad), MisguardError when an existing output was made with other settings."""
-    from guard.engines import load_engine
-    from mis.version import __version__
+    from misguard.engines import load_engine
+    from misguard.core.version import __version__
 
     started = time.time()
     split = load_split(config.data, config.split, skip_bad=config.skip_bad)

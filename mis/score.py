@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from guard.engines.base import EngineOptions, runs
-from mis.errors import DataError, MisguardError
-from mis.io import (
+from misguard.engines.base import EngineOptions, runs
+from misguard.core.errors import DataError, MisguardError
+from misguard.core.io import (
     append_as_they_come,
     find_split_file,
     load_split,
@@ -27,7 +27,7 @@ from mis.io import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from mis.records import SPLITS, Item, Judgment, Response, Verdict
+from misguard.core.records import SPLITS, Item, Judgment, Response, Verdict
 
 JUDGMENTS_FILE = "judgments.jsonl"
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class ItemIndex:
 def _cases(config: ScoreConfig, index: ItemIndex):
     """Every response of every file as a judge Case, responses to one item side by side. Raises DataError
     (file, line, field) for a response that matches no MIS item or is given twice."""
-    from guard.judge import Case
+    from misguard.judges import Case
 
     cases = []
     seen: dict[tuple[str, str, str], str] = {}
@@ -136,7 +136,7 @@ def item_chunks(cases: list, size: int):
 def _judgments(judge, cases: list) -> Iterator:
     """The judge's Judgments of `cases` as it finishes them: a VLM judge's engine takes them all at once (its
     own windows keep batches full and the device busy); other judges take them an item chunk at a time."""
-    from guard.judge import Judge
+    from misguard.judges import Judge
 
     if isinstance(judge, Judge):
         return (judgment for _, judgment in judge.judge_stream(cases))
@@ -155,9 +155,9 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     """Judge every response not yet in OUT/judgments.jsonl, then write the metrics. `judge`, if given, is used
     instead of loading config.judge. Raises DataError for responses that match no MIS item, MisguardError when
     OUT holds judgments from another judge or template."""
-    from guard.judge import load_judge, read_judge_spec
-    from guard.judge.judge import calibration_id, spec_calibration
-    from mis.version import __version__
+    from misguard.judges import load_judge, read_judge_spec
+    from misguard.judges.judge import calibration_id, spec_calibration
+    from misguard.core.version import __version__
 
     started = time.time()
     out = Path(config.out)
@@ -167,7 +167,7 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     if judge is not None:
         calibration = judge.calibration
     elif config.calibration is not None:
-        from calibration import Calibration
+        from misguard.calibration import Calibration
 
         calibration = Calibration.load(config.calibration)
     else:
@@ -176,7 +176,7 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
     run_ids = {run_id}
     band = None
     if config.lite_judge is not None:
-        from guard.judge.cascade import CascadeBand
+        from misguard.judges.cascade import CascadeBand
 
         band = CascadeBand.parse(config.cascade_band)  # a bad band fails before any work
         lite_spec = read_judge_spec(config.lite_judge)
@@ -211,7 +211,7 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
                                served_model=config.served_model, calibration=calibration)
         manifest["engine"] = judge.engine.describe()
         if band is not None:
-            from guard.judge.cascade import CascadeJudge
+            from misguard.judges.cascade import CascadeJudge
 
             judge = cascade = CascadeJudge(load_judge(config.lite_judge), judge, band)
             manifest["cascade"] = {"lite_judge": str(config.lite_judge), "band": [band.low, band.high]}
@@ -238,7 +238,7 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge=None) -> Scor
 
 
 def _write_metrics(judgments_path: Path, keys: set | None, out: Path, n_bootstrap: int):
-    from mis.metrics import compute_metrics, write_metrics
+    from misguard.core.metrics import compute_metrics, write_metrics
 
     judgments = read_jsonl(judgments_path, Judgment)
     if keys is not None:  # only this run's responses, if the folder also holds judgments of other files

@@ -18,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from guard.server.protocol import GuardHTTPError
-from guard.server.service import GuardService, Reply
+from misguard.guard.server.protocol import GuardHTTPError
+from misguard.guard.server.service import GuardService, Reply
 
 log = logging.getLogger("misguard.serve")
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from guard.engines.base import EngineOptions
-from guard.policy import load_policy
-from guard.server.service import GuardService
-from mis.errors import MisguardError, MissingExtraError
+from misguard.engines.base import EngineOptions
+from misguard.guard.policy import load_policy
+from misguard.guard.server.service import GuardService
+from misguard.core.errors import MisguardError, MissingExtraError
 
 
 def build_service(judge: Path, upstream: str, *, policy_path: Path | None = None,
@@ -23,7 +23,7 @@ def build_service(judge: Path, upstream: str, *, policy_path: Path | None = None
             __import__(module)
         except ModuleNotFoundError:
             raise MissingExtraError(module, "guard") from None
-    from guard.rails import Guard
+    from misguard.guard.rails import Guard
 
     if not upstream.startswith(("http://", "https://")):
         raise MisguardError(f"--upstream must be an http(s) URL ending in /v1, got {upstream!r}")
@@ -35,10 +35,10 @@ def build_service(judge: Path, upstream: str, *, policy_path: Path | None = None
         options.batch_size = policy.batching.max_batch_size
     calibration = None
     if calibration_path is not None:
-        from calibration import Calibration
+        from misguard.calibration import Calibration
 
         calibration = Calibration.load(calibration_path)
-    from guard.judge.cascade import CascadeBand
+    from misguard.judges.cascade import CascadeBand
 
     guard = Guard(judge, policy, engine=engine, options=options, served_model=served_model, calibration=calibration,
                   lite_judge=lite_judge, cascade_band=CascadeBand.parse(cascade_band))

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from guard.server.protocol import SSE_DONE, sse_event
+from misguard.guard.server.protocol import SSE_DONE, sse_event
 
 
 def replay_app(responses: Mapping[str, str] | Callable[[dict[str, Any]], str], *,

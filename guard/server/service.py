@@ -21,12 +21,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from guard.chat_input import ChatInput, InputError, parse_chat_messages
-from guard.rails import Guard, Rail, RailCheck, RailScore, Verdict
-from guard.server.audit import AuditLog
-from guard.server.batching import MicroBatcher
-from guard.server.metrics import GuardMetrics
-from guard.server.protocol import (
+from misguard.guard.chat_input import ChatInput, InputError, parse_chat_messages
+from misguard.guard.rails import Guard, Rail, RailCheck, RailScore, Verdict
+from misguard.guard.server.audit import AuditLog
+from misguard.guard.server.batching import MicroBatcher
+from misguard.guard.server.metrics import GuardMetrics
+from misguard.guard.server.protocol import (
     EXTENSION_FIELD,
     SSE_DONE,
     ChatCompletionRequest,

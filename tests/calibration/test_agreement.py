@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.agreement import (
+from misguard.calibration.agreement import (
     agreement_markdown,
     agreement_report,
     head_agreement,
     outcome_of,
     paired_bootstrap_delta,
 )
-from calibration.labels import LabelRecord, join_labels, read_labels
+from misguard.core.labels import LabelRecord, join_labels, read_labels
 
 MSTS = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "msts"
         / "msts_english_multimodal_normalized.jsonl")

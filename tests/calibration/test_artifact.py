@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration import (
+from misguard.calibration import (
     FORMAT,
     VERSION,
     Calibration,
@@ -26,7 +26,7 @@ from calibration import (
     log_loss,
     make_calibrator,
 )
-from mis.errors import DataError
+from misguard.core.errors import DataError
 from tests.calibration.synthetic import power_distorted, tempered_multiclass
 
 SAFETY = ("Safe", "Unsafe")
@@ -227,7 +227,7 @@ def test_fit_calibration_bad_input():
 
 
 def test_importing_calibration_never_imports_torch():
-    code = "import sys, calibration; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    code = "import sys, misguard.calibration; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     assert subprocess.run([sys.executable, "-c", code], check=False, cwd=root, env=env, timeout=60).returncode == 0

@@ -10,7 +10,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.isotonic import IsotonicRegression
 
-from calibration import (
+from misguard.calibration import (
     METHODS,
     CalibrationFormatError,
     IsotonicCalibration,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from calibration.escalation import (
+from misguard.calibration.escalation import (
     DEFAULT_COVERAGES,
     confidence,
     escalation_curve,
@@ -14,7 +14,7 @@ from calibration.escalation import (
     record_confidence,
     select_for_review,
 )
-from calibration.labels import LabelRecord
+from misguard.core.labels import LabelRecord
 
 SURE_SAFE = (0.999, 0.0005, 0.0005)
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from calibration.labels import (
+from misguard.core.labels import (
     LabelRecord,
     join_labels,
     normalise_perception,
@@ -14,9 +14,9 @@ from calibration.labels import (
     read_labels,
     resolve_field,
 )
-from mis.errors import DataError, MisguardError
-from mis.io import write_jsonl_atomic, write_verdicts
-from mis.records import Judgment, Verdict, content_key
+from misguard.core.errors import DataError, MisguardError
+from misguard.core.io import write_jsonl_atomic, write_verdicts
+from misguard.core.records import Judgment, Verdict, content_key
 
 
 def write_rows(path, rows):

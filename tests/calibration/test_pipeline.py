@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from calibration import Calibration
-from calibration.pipeline import AgreeConfig, CalibrateConfig, LabelSource, run_agree, run_calibrate
-from guard.engines import EngineOptions
-from guard.judge import Judge
-from guard.messages import GenerationParams
-from mis.errors import MisguardError
-from mis.infer import InferConfig, run_inference
-from mis.io import read_jsonl, write_verdicts
-from mis.records import SPLITS, Judgment, Verdict
-from mis.score import ScoreConfig, run_score
+from misguard.calibration import Calibration
+from misguard.mis.evaluate import AgreeConfig, CalibrateConfig, LabelSource, run_agree, run_calibrate
+from misguard.engines import EngineOptions
+from misguard.judges import Judge
+from misguard.engines.messages import GenerationParams
+from misguard.core.errors import MisguardError
+from misguard.mis.infer import InferConfig, run_inference
+from misguard.core.io import read_jsonl, write_verdicts
+from misguard.core.records import SPLITS, Judgment, Verdict
+from misguard.mis.score import ScoreConfig, run_score
 
 ROOT = Path(__file__).resolve().parents[2]
 MSTS = ROOT.parent / "shared" / "data" / "msts" / "msts_english_multimodal_normalized.jsonl"
@@ -140,7 +140,7 @@ def test_agree_writes_report_plots_and_the_review_list(scored, reference, tmp_pa
 def test_readme_worked_example_on_msts_reproduces_the_published_figures(tmp_path):
     # The README's worked example, as a user types it: GPT-4o's verdicts as the judge, the human label as the
     # reference (positive = Unsafe). Published: accuracy 0.820, Cohen's kappa 0.257, F1 0.312.
-    command = [sys.executable, "-m", "cli.main", "agree", str(MSTS), "--judge-field", "auto_eval.gpt-4o-2024-05-13",
+    command = [sys.executable, "-m", "misguard.cli.main", "agree", str(MSTS), "--judge-field", "auto_eval.gpt-4o-2024-05-13",
                "--judge-perception-field", "none", "--reference", str(MSTS), "--reference-field", "human_label_str",
                "--reference-perception-field", "none", "--out", str(tmp_path), "--bootstrap", "200"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibration.agreement import agreement_report
-from calibration.escalation import escalation_curve
-from calibration.labels import LabelRecord
-from calibration.plots import confusion_heatmaps, escalation_plot, reliability_diagram
+from misguard.calibration.agreement import agreement_report
+from misguard.calibration.escalation import escalation_curve
+from misguard.core.labels import LabelRecord
+from misguard.calibration.plots import confusion_heatmaps, escalation_plot, reliability_diagram
 from tests.calibration.synthetic import power_distorted
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import brier_score_loss
 
-from calibration import brier, calibration_report, ece, log_loss
+from misguard.calibration import brier, calibration_report, ece, log_loss
 from tests.calibration.synthetic import calibrated_binary, power_distorted, tempered_binary, tempered_multiclass
 
 STRATEGIES = ["uniform", "quantile"]

@@ -15,12 +15,12 @@ NETBLOCK = Path(__file__).parent / "netblock"
 
 
 def misguard(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "misguard.cli.main", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from typer.testing import CliRunner; from cli.main import app; "
+    code = ("import sys; from typer.testing import CliRunner; from misguard.cli.main import app; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -126,10 +126,10 @@ def test_score_bad_input_is_one_line_error_naming_file_line_and_field(demo_dir, 
 
 
 def test_train_from_the_command_line(tiny_model, demo_dir, tmp_path):
-    from guard.engines import EngineOptions
-    from guard.messages import GenerationParams
-    from mis.demo_data import synthetic_verdicts
-    from mis.infer import InferConfig, run_inference
+    from misguard.engines import EngineOptions
+    from misguard.engines.messages import GenerationParams
+    from misguard.mis.demo_data import synthetic_verdicts
+    from misguard.mis.infer import InferConfig, run_inference
 
     responses = run_inference(InferConfig(
         model=str(tiny_model("qwen2_vl")), data=demo_dir, split="easy", out=tmp_path / "runs", model_name="target",

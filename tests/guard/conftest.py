@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from guard.judge import read_judge_spec
-from mis.io import load_split
+from misguard.judges import read_judge_spec
+from misguard.core.io import load_split
 from tests.guard.vllm_server import vllm_api_server
 
 

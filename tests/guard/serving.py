@@ -12,11 +12,11 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image
 
-from guard.judge import Judge
-from guard.policy import Policy
-from guard.rails import Guard
-from guard.server.app import create_app, running_server
-from guard.server.service import GuardService
+from misguard.judges import Judge
+from misguard.guard.policy import Policy
+from misguard.guard.rails import Guard
+from misguard.guard.server.app import create_app, running_server
+from misguard.guard.server.service import GuardService
 
 
 @contextmanager

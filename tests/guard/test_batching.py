@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from guard.server.batching import MicroBatcher
+from misguard.guard.server.batching import MicroBatcher
 
 
 class Recorder:

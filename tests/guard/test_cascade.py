@@ -6,18 +6,18 @@ import json
 
 import pytest
 
-from guard.judge import Judge, load_judge
-from guard.judge.cascade import CascadeBand, CascadeJudge
-from guard.rails import Guard, RailCheck
-from mis.errors import MisguardError
-from mis.score import ScoreConfig, run_score
+from misguard.judges import Judge, load_judge
+from misguard.judges.cascade import CascadeBand, CascadeJudge
+from misguard.guard.rails import Guard, RailCheck
+from misguard.core.errors import MisguardError
+from misguard.mis.score import ScoreConfig, run_score
 from tests.conftest import LITE_REFUSAL
 
 
 @pytest.fixture(scope="module")
 def responses_file(demo_dir, tmp_path_factory):
     """Demo items answered with a mix of refusals, harmful-sounding and ambiguous texts."""
-    from mis.io import load_split
+    from misguard.core.io import load_split
 
     answers = [LITE_REFUSAL, "Sure, here is how to do it step by step: first mix the powders.",
                "Maybe, it depends.", "The first image shows a kitchen knife and the second a child's toy."]

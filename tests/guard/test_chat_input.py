@@ -13,8 +13,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from guard.chat_input import InputError, parse_chat_messages
-from guard.policy import Limits
+from misguard.guard.chat_input import InputError, parse_chat_messages
+from misguard.guard.policy import Limits
 
 
 def png_bytes(width: int = 8, height: int = 6, color: str = "red") -> bytes:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import guard.engines.hf as hf
-from guard.engines import EngineOptions
-from guard.engines.hf import TransformersEngine
-from guard.messages import GenerationParams, user_request
+import misguard.engines.hf as hf
+from misguard.engines import EngineOptions
+from misguard.engines.hf import TransformersEngine
+from misguard.engines.messages import GenerationParams, user_request
 from tests.guard.test_prefix_reuse import judge_requests
 
 

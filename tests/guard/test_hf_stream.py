@@ -9,13 +9,13 @@ import time
 import numpy as np
 import pytest
 
-import guard.engines.hf as hf
-from guard.engines import EngineOptions
-from guard.engines.base import runs
-from guard.engines.hf import TransformersEngine, prefetched
-from guard.judge.rubric import get_template
-from guard.messages import image_area, load_image
-from mis.errors import DataError
+import misguard.engines.hf as hf
+from misguard.engines import EngineOptions
+from misguard.engines.base import runs
+from misguard.engines.hf import TransformersEngine, prefetched
+from misguard.judges.templates import get_template
+from misguard.engines.messages import image_area, load_image
+from misguard.core.errors import DataError
 from tests.guard.test_hf_pipeline import label_probs
 from tests.guard.test_prefix_reuse import judge_requests
 

@@ -6,15 +6,15 @@ import shutil
 
 import pytest
 
-from guard.engines import EngineOptions
-from guard.engines.base import Engine
-from guard.judge import JUDGE_FILE, Case, Judge, read_judge_spec
-from guard.judge.parse import parse_json_verdict
-from guard.judge.rubric import CODES, TEMPLATES, get_template
-from guard.messages import Generation
-from mis.errors import DataError, MisguardError
-from mis.io import load_split
-from mis.records import Response
+from misguard.engines import EngineOptions
+from misguard.engines.base import Engine
+from misguard.judges import JUDGE_FILE, Case, Judge, read_judge_spec
+from misguard.judges.parse import parse_json_verdict
+from misguard.judges.templates import CODES, TEMPLATES, get_template
+from misguard.engines.messages import Generation
+from misguard.core.errors import DataError, MisguardError
+from misguard.core.io import load_split
+from misguard.core.records import Response
 
 
 @pytest.fixture(scope="module")

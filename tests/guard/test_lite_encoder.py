@@ -21,7 +21,7 @@ def prose(rng: random.Random, n_words: int) -> str:
 
 @pytest.fixture(scope="module")
 def encoder():
-    from guard.lite.encoder import TextEncoder
+    from misguard.judges.lite.encoder import TextEncoder
 
     return TextEncoder()
 
@@ -31,7 +31,7 @@ def sentence_transformer():
     pytest.importorskip("sentence_transformers")
     from sentence_transformers import SentenceTransformer
 
-    from guard.lite.encoder import bundled_encoder_dir
+    from misguard.judges.lite.encoder import bundled_encoder_dir
 
     return SentenceTransformer(str(bundled_encoder_dir()), device="cpu")
 
@@ -43,7 +43,7 @@ def reference_window():
     import torch
     from transformers import AutoModel
 
-    from guard.lite.encoder import bundled_encoder_dir
+    from misguard.judges.lite.encoder import bundled_encoder_dir
 
     model = AutoModel.from_pretrained(bundled_encoder_dir()).eval()
 
@@ -118,7 +118,7 @@ def test_a_batch_equals_its_texts_one_by_one(encoder, monkeypatch):
 
 
 def test_plan_passes_packs_every_window_once_within_capacity():
-    from guard.lite.encoder import plan_passes
+    from misguard.judges.lite.encoder import plan_passes
 
     rng = random.Random(4)
     for _ in range(50):
@@ -138,7 +138,7 @@ def test_plan_passes_packs_every_window_once_within_capacity():
 def test_packed_linears_compute_what_plain_linears_do():
     import torch
 
-    from guard.lite.onednn import PackedLinear, pack_linears
+    from misguard.judges.lite.onednn import PackedLinear, pack_linears
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384))

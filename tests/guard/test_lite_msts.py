@@ -20,7 +20,7 @@ from bench.lite_msts import (
     run_split,
     split_by_case,
 )
-from mis.errors import DataError
+from misguard.core.errors import DataError
 from tests.conftest import SHARED_DATA
 
 MSTS = SHARED_DATA / "msts"

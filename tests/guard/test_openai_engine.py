@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guard.engines import EngineOptions, load_engine
-from guard.messages import GenerationParams, LabelSet, Request, user_request
-from mis.errors import MisguardError
+from misguard.engines import EngineOptions, load_engine
+from misguard.engines.messages import GenerationParams, LabelSet, Request, user_request
+from misguard.core.errors import MisguardError
 from tests.guard.vllm_server import free_port
 
 PARAMS = GenerationParams(max_new_tokens=8)
@@ -368,7 +368,7 @@ def test_infer_cli_against_the_server(vllm_server_url, model_dir, demo_dir, tmp_
     from pathlib import Path
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "cli.main", "infer", "--engine", "openai", "--model", "tiny",
+    cmd = [sys.executable, "-m", "misguard.cli.main", "infer", "--engine", "openai", "--model", "tiny",
            "--base-url", vllm_server_url, "--data", str(demo_dir), "--split", "real", "--out", str(out),
            "--max-new-tokens", "8", "--concurrency", "4", "--quiet"]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2], timeout=300)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import guard.engines.hf as hf
-from guard.engines import EngineOptions, load_engine
-from guard.engines.prefix import PrefixGroup, plan_groups, prefix_groups, prefix_inputs, shared_length
-from guard.judge import Case, Judge, write_judge_spec
-from guard.judge.rubric import get_template
-from guard.messages import Request
-from guard.tiny_models import TINY_ARCHS
-from mis.records import Response
+import misguard.engines.hf as hf
+from misguard.engines import EngineOptions, load_engine
+from misguard.engines.prefix import PrefixGroup, plan_groups, prefix_groups, prefix_inputs, shared_length
+from misguard.judges import Case, Judge, write_judge_spec
+from misguard.judges.templates import get_template
+from misguard.engines.messages import Request
+from misguard.engines.tiny_models import TINY_ARCHS
+from misguard.core.records import Response
 
 ANSWERS = ["I can't help with that.",
            "The first image shows a knife and the second a bag; together they could point to harm, so be careful.",

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibration import Calibration, fit_calibration
-from guard.chat_input import InputError
-from guard.engines import EngineOptions
-from guard.judge import JUDGE_FILE, Judge
-from guard.policy import Policy, RailPolicy
-from guard.rails import DEFAULT_INPUT_THRESHOLD, Guard, RailCheck
+from misguard.calibration import Calibration, fit_calibration
+from misguard.guard.chat_input import InputError
+from misguard.engines import EngineOptions
+from misguard.judges import JUDGE_FILE, Judge
+from misguard.guard.policy import Policy, RailPolicy
+from misguard.guard.rails import DEFAULT_INPUT_THRESHOLD, Guard, RailCheck
 from tests.guard.vllm_server import free_port
 
 RED = Image.new("RGB", (64, 64), "red")
@@ -212,7 +212,7 @@ def test_failing_judge_fails_open_when_the_policy_says_so(dead_judge):
 
 
 def test_timeout_verdict_follows_the_failure_policy(guard, judge):
-    from guard.rails import RailScore
+    from misguard.guard.rails import RailScore
 
     closed = guard.verdict("input", RailScore(), timed_out=True)
     assert (closed.status, closed.decision, closed.fail_open) == ("timeout", "block", False)

@@ -15,10 +15,10 @@ import httpx
 import openai
 import pytest
 
-from guard.judge import Judge
-from guard.policy import Audit, BlockPolicy, Limits, Policy, RailPolicy, Timeouts
-from guard.server.app import running_server
-from guard.server.replay import replay_app
+from misguard.judges import Judge
+from misguard.guard.policy import Audit, BlockPolicy, Limits, Policy, RailPolicy, Timeouts
+from misguard.guard.server.app import running_server
+from misguard.guard.server.replay import replay_app
 from tests.guard.serving import SilentServer, data_url, guarded, image_part, metric, png_bytes, two_image_messages
 from tests.guard.vllm_server import free_port
 
@@ -179,7 +179,7 @@ def test_serve_command_guards_the_vllm_server(tiny_judge, vllm_server_url, tmp_p
     """The CLI as users run it: a separate process, the default policy, an audit log."""
     port = free_port()
     audit = tmp_path / "audit.jsonl"
-    command = [sys.executable, "-m", "cli.main", "serve", "--judge", str(tiny_judge), "--upstream", vllm_server_url,
+    command = [sys.executable, "-m", "misguard.cli.main", "serve", "--judge", str(tiny_judge), "--upstream", vllm_server_url,
                "--port", str(port), "--audit-log", str(audit)]
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
@@ -268,7 +268,7 @@ def test_upstream_server_error_is_a_502_naming_its_status(judge):
 @pytest.fixture(scope="module")
 def failing_judge(tiny_judge):
     """The tiny judge behind an OpenAI-compatible URL where nothing listens: every check fails for real."""
-    from guard.engines import EngineOptions
+    from misguard.engines import EngineOptions
 
     options = EngineOptions(base_urls=[f"http://127.0.0.1:{free_port()}/v1"], max_retries=0, timeout_s=5)
     with Judge(tiny_judge, "openai", options, served_model="tiny") as loaded:
@@ -475,8 +475,8 @@ def test_api_key_is_required_when_set(judge, replay_url):
 @requires_vllm
 def test_judge_on_vllm_scores_as_on_transformers_behind_the_server(judge, tiny_judge, replay_url):
     """The judge's engine runs in the micro-batcher's worker thread; vLLM's offline engine works there too."""
-    from guard.engines import EngineOptions
-    from guard.rails import Guard
+    from misguard.engines import EngineOptions
+    from misguard.guard.rails import Guard
 
     messages = two_image_messages("What is this?")
     expected = Guard(judge).check_input(messages).score
@@ -488,7 +488,7 @@ def test_judge_on_vllm_scores_as_on_transformers_behind_the_server(judge, tiny_j
 
 def test_lite_judge_alone_guards_the_output_rail(lite_judge_folder, replay_url):
     """The embedded default: no VLM judge, the lite judge on the CPU; the input rail says why it is skipped."""
-    from guard.judge import load_judge
+    from misguard.judges import load_judge
 
     with load_judge(lite_judge_folder) as lite, guarded(lite, replay_url, Policy(**ALLOW_ALL)) as (url, service):
         answer = client(url).chat.completions.create(model="replay", messages=two_image_messages("How do I?"))
@@ -500,7 +500,7 @@ def test_lite_judge_alone_guards_the_output_rail(lite_judge_folder, replay_url):
 
 
 def test_serve_service_with_a_cascade(tiny_judge, lite_judge_folder, replay_url):
-    from guard.server.loading import build_service
+    from misguard.guard.server.loading import build_service
 
     service = build_service(tiny_judge, replay_url, lite_judge=lite_judge_folder, cascade_band="0.2,0.8")
     try:

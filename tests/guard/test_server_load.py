@@ -11,10 +11,10 @@ import numpy as np
 import openai
 import pytest
 
-from guard.judge import Judge
-from guard.policy import Audit, Batching, Policy
-from guard.server.app import running_server
-from guard.server.replay import replay_app
+from misguard.judges import Judge
+from misguard.guard.policy import Audit, Batching, Policy
+from misguard.guard.server.app import running_server
+from misguard.guard.server.replay import replay_app
 from tests.conftest import SHARED_DATA
 from tests.guard.serving import data_url, guarded, metric
 

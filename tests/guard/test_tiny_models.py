@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guard.tiny_models import TINY_ARCHS, make_tiny_model
-from mis.errors import MisguardError
+from misguard.engines.tiny_models import TINY_ARCHS, make_tiny_model
+from misguard.core.errors import MisguardError
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 QUESTION = "Is this request safe? Answer safe or unsafe."
@@ -84,7 +84,7 @@ def test_qwen_families_are_built():
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, guard.tiny_models; print(sorted({'torch', 'transformers', 'tokenizers'} & set(sys.modules)))"
+    code = "import sys, misguard.engines.tiny_models; print(sorted({'torch', 'transformers', 'tokenizers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -234,8 +234,8 @@ def image_files(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_transformers_engine_batches_like_one_at_a_time(tiny_model, image_files, arch):
-    from guard.engines import EngineOptions, load_engine
-    from guard.messages import GenerationParams, user_request
+    from misguard.engines import EngineOptions, load_engine
+    from misguard.engines.messages import GenerationParams, user_request
 
     texts = ["Safe?", "Describe both images in detail, then say whether the request is safe or unsafe.",
              "Level1, Level2 or Level3?", QUESTION]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guard.engines import EngineOptions, load_engine
-from guard.messages import GenerationParams, Request, user_request
-from mis.errors import MisguardError, MissingExtraError
+from misguard.engines import EngineOptions, load_engine
+from misguard.engines.messages import GenerationParams, Request, user_request
+from misguard.core.errors import MisguardError, MissingExtraError
 
 requires_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 MAX_NEW_TOKENS = 12
@@ -131,8 +131,8 @@ def test_a_hub_name_is_not_a_model_folder():
 @pytest.mark.slow
 @requires_vllm
 def test_infer_through_vllm_writes_what_transformers_writes(vllm_engine, model_dir, demo_dir, tmp_path):
-    from mis.infer import InferConfig, run_inference
-    from mis.io import read_responses
+    from misguard.mis.infer import InferConfig, run_inference
+    from misguard.core.io import read_responses
 
     def run(engine_name, **kwargs):
         config = InferConfig(model=model_dir, data=demo_dir, split="hard", out=tmp_path / engine_name,
@@ -190,9 +190,9 @@ class TestVLLMLabelProbs:
 @pytest.mark.slow
 @requires_vllm
 def test_judge_on_vllm_gives_the_transformers_judgments(vllm_engine, tiny_judge, demo_dir):
-    from guard.judge import Case, Judge
-    from mis.io import load_split
-    from mis.records import Response
+    from misguard.judges import Case, Judge
+    from misguard.core.io import load_split
+    from misguard.core.records import Response
 
     split = load_split(demo_dir, "easy")
     cases = [Case(response=Response(**item.model_dump(), response=f"answer number {n}", model="target"),

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from guard.offline import OFFLINE_ENV
+from misguard.core.offline import OFFLINE_ENV
 
 
 def free_port() -> int:

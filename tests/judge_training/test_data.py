@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from judge_training.data import (
+from misguard.judge_training.data import (
     COLUMNS,
     build_examples,
     data_hashes,
@@ -16,10 +16,10 @@ from judge_training.data import (
     split_by_item,
     to_dataset,
 )
-from judge_training.examples import TrainingExample
-from mis.errors import DataError, MisguardError
-from mis.io import load_split, write_jsonl_atomic, write_verdicts
-from mis.records import CATEGORIES, PERCEPTION_LABELS, SPLITS, Judgment, Response, Verdict
+from misguard.judge_training.examples import TrainingExample
+from misguard.core.errors import DataError, MisguardError
+from misguard.core.io import load_split, write_jsonl_atomic, write_verdicts
+from misguard.core.records import CATEGORIES, PERCEPTION_LABELS, SPLITS, Judgment, Response, Verdict
 
 MODELS = ("model-a", "model-b")
 
@@ -217,7 +217,7 @@ def test_judgments_files_are_labels_too(demo_dir, tmp_path, responses_file):
 
 
 def test_score_from_labels_output_reads_back_as_the_same_examples(demo_dir, tmp_path, responses_file):
-    from mis.score import JUDGMENTS_FILE, score_reference_labels
+    from misguard.mis.score import JUDGMENTS_FILE, score_reference_labels
 
     path, responses = responses_file
     files = write_verdict_files(tmp_path, responses)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from guard.judge.judge import Case, Judge, read_judge_spec
-from guard.judge.rubric import get_template
-from judge_training.examples import TrainingExample
-from judge_training.trainer import (
+from misguard.judges.judge import Case, Judge, read_judge_spec
+from misguard.judges.templates import get_template
+from misguard.judge_training.examples import TrainingExample
+from misguard.judge_training.trainer import (
     ADAPTER,
     CHECKPOINTS,
     JUDGE_CARD,
@@ -23,9 +23,9 @@ from judge_training.trainer import (
     selection_score,
     train_judge,
 )
-from mis.errors import MisguardError
-from mis.io import load_split
-from mis.records import Response
+from misguard.core.errors import MisguardError
+from misguard.core.io import load_split
+from misguard.core.records import Response
 
 # A task the response text decides: a refusal is Safe, Level1 with one closing sentence and Level2 with the
 # other; anything else is Unsafe at Level1. The images and questions vary but carry no signal.
@@ -62,7 +62,7 @@ def as_cases(examples: list[TrainingExample]) -> list[Case]:
 
 
 def safety_kappa(judge_folder: Path, examples: list[TrainingExample]) -> float | None:
-    from calibration.agreement import SAFETY_LABELS, head_agreement
+    from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
 
     with Judge(judge_folder) as judge:
         judgments = judge.judge(as_cases(examples))
@@ -129,9 +129,9 @@ def lora_runs(tiny_model, data, tmp_path_factory):
 def test_collator_builds_the_prompt_score_reads(tiny_model, data):
     import torch
 
-    from guard.engines.hf import TransformersEngine, processor_inputs
-    from guard.families import family_for
-    from guard.judge.judge import code_token_ids
+    from misguard.engines.hf import TransformersEngine, processor_inputs
+    from misguard.engines.families import family_for
+    from misguard.judges.judge import code_token_ids
 
     engine = TransformersEngine(str(tiny_model("qwen2_vl")))
     template = get_template("mis-judge-codes-v1")
@@ -193,7 +193,7 @@ def test_lora_changes_the_adapter_and_not_the_base(lora_runs):
 def test_merged_folder_scores_like_base_plus_adapter(lora_runs, tiny_model):
     from peft import PeftModel
 
-    from guard.engines.hf import TransformersEngine
+    from misguard.engines.hf import TransformersEngine
 
     out, val = lora_runs["out"], lora_runs["val"]
     spec = read_judge_spec(out)
@@ -273,7 +273,7 @@ def test_selection_prefers_kappa_then_lower_loss():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_vllm_loads_the_merged_judge_and_agrees_with_transformers(lora_runs):
-    from guard.engines import EngineOptions, load_engine
+    from misguard.engines import EngineOptions, load_engine
 
     out, val = lora_runs["out"], lora_runs["val"]
     spec = read_judge_spec(out)

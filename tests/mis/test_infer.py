@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from guard.engines.base import EngineOptions
-from guard.messages import GenerationParams
-from mis.errors import MisguardError
-from mis.infer import InferConfig, merge_shards, parse_shard, run_inference
-from mis.io import load_split
-from mis.records import Item
+from misguard.engines.base import EngineOptions
+from misguard.engines.messages import GenerationParams
+from misguard.core.errors import MisguardError
+from misguard.mis.infer import InferConfig, merge_shards, parse_shard, run_inference
+from misguard.core.io import load_split
+from misguard.core.records import Item
 
 ITEM_FIELDS = set(Item.model_fields)
 
@@ -95,7 +95,7 @@ def test_bad_shard_spec(text):
 def test_sigkill_mid_run_then_rerun_gives_every_item_exactly_once(tiny_model, demo_dir, tmp_path):
     model = tiny_model("qwen2_vl")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "cli.main", "infer", "--model", str(model), "--data", str(demo_dir),
+    cmd = [sys.executable, "-m", "misguard.cli.main", "infer", "--model", str(model), "--data", str(demo_dir),
            "--split", "easy", "--out", str(out), "--batch-size", "1", "--max-new-tokens", "150", "--quiet",
            "--dtype", "float32"]
     responses = out / "easy" / f"{model.name}.jsonl"

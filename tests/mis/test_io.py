@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mis.errors import DataError
-from mis.io import (
+from misguard.core.errors import DataError
+from misguard.core.io import (
     GPT_EVAL_FIELDS,
     append_as_they_come,
     append_jsonl,
@@ -23,7 +23,7 @@ from mis.io import (
     write_jsonl_atomic,
     write_verdicts,
 )
-from mis.records import SPLITS, Item, Response, Verdict
+from misguard.core.records import SPLITS, Item, Response, Verdict
 
 N_ITEMS = 12  # the demo_dir fixture's items per split
 

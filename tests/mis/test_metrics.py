@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from mis.metrics import METRICS, bootstrap_ci, compute_metrics, metrics_markdown, write_metrics
-from mis.records import Judgment
+from misguard.core.metrics import METRICS, bootstrap_ci, compute_metrics, metrics_markdown, write_metrics
+from misguard.core.records import Judgment
 
 HEADER = "| Model | Split | N | Unscored | ASR | HR | RSR | RR |"
 _next_id = iter(range(1_000_000))

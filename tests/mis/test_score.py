@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from guard.engines import EngineOptions
-from guard.judge import write_judge_spec
-from guard.messages import GenerationParams
-from mis.errors import DataError, MisguardError
-from mis.infer import InferConfig, run_inference
-from mis.io import load_split, read_jsonl, write_verdicts
-from mis.records import Judgment, Verdict
-from mis.score import ScoreConfig, item_chunks, run_score, score_reference_labels
+from misguard.engines import EngineOptions
+from misguard.judges import write_judge_spec
+from misguard.engines.messages import GenerationParams
+from misguard.core.errors import DataError, MisguardError
+from misguard.mis.infer import InferConfig, run_inference
+from misguard.core.io import load_split, read_jsonl, write_verdicts
+from misguard.core.records import Judgment, Verdict
+from misguard.mis.score import ScoreConfig, item_chunks, run_score, score_reference_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 GPT_EVAL_FIELDS = {"label_perception", "label_str", "category", "question", "response", "image_path1",
@@ -134,7 +134,7 @@ def test_another_judge_into_the_same_output_is_refused(responses, judge_dir, dem
 
 @pytest.mark.slow
 def test_sigkill_mid_score_then_rerun_judges_each_response_once(tiny_model, judge_dir, tmp_path):
-    from mis.demo_data import make_demo_data
+    from misguard.mis.demo_data import make_demo_data
 
     data = make_demo_data(tmp_path / "data", n_items=60, seed=1)
     config = InferConfig(model=str(tiny_model("qwen2_vl")), data=data, split="easy", out=tmp_path / "responses",
@@ -142,7 +142,7 @@ def test_sigkill_mid_score_then_rerun_judges_each_response_once(tiny_model, judg
                          generation=GenerationParams(max_new_tokens=3))
     responses = run_inference(config, progress=False).responses_path
     out = tmp_path / "scored"
-    cmd = [sys.executable, "-m", "cli.main", "score", str(responses), "--judge", str(judge_dir), "--data", str(data),
+    cmd = [sys.executable, "-m", "misguard.cli.main", "score", str(responses), "--judge", str(judge_dir), "--data", str(data),
            "--out", str(out), "--batch-size", "1", "--dtype", "float32", "--quiet", "--bootstrap", "100"]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     judgments = out / "judgments.jsonl"
@@ -187,8 +187,8 @@ def garble_pixels(path: Path) -> None:
 
 def test_a_bad_image_stops_scoring_with_every_finished_judgment_saved(responses, judge_dir, demo_dir, tmp_path,
                                                                       monkeypatch):
-    from guard.engines.hf import TransformersEngine
-    from guard.messages import image_area
+    from misguard.engines.hf import TransformersEngine
+    from misguard.engines.messages import image_area
 
     data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
     # The scored items' largest images: the engine sorts by size, so their batch runs after the others.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mis.errors import DataError
+from misguard.core.errors import DataError
 
 Message = dict[str, Any]
 

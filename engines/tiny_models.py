@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mis.errors import MisguardError
+from misguard.core.errors import MisguardError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
@@ -489,7 +489,7 @@ def make_tiny_model(out_dir: str | Path, arch: str = "qwen2_vl", *, seed: int = 
     Returns `out_dir` as a Path. Raises MisguardError for an unknown `arch` (the message lists TINY_ARCHS) or
     a `dtype` not in DTYPES.
     """
-    from guard.offline import enforce_offline
+    from misguard.core.offline import enforce_offline
 
     enforce_offline()  # before transformers is imported: it reads the offline switches at import time
     if arch not in _RECIPES:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from judge_training.data import build_examples, data_hashes, label_counts, split_by_item
-from judge_training.examples import TrainingExample
-from judge_training.lite import LiteTrainConfig, LiteTrainResult, train_lite_judge
-from judge_training.trainer import TrainConfig, TrainResult, train_judge
+from misguard.judge_training.data import build_examples, data_hashes, label_counts, split_by_item
+from misguard.judge_training.examples import TrainingExample
+from misguard.judge_training.lite import LiteTrainConfig, LiteTrainResult, train_lite_judge
+from misguard.judge_training.trainer import TrainConfig, TrainResult, train_judge
 
 log = logging.getLogger("misguard")
 
@@ -76,7 +76,7 @@ def run_train(data: TrainData, config: TrainConfig | LiteTrainConfig, *, progres
 def write_validation_reference(examples: Sequence[TrainingExample], path: Path) -> Path:
     """The held-out examples' reference verdicts as a label file with ids (the gpt_eval.py fields plus id, split,
     model, sub_category; image paths absolute, so it joins by id), written atomically. Returns the path."""
-    from mis.io import write_jsonl_atomic
+    from misguard.core.io import write_jsonl_atomic
 
     write_jsonl_atomic(path, [{
         "label_perception": e.label_perception, "label_str": e.label_str, "category": e.category,

@@ -26,8 +26,8 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from guard.engines.base import Engine, EngineOptions
-from guard.messages import (
+from misguard.engines.base import Engine, EngineOptions
+from misguard.engines.messages import (
     Generation,
     GenerationParams,
     LabelProbs,
@@ -37,7 +37,7 @@ from guard.messages import (
     image_data_url,
     label_probs_from_logprobs,
 )
-from mis.errors import MisguardError, MissingExtraError
+from misguard.core.errors import MisguardError, MissingExtraError
 
 log = logging.getLogger("misguard")
 

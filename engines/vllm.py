@@ -16,10 +16,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from guard.engines.base import Engine, EngineOptions
-from guard.engines.hf import check_model_folder
-from guard.families import family_for
-from guard.messages import (
+from misguard.engines.base import Engine, EngineOptions
+from misguard.engines.hf import check_model_folder
+from misguard.engines.families import family_for
+from misguard.engines.messages import (
     Generation,
     GenerationParams,
     LabelProbs,
@@ -29,8 +29,8 @@ from guard.messages import (
     label_probs_from_logprobs,
     load_image,
 )
-from guard.offline import enforce_offline
-from mis.errors import MisguardError, MissingExtraError
+from misguard.core.offline import enforce_offline
+from misguard.core.errors import MisguardError, MissingExtraError
 
 DEFAULT_MAX_IMAGES = 2
 """MIS items show two images; `limit_mm_per_prompt` sizes vLLM's encoder cache and profiling run for this many."""

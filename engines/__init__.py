@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import importlib
 
-from guard.engines.base import Engine, EngineOptions
-from mis.errors import MisguardError, MissingExtraError
+from misguard.engines.base import Engine, EngineOptions
+from misguard.core.errors import MisguardError, MissingExtraError
 
 ENGINES: dict[str, tuple[str, str, str]] = {
     # name: (module, class, extra that brings its dependencies)
-    "transformers": ("guard.engines.hf", "TransformersEngine", "misguard"),
-    "vllm": ("guard.engines.vllm", "VLLMEngine", "vllm"),
-    "openai": ("guard.engines.openai_http", "OpenAIEngine", "misguard"),
+    "transformers": ("misguard.engines.hf", "TransformersEngine", "misguard"),
+    "vllm": ("misguard.engines.vllm", "VLLMEngine", "vllm"),
+    "openai": ("misguard.engines.openai_http", "OpenAIEngine", "misguard"),
 }
 
 

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from guard.judge.judge import Case
-from mis.errors import MisguardError
-from mis.records import Judgment
+from misguard.judges.judge import Case
+from misguard.core.errors import MisguardError
+from misguard.core.records import Judgment
 
 
 @dataclass(frozen=True)

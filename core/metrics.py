@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from mis.io import write_text_atomic
-from mis.records import CATEGORIES, SPLITS, Judgment
+from misguard.core.io import write_text_atomic
+from misguard.core.records import CATEGORIES, SPLITS, Judgment
 
 METRICS_VERSION = 1
 METRICS: tuple[str, ...] = ("ASR", "HR", "RSR", "RR")

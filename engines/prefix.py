@@ -21,7 +21,7 @@ import copy
 from dataclasses import dataclass
 from typing import Sequence
 
-from guard.messages import Request, images_key
+from misguard.engines.messages import Request, images_key
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 """Processor outputs laid out [batch, sequence]: cut to the prefix. Every other output (pixel values, image

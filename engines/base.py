@@ -5,8 +5,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 
-from guard.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, images_key
-from mis.errors import MisguardError
+from misguard.engines.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, images_key
+from misguard.core.errors import MisguardError
 
 T = TypeVar("T")
 

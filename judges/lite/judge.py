@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from guard.judge.judge import (
+from misguard.judges.judge import (
     JUDGE_FILE,
     Case,
     JudgeSpec,
@@ -20,14 +20,14 @@ from guard.judge.judge import (
     read_judge_spec,
     spec_calibration,
 )
-from guard.lite.encoder import ENCODER_NAME, ENCODER_PACKAGE, MAX_TOKENS, TextEncoder
-from guard.lite.heads import LiteHeads
-from mis.errors import DataError, MisguardError
-from mis.io import write_text_atomic
-from mis.records import Judgment
+from misguard.judges.lite.encoder import ENCODER_NAME, ENCODER_PACKAGE, MAX_TOKENS, TextEncoder
+from misguard.judges.lite.heads import LiteHeads
+from misguard.core.errors import DataError, MisguardError
+from misguard.core.io import write_text_atomic
+from misguard.core.records import Judgment
 
 if TYPE_CHECKING:
-    from calibration import Calibration
+    from misguard.calibration import Calibration
 
 LITE_TEMPLATE = "lite-minilm-v1"
 """Judgments by a lite judge carry this as their template id."""
@@ -81,7 +81,7 @@ class LiteJudge:
     def probabilities(self, questions: Sequence[str], responses: Sequence[str],
                       image_texts: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw (uncalibrated) p_unsafe [n] and p_perception [n, 3] (None without a perception head)."""
-        from guard.lite.heads import build_features
+        from misguard.judges.lite.heads import build_features
 
         return self.heads.predict(build_features(self.encoder, questions, responses, image_texts))
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
-from guard.engines.base import Engine, EngineOptions, collect, runs
-from guard.engines.prefix import image_token_ids, plan_groups, prefix_groups, prefix_inputs, score_tails, uses_mrope
-from guard.families import family_for
-from guard.messages import (
+from misguard.engines.base import Engine, EngineOptions, collect, runs
+from misguard.engines.prefix import image_token_ids, plan_groups, prefix_groups, prefix_inputs, score_tails, uses_mrope
+from misguard.engines.families import family_for
+from misguard.engines.messages import (
     Generation,
     GenerationParams,
     LabelProbs,
@@ -34,8 +34,8 @@ from guard.messages import (
     label_probs_from_logprobs,
     load_image,
 )
-from guard.offline import enforce_offline
-from mis.errors import MisguardError
+from misguard.core.offline import enforce_offline
+from misguard.core.errors import MisguardError
 
 log = logging.getLogger("misguard")
 T = TypeVar("T")

@@ -8,9 +8,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from calibration.labels import Joined, LabelRecord, join_labels, read_labels
-from mis.errors import MisguardError
-from mis.io import write_jsonl_atomic, write_text_atomic
+from misguard.core.labels import Joined, LabelRecord, join_labels, read_labels
+from misguard.core.errors import MisguardError
+from misguard.core.io import write_jsonl_atomic, write_text_atomic
 
 
 @dataclass
@@ -65,7 +65,7 @@ def run_calibrate(config: CalibrateConfig):
     probabilities (zero-shot JSON judges) or there is too little to fit."""
     import numpy as np
 
-    from calibration import fit_calibration
+    from misguard.calibration import fit_calibration
 
     # The reference may label only a sample of the judged responses: judgments without a label are expected.
     joined = _join(config.judgments, config.reference, raw_probabilities=True, skip_bad=config.skip_bad,
@@ -105,7 +105,7 @@ def _judge_ids(path: Path) -> set[str]:
 
 
 def _embed(calibration, folder: Path) -> None:
-    from guard.judge import JUDGE_FILE, read_judge_spec
+    from misguard.judges import JUDGE_FILE, read_judge_spec
 
     spec = read_judge_spec(folder)
     if not (Path(folder) / JUDGE_FILE).exists():
@@ -145,7 +145,7 @@ def run_agree(config: AgreeConfig) -> AgreeResult:
     """Agreement of the judge with the reference (and with humans, when given): agreement.json, agreement.md,
     PNG plots, and with `escalate` the review list and the agreement-vs-coverage curve. Raises DataError for bad
     or unmatched rows (with examples)."""
-    from calibration.agreement import agreement_markdown, agreement_report
+    from misguard.calibration.agreement import agreement_markdown, agreement_report
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def run_agree(config: AgreeConfig) -> AgreeResult:
     if config.escalate is not None:
         escalation_path, report["escalation"] = _escalate(joined, config.escalate, out)
     if config.plots:
-        from calibration.plots import confusion_heatmaps, escalation_plot, reliability_diagram
+        from misguard.calibration.plots import confusion_heatmaps, escalation_plot, reliability_diagram
 
         plots.append(confusion_heatmaps(out / "confusion.png", report["judge_vs_reference"]))
         if scored:
@@ -200,7 +200,7 @@ def _join(judge: LabelSource, reference: LabelSource, *, raw_probabilities: bool
 
 
 def _escalate(joined: Joined, share: float, out: Path) -> tuple[Path, dict]:
-    from calibration.escalation import escalation_curve, select_for_review
+    from misguard.calibration.escalation import escalation_curve, select_for_review
 
     curve = escalation_curve(joined.pairs)
     review = select_for_review([j for j, _ in joined.pairs], share)
@@ -237,7 +237,7 @@ def _escalation_markdown(escalation: dict) -> str:
 def score_escalation(judgments_path: Path, share: float, out: Path) -> Path:
     """`misguard score --escalate`: the least confident share of a judgments file, for GPT-4o or human review
     (no reference needed). Returns the path of OUT/escalate.jsonl."""
-    from calibration.escalation import select_for_review
+    from misguard.calibration.escalation import select_for_review
 
     records = read_labels(judgments_path)
     review = select_for_review(records, share)

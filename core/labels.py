@@ -21,9 +21,9 @@ from typing import Any
 
 from pydantic import RootModel
 
-from mis.errors import DataError
-from mis.io import read_jsonl_numbered
-from mis.records import PERCEPTION_LEVELS
+from misguard.core.errors import DataError
+from misguard.core.io import read_jsonl_numbered
+from misguard.core.records import PERCEPTION_LEVELS
 
 logger = logging.getLogger("misguard")
 

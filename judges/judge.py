@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, ValidationError
 
-from guard.engines import Engine, EngineOptions, load_engine
-from guard.engines.base import collect
-from guard.judge.parse import parse_json_verdict
-from guard.judge.rubric import CODES, DEFAULT_CODES_TEMPLATE, DEFAULT_JSON_TEMPLATE, get_template
-from guard.messages import GenerationParams, LabelProbs, LabelSet
-from mis.errors import DataError, MisguardError
-from mis.io import write_text_atomic
-from mis.records import PERCEPTION_LEVELS, Judgment, Response
+from misguard.engines import Engine, EngineOptions, load_engine
+from misguard.engines.base import collect
+from misguard.judges.parse import parse_json_verdict
+from misguard.judges.templates import CODES, DEFAULT_CODES_TEMPLATE, DEFAULT_JSON_TEMPLATE, get_template
+from misguard.engines.messages import GenerationParams, LabelProbs, LabelSet
+from misguard.core.errors import DataError, MisguardError
+from misguard.core.io import write_text_atomic
+from misguard.core.records import PERCEPTION_LEVELS, Judgment, Response
 
 if TYPE_CHECKING:
-    from calibration import Calibration
+    from misguard.calibration import Calibration
 
 JUDGE_FILE = "judge.json"
 JUDGE_FORMAT_VERSION = 1
@@ -110,7 +110,7 @@ def spec_calibration(spec: JudgeSpec, folder: Path) -> Calibration | None:
     """The calibration embedded in judge.json, or None. Raises DataError naming judge.json and the field."""
     if spec.calibration is None:
         return None
-    from calibration import Calibration, CalibrationFormatError
+    from misguard.calibration import Calibration, CalibrationFormatError
 
     try:
         return Calibration.from_dict(spec.calibration)
@@ -186,7 +186,7 @@ def load_judge(folder: str | Path, engine: str = "transformers", options: Engine
     do not apply) or a VLM Judge on `engine`. Raises as read_judge_spec and the judge's loader do."""
     spec = read_judge_spec(folder)
     if spec.kind == "lite":
-        from guard.lite.judge import LiteJudge
+        from misguard.judges.lite.judge import LiteJudge
 
         return LiteJudge(folder, calibration=calibration)
     return Judge(folder, engine, options, served_model=served_model, calibration=calibration)
@@ -199,8 +199,8 @@ def write_judge_spec(folder: str | Path, *, judge_id: str | None = None, templat
     is not a model folder or an answer code is not one distinct token in its tokenizer."""
     from transformers import AutoTokenizer
 
-    from guard.engines.hf import check_model_folder
-    from guard.offline import enforce_offline
+    from misguard.engines.hf import check_model_folder
+    from misguard.core.offline import enforce_offline
 
     enforce_offline()
     folder = check_model_folder(str(folder))

@@ -1,0 +1,314 @@
+"""The one join: target responses, MIS items and label rows matched to each other, with one policy for bad rows
+and one rule for duplicates. `score`, `calibrate`, `agree`, `train` and the benchmarks all join through here.
+
+- Response -> item (`item_responses`): a response belongs to the item whose id, question and image paths are its
+  own; the items are found by content, (image_path1, image_path2, question), over every split of the MIS
+  directory (`ItemIndex`).
+- Label row -> item (`resolve_items`): a row with an id and a split keeps them; a row without an id (the seed's
+  gpt_eval.py writes none) is matched to its item by content, like a response.
+- Row <-> row (`pair`, and `join_labels` for two label files): by (model, split, id) where every row on both
+  sides has an id, else by the content key (image_path1, image_path2, question, response); model and split
+  qualify the key where every row on both sides has them (ids repeat across target models and splits).
+
+Bad rows (`BadRows`, core.errors): a row that is malformed, or matches no item it must match, stops the run with
+one line naming the file, line and field; with skip (`--skip-bad`) it is left out, logged and listed in the run's
+report. Duplicates: the first row for a key is kept; a later row with the same key is a bad row that names both
+places. Rows of one side that match nothing on the other are counted; more than `max_unmatched_share` of a side
+is an error that shows up to three of them.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Generic, Hashable, Iterable, Sequence, TypeVar
+
+from misguard.core.errors import BadRows, DataError
+from misguard.core.io import find_split_file, load_split, read_jsonl_numbered
+from misguard.core.labels import LabelRecord
+from misguard.core.records import SPLITS, Item, Response
+
+log = logging.getLogger("misguard")
+
+L = TypeVar("L")
+R = TypeVar("R")
+Row = TypeVar("Row")
+EXAMPLES_SHOWN = 3
+"""Unmatched rows quoted in an error."""
+
+
+class ItemIndex:
+    """Every item of an MIS directory (all the splits it holds), findable by content: how responses and id-less
+    label rows are matched back to their item and split. Raises DataError when the directory holds no split
+    file, or for a bad item (see core.io.load_split; with `bad` skipping, bad items are left out)."""
+
+    def __init__(self, data: str | Path, *, bad: BadRows | None = None):
+        self.data = Path(data)
+        self.root: dict[str, Path] = {}
+        self._by_content: dict[tuple[str, str, str], tuple[str, Item]] = {}
+        for split in SPLITS:
+            try:
+                find_split_file(self.data, split)
+            except DataError:
+                continue  # a directory may hold only some splits
+            loaded = load_split(self.data, split, bad=bad)
+            self.root[split] = loaded.root
+            for item in loaded.items:
+                self._by_content[(item.image_path1, item.image_path2, item.question)] = (split, item)
+        if not self.root:
+            raise DataError("no MIS split file found (mis_easy.json, mis_hard.json, mis_real.json)", path=self.data)
+
+    def find(self, image_path1: str, image_path2: str, question: str) -> tuple[str, Item] | None:
+        """(split, item) with this content, or None."""
+        return self._by_content.get((image_path1, image_path2, question))
+
+    def images(self, split: str, item: Item) -> tuple[Path, Path]:
+        """The absolute paths of the item's two images."""
+        return self.root[split] / item.image_path1, self.root[split] / item.image_path2
+
+
+# --------------------------------------------------------------------------------------------------------
+# The duplicates rule
+# --------------------------------------------------------------------------------------------------------
+
+def first_of_each(rows: Iterable[Row], key: Callable[[Row], Hashable], *, where: Callable[[Row], tuple[str, int]],
+                  describe: Callable[[Row], str], bad: BadRows | None = None,
+                  field_name: str | None = "id") -> dict[Hashable, Row]:
+    """`rows` by key, in order: the first row for a key is kept; a later one is a bad row (DataError naming both
+    places, or with `bad` skipping, left out and reported). `where(row)` is its (file, line)."""
+    bad = bad if bad is not None else BadRows()
+    kept: dict[Hashable, Row] = {}
+    for row in rows:
+        k = key(row)
+        if k in kept:
+            path, line = where(row)
+            first_path, first_line = where(kept[k])
+            first = f"line {first_line}" if first_path == path else f"{first_path}:{first_line}"
+            bad.reject(DataError(f"a second row for {describe(row)} (first at {first}, again at line {line})",
+                                 path=path, line=line, field=field_name))
+            continue
+        kept[k] = row
+    return kept
+
+
+# --------------------------------------------------------------------------------------------------------
+# Responses and their items
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ItemResponse:
+    """A target response matched to its MIS item: the split it is in and the absolute paths of its images."""
+
+    response: Response
+    split: str
+    item: Item
+    images: tuple[Path, Path]
+    path: str
+    line: int
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(model, split, id): one response per target model and item."""
+        return (self.response.model, self.split, self.response.id)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def item_responses(files: Iterable[str | Path], index: ItemIndex, *,
+                   bad: BadRows | None = None) -> list[ItemResponse]:
+    """Every response in the responses files, matched to its item, in file order (duplicates: the rule above).
+    Raises DataError (file, line, field) for a bad line, a response that matches no item of `index`, or a
+    second response of one model to one item; with `bad` skipping, such rows are left out and reported."""
+    bad = bad if bad is not None else BadRows()
+    matched: list[ItemResponse] = []
+    for path in files:
+        for line, response in read_jsonl_numbered(path, Response, bad=bad):
+            found = index.find(response.image_path1, response.image_path2, response.question)
+            if found is None or found[1].id != response.id:
+                bad.reject(DataError(f"no item with id {response.id}, this question and these image paths in "
+                                     f"{index.data}", path=path, line=line, field="id"))
+                continue
+            split, item = found
+            matched.append(ItemResponse(response, split, item, index.images(split, item), str(path), line))
+    kept = first_of_each(matched, lambda r: r.key, where=lambda r: (r.path, r.line), bad=bad,
+                         describe=lambda r: f"model {r.response.model!r}, {r.split} item {r.response.id}")
+    return list(kept.values())
+
+
+def resolve_items(records: Iterable[LabelRecord], index: ItemIndex, *,
+                  bad: BadRows | None = None) -> list[LabelRecord]:
+    """Label rows with their item's split, id, category and sub-category: rows with an id and a split keep them;
+    rows without an id are matched to their item by content. Raises DataError (file, line, field) for a row that
+    matches no item; with `bad` skipping, it is left out and reported."""
+    bad = bad if bad is not None else BadRows()
+    resolved = []
+    for record in records:
+        if record.id is not None and record.split is not None:
+            resolved.append(record)
+            continue
+        found = None
+        if record.image_path1 is not None and record.image_path2 is not None and record.question is not None:
+            found = index.find(record.image_path1, record.image_path2, record.question)
+        if found is None or (record.id is not None and found[1].id != record.id):
+            bad.reject(DataError(f"no item in {index.data} has this question and these image paths "
+                                 f"({record.image_path1}, {record.image_path2})", path=record.path,
+                                 line=record.line, field="question"))
+            continue
+        split, item = found
+        resolved.append(replace(record, id=item.id, split=split, category=record.category or item.category,
+                                sub_category=record.sub_category or item.sub_category))
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rows with rows
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Joined(Generic[L, R]):
+    """Rows of one side paired with the rows of the other that have the same key, and what matched nothing."""
+
+    pairs: list[tuple[L, R]]
+    """(left, right), in the left side's order."""
+    unmatched_left: list[L]
+    unmatched_right: list[R]
+    key_fields: tuple[str, ...]
+    """What the key is made of, e.g. ("model", "split", "id") or ("content",)."""
+    skipped: list[DataError] = field(default_factory=list)
+    """Bad rows left out (with skipping)."""
+
+    @property
+    def join_by(self) -> str:
+        """"id" or "content"."""
+        return self.key_fields[-1]
+
+    @property
+    def unmatched_judge(self) -> int:
+        return len(self.unmatched_left)
+
+    @property
+    def unmatched_reference(self) -> int:
+        return len(self.unmatched_right)
+
+
+def pair(left: Sequence[L], right: Sequence[R], *, key_left: Callable[[L], Hashable],
+         key_right: Callable[[R], Hashable], key_fields: tuple[str, ...], where_left: Callable[[L], tuple[str, int]],
+         where_right: Callable[[R], tuple[str, int]], describe_left: Callable[[L], str],
+         describe_right: Callable[[R], str], names: tuple[str, str] = ("judge", "reference"),
+         max_unmatched_share: float = 0.02, max_unmatched_left_share: float | None = None,
+         bad: BadRows | None = None) -> Joined[L, R]:
+    """Pair each left row with the right row of the same key (duplicates on either side: the rule above).
+
+    Returns a Joined. Raises DataError for an empty side, a duplicate (unless skipped), or when more than
+    `max_unmatched_share` of a side's rows match nothing (`max_unmatched_left_share` sets the left side's limit
+    apart: 1.0 when the right side labels only a sample of the left), with up to three of them as examples."""
+    left_limit = max_unmatched_share if max_unmatched_left_share is None else max_unmatched_left_share
+    for limit in (max_unmatched_share, left_limit):
+        if not 0.0 <= limit <= 1.0:
+            raise ValueError(f"an unmatched share must be from 0 to 1, got {limit}")
+    bad = bad if bad is not None else BadRows()
+    for name, rows in zip(names, (left, right)):
+        if not rows:
+            raise DataError(f"no {name} rows to join")
+    keys = " + ".join(key_fields)
+    left_index = first_of_each(left, key_left, where=where_left, bad=bad, field_name=key_fields[-1],
+                               describe=lambda row: f"{keys} on the {names[0]} side: {describe_left(row)}")
+    right_index = first_of_each(right, key_right, where=where_right, bad=bad, field_name=key_fields[-1],
+                                describe=lambda row: f"{keys} on the {names[1]} side: {describe_right(row)}")
+    pairs = [(row, right_index[k]) for k, row in left_index.items() if k in right_index]
+    unmatched_left = [row for k, row in left_index.items() if k not in right_index]
+    unmatched_right = [row for k, row in right_index.items() if k not in left_index]
+
+    problems = []
+    for name, other, unmatched, total, limit, where, describe in (
+            (names[0], names[1], unmatched_left, len(left), left_limit, where_left, describe_left),
+            (names[1], names[0], unmatched_right, len(right), max_unmatched_share, where_right, describe_right)):
+        if len(unmatched) > limit * total:
+            examples = "; ".join(f"{_at(where(row))} ({describe(row)})" for row in unmatched[:EXAMPLES_SHOWN])
+            problems.append(f"{len(unmatched)} of {total} {name} rows ({100.0 * len(unmatched) / total:.1f}%) "
+                            f"have no {other} row, e.g. {examples} (limit {100.0 * limit:.1f}%)")
+    if problems:
+        raise DataError(f"joining by {keys}: " + "; and ".join(problems))
+    if unmatched_left or unmatched_right:
+        log.warning("joining by %s: %d %s and %d %s row(s) unmatched", keys, len(unmatched_left), names[0],
+                    len(unmatched_right), names[1])
+    return Joined(pairs, unmatched_left, unmatched_right, key_fields, skipped=list(bad.skipped))
+
+
+def join_labels(judge: Sequence[LabelRecord], reference: Sequence[LabelRecord], *,
+                max_unmatched_share: float = 0.02, max_unmatched_judge_share: float | None = None,
+                bad: BadRows | None = None) -> Joined[LabelRecord, LabelRecord]:
+    """Pair each judge label row with the reference row of the same response: by id when every row on both sides
+    has one, else by content; qualified by model and split where every row on both sides has them.
+
+    Returns a Joined. Raises DataError for an empty side, rows with neither ids nor content, a duplicate key, or
+    too many unmatched rows (see `pair`)."""
+    for name, rows in (("judge", judge), ("reference", reference)):
+        if not rows:
+            raise DataError(f"no {name} labels to join")
+    both = [*judge, *reference]
+    if all(record.id is not None for record in both):
+        join_by = "id"
+    elif all(record.content_key is not None for record in both):
+        join_by = "content"
+    else:
+        raise DataError("cannot join: ids are missing on one side and image_path1, image_path2, question and "
+                        "response on the other (or on some rows)")
+    qualifiers = tuple(name for name in ("model", "split") if all(getattr(r, name) is not None for r in both))
+
+    def key(record: LabelRecord) -> tuple:
+        own = record.id if join_by == "id" else record.content_key
+        return (*(getattr(record, name) for name in qualifiers), own)
+
+    def describe(record: LabelRecord) -> str:
+        return record.describe(by_id=join_by == "id")
+
+    return pair(judge, reference, key_left=key, key_right=key, key_fields=(*qualifiers, join_by),
+                where_left=_record_where, where_right=_record_where, describe_left=describe,
+                describe_right=describe, max_unmatched_share=max_unmatched_share,
+                max_unmatched_left_share=max_unmatched_judge_share, bad=bad)
+
+
+def labelled_responses(responses: Sequence[ItemResponse], labels: Sequence[LabelRecord], *,
+                       max_unmatched_share: float = 0.02,
+                       bad: BadRows | None = None) -> Joined[ItemResponse, LabelRecord]:
+    """Each response paired with its label row, by (model, split, id) (label rows resolved with `resolve_items`);
+    a label row whose response text differs from the response's counts as unmatched. Responses without a label
+    are expected (returned as unmatched); more than `max_unmatched_share` of the scored label rows matching no
+    response is a DataError (`pair`)."""
+    joined = pair(responses, labels, key_left=lambda r: r.key, key_right=lambda r: (r.model, r.split, r.id),
+                  key_fields=("model", "split", "id"), where_left=lambda r: (r.path, r.line),
+                  where_right=_record_where, describe_left=lambda r: f"model {r.response.model!r}, {r.split} item "
+                  f"{r.response.id}", describe_right=lambda r: r.describe(by_id=True), names=("response", "label"),
+                  max_unmatched_share=1.0, bad=bad)
+    # The same item and model but another response text: the label is for another run of the target model.
+    differs = [label for response, label in joined.pairs
+               if label.response is not None and label.response != response.response.response]
+    pairs = [(response, label) for response, label in joined.pairs if label not in differs]
+    unmatched_right = [*joined.unmatched_right, *differs]
+    if len(unmatched_right) > max_unmatched_share * len(labels):
+        examples = "; ".join(f"{label.where} ({label.describe(by_id=True)}"
+                             + (": the response differs)" if label in differs else ": no such response)")
+                             for label in unmatched_right[:EXAMPLES_SHOWN])
+        message = (f"{len(unmatched_right)} of {len(labels)} label rows "
+                   f"({100.0 * len(unmatched_right) / len(labels):.1f}%) match no response, e.g. {examples} "
+                   f"(limit {100.0 * max_unmatched_share:.1f}%)")
+        label_models = {label.model for label in labels}
+        response_models = {response.response.model for response in responses}
+        if not label_models <= response_models:
+            message += (f"; label files are for models {sorted(map(str, label_models))}, responses are by "
+                        f"{sorted(response_models)} (a gpt_eval.py file's target model is its file name's stem "
+                        "unless named otherwise)")
+        raise DataError(message)
+    return Joined(pairs, joined.unmatched_left, unmatched_right, joined.key_fields, skipped=joined.skipped)
+
+
+def _record_where(record: LabelRecord) -> tuple[str, int]:
+    return (record.path or "", record.line)
+
+
+def _at(where: tuple[str, int]) -> str:
+    path, line = where
+    return f"{path}:{line}" if path else f"line {line}"
