@@ -21,6 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from misguard.core.labels import LabelSource
+from misguard.engines.base import EngineOptions
+from misguard.mis.agree import AgreeConfig, run_agree
+from misguard.mis.score import ScoreConfig, run_score
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -37,11 +44,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="where the judgments go (default: a temporary folder)")
     args = ap.parse_args()
 
-    import torch
 
-    from misguard.mis.evaluate import AgreeConfig, LabelSource, run_agree
-    from misguard.engines.base import EngineOptions
-    from misguard.mis.score import ScoreConfig, run_score
 
     if args.demo is not None:
         args.responses = args.responses or sorted((args.demo / "responses").glob("*/*.jsonl"))

@@ -41,9 +41,25 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import io
+
+import httpx
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
 from bench.hardware import cpu_name  # noqa: E402
 from bench.infer_throughput import bench_data, build_model, mis_sized_images  # noqa: E402
 from bench.judge_throughput import RESPONSE  # noqa: E402
+from misguard.core.splits import load_split
+from misguard.engines import EngineOptions
+from misguard.guard.policy import Batching, Policy, RailPolicy
+from misguard.guard.rails import Guard
+from misguard.guard.server.app import create_app, running_server
+from misguard.guard.server.replay import replay_app
+from misguard.guard.server.service import GuardService
+from misguard.judges.vlm import make_judge_folder
 
 # Issue 6's goals, for the 7B shape on an H100.
 GOAL_ADDED_P50_MS_AT_1 = 60.0
@@ -55,8 +71,6 @@ def request_bodies(data: Path, n: int, *, photo_like: bool = False) -> list[byte
     generated images are flat shapes whose PNGs are a few KiB; with `photo_like` each gets seeded pixel noise
     and is sent as a JPEG (quality 90), about the size of an MIS photo, so the guard's own per-request work
     (base64, decoding, hashing, JSON of a large body) is of a real request's size."""
-    from misguard.core.io import load_split
-
     split = load_split(data, "easy")
     bodies = []
     for index, item in enumerate(split.items[:n]):
@@ -74,11 +88,6 @@ def request_bodies(data: Path, n: int, *, photo_like: bool = False) -> list[byte
 
 
 def _photo_like(path: Path, *, seed: int) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     noise = np.random.default_rng(seed).normal(0.0, 24.0, pixels.shape)
@@ -91,8 +100,6 @@ async def send_all(client, url: str, bodies: list[bytes], n: int, concurrency: i
                    guarded: bool) -> tuple[list[float], float, list[str], list[dict[str, Any]]]:
     """Send n requests (cycling over `bodies`) with `concurrency` workers. Returns (latencies in s, wall
     seconds, error descriptions, the `misguard` fields of the guarded answers)."""
-    import httpx
-
     latencies: list[float] = []
     errors: list[str] = []
     extensions: list[dict[str, Any]] = []
@@ -144,8 +151,6 @@ def check_answer(response, guarded: bool, extensions: list[dict[str, Any]]) -> s
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:
-    import numpy as np
-
     return round(float(np.percentile(values, q)) * 1000, 2) if values else None
 
 
@@ -160,8 +165,6 @@ def metric_sums(text: str, name: str) -> tuple[float, float]:
 
 
 async def run_levels(args, stub_url: str, guard_url: str, bodies: list[bytes]) -> list[dict[str, Any]]:
-    import httpx
-
     levels = []
     limits = httpx.Limits(max_connections=max(args.concurrency) + 8,
                           max_keepalive_connections=max(args.concurrency) + 8)
@@ -235,16 +238,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8, help="untimed requests per level and path before the timings")
     args = ap.parse_args()
 
-    import torch
-    import transformers
 
-    from misguard.engines import EngineOptions
-    from misguard.judges import write_judge_spec
-    from misguard.guard.policy import Batching, Policy, RailPolicy
-    from misguard.guard.rails import Guard
-    from misguard.guard.server.app import create_app, running_server
-    from misguard.guard.server.replay import replay_app
-    from misguard.guard.server.service import GuardService
 
     # Removed at the end: a 7B judge folder is 15 GiB of random weights.
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-guard-"))
@@ -254,7 +248,7 @@ def main() -> None:
             mis_sized_images(data, args.image_size)
         bodies = request_bodies(data, args.items, photo_like=args.photo_like)
         model = build_model(args.size, work / "judge")
-        write_judge_spec(model, judge_id=f"bench-{args.size}")
+        make_judge_folder(model, judge_id=f"bench-{args.size}")
 
         # Thresholds 1.0: both rails judge every request and none blocks (see the docstring).
         policy = Policy(input_rail=RailPolicy(threshold=1.0), output_rail=RailPolicy(threshold=1.0),

@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import json as _json
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+from misguard.core.splits import load_split
+from misguard.engines import EngineOptions, load_engine
+from misguard.engines.messages import GenerationParams, user_request
+from misguard.engines.tiny_models import make_tiny_model
+from misguard.mis.demo_data import make_demo_data
+from misguard.mis.infer import InferConfig, run_inference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,13 +43,9 @@ VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14
 def build_model(size: str, folder: Path) -> Path:
     """A tiny Qwen2-VL folder; for 2b/7b its config is swapped for full-size shapes with random weights (the
     tiny tokenizer and processor stay: speed depends on shapes and token counts, not on the vocabulary)."""
-    from misguard.engines.tiny_models import make_tiny_model
-
     make_tiny_model(folder, arch="qwen2_vl", seed=0)
     if size == "tiny":
         return folder
-    import torch
-    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
     config = AutoConfig.from_pretrained(folder)
     text = config.text_config
@@ -56,7 +64,6 @@ def build_model(size: str, folder: Path) -> Path:
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     # Let MIS-sized images through whole: up to 324 visual tokens per image (see mis_sized_images).
-    import json as _json
     for name in ("preprocessor_config.json", "processor_config.json"):
         path = folder / name
         if path.exists():
@@ -71,8 +78,6 @@ def build_model(size: str, folder: Path) -> Path:
 def mis_sized_images(data: Path, side: int = 504) -> None:
     """Resize every image to side x side px: 504 px -> 18 x 18 merged patches = 324 visual tokens per image,
     the size of an MIS image in Qwen2-VL."""
-    from PIL import Image
-
     for path in data.rglob("*.png"):
         with Image.open(path) as image:
             resized = image.convert("RGB").resize((side, side))
@@ -81,8 +86,6 @@ def mis_sized_images(data: Path, side: int = 504) -> None:
 
 def bench_data(folder: Path, n_items: int, size: str) -> Path:
     """Generated MIS-shaped data for a benchmark: for full-size shapes every image is resized to MIS size."""
-    from misguard.mis.demo_data import make_demo_data
-
     data = make_demo_data(folder, n_items=n_items, seed=0)
     if size != "tiny":
         mis_sized_images(data)
@@ -98,11 +101,7 @@ def main() -> None:
     ap.add_argument("--seed-items", type=int, default=None, help="items for the slow seed loop (default: all)")
     args = ap.parse_args()
 
-    import torch
 
-    from misguard.engines import EngineOptions, load_engine
-    from misguard.engines.messages import GenerationParams
-    from misguard.mis.infer import InferConfig, run_inference
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-"))
     data = bench_data(work / "data", args.items, args.size)
@@ -113,8 +112,6 @@ def main() -> None:
 
     engine = load_engine("transformers", str(model), config.engine_options)
     # Warm-up (kernels, allocator) outside the timings, for both.
-    from misguard.engines.messages import user_request
-    from misguard.core.io import load_split
     split = load_split(data, "easy")
     warm = [user_request(i.id, split.image_paths(i), i.question) for i in split.items[:2]]
     engine.generate(warm, GenerationParams(max_new_tokens=4))

@@ -26,8 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
+
 from bench.infer_throughput import bench_data, build_model  # noqa: E402
 from bench.judge_throughput import H100_ROOFLINE, RESPONSE  # noqa: E402
+from misguard.core.jsonl import write_jsonl_atomic
+from misguard.core.records import Response
+from misguard.core.splits import load_split
+from misguard.engines import EngineOptions, load_engine
+from misguard.judges.vlm import VLMJudge, make_judge_folder
+from misguard.mis.score import ScoreConfig, run_score
 
 
 def target_response(k: int) -> str:
@@ -49,19 +57,13 @@ def main() -> None:
     args = ap.parse_args()
     targets = sorted({int(k) for k in args.targets.split(",")})
 
-    import torch
 
-    from misguard.engines import EngineOptions, load_engine
-    from misguard.judges import Judge, write_judge_spec
-    from misguard.core.io import load_split, write_jsonl_atomic
-    from misguard.core.records import Response
-    from misguard.mis.score import ScoreConfig, run_score
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-targets-"))
     t = time.perf_counter()
     data = bench_data(work / "data", args.items, args.size)
     model = build_model(args.size, work / "judge")
-    write_judge_spec(model, judge_id=f"bench-{args.size}")
+    make_judge_folder(model, judge_id=f"bench-{args.size}")
     print(f"# data and model built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     items = load_split(data, "easy").items
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -88,7 +90,7 @@ def main() -> None:
         runs.append((targets[-1], False, plain_items))
     rates = {}
     for k, reuse, n_items in runs:
-        judge = Judge(model, engine_instance=engines[reuse])
+        judge = VLMJudge(model, engine_instance=engines[reuse])
         files = responses_files(k, n_items)
         warm = responses_files(1, 2)  # kernels and allocator warmed outside the timing
         run_score(ScoreConfig(responses=warm, judge=model, data=data, out=work / f"warm-{k}-{reuse}",

@@ -25,7 +25,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import statistics
+
+import torch
+
 from bench.infer_throughput import bench_data, build_model  # noqa: E402
+from misguard.core.join import ItemIndex, item_responses
+from misguard.core.jsonl import write_jsonl_atomic
+from misguard.core.records import Response
+from misguard.core.splits import load_split
+from misguard.engines import EngineOptions, load_engine
+from misguard.engines.hf import answer_logits, processor_inputs
+from misguard.engines.messages import GenerationParams
+from misguard.judges.templates import DEFAULT_JSON_TEMPLATE, get_template
+from misguard.judges.vlm import VLMJudge, make_judge_folder
+from misguard.mis.score import ScoreConfig, case_of, run_score
 
 # Items/s at the H100's bf16 roofline for these items (the issue's 2026-11-22 estimate): the ceiling to compare with.
 H100_ROOFLINE = {"2b": 118.0, "7b": 44.0}
@@ -47,20 +61,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also time one batch's processor, vision tower and LM")
     args = ap.parse_args()
 
-    import torch
 
-    from misguard.engines import EngineOptions, load_engine
-    from misguard.judges import Case, Judge, write_judge_spec
-    from misguard.judges.templates import DEFAULT_JSON_TEMPLATE, get_template
-    from misguard.engines.messages import GenerationParams
-    from misguard.core.io import load_split, write_jsonl_atomic
-    from misguard.core.records import Response
-    from misguard.mis.score import ScoreConfig, run_score
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-judge-"))
     data = bench_data(work / "data", args.items, args.size)
     model = build_model(args.size, work / "judge")
-    write_judge_spec(model, judge_id=f"bench-{args.size}")
+    make_judge_folder(model, judge_id=f"bench-{args.size}")
     split = load_split(data, "easy")
     responses = [Response(**item.model_dump(), response=RESPONSE, model="target") for item in split.items]
     responses_path = work / "responses.jsonl"
@@ -68,8 +74,8 @@ def main() -> None:
 
     options = EngineOptions(batch_size=args.batch_size)
     engine = load_engine("transformers", str(model), options)
-    judge = Judge(model, engine_instance=engine)
-    cases = [Case(response=r, images=split.image_paths(i), split="easy") for r, i in zip(responses, split.items)]
+    judge = VLMJudge(model, engine_instance=engine)
+    cases = [case_of(r) for r in item_responses([responses_path], ItemIndex(data))]
     judge.judge(cases[:2])  # warm-up (kernels, allocator) outside the timings, for both
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
@@ -79,8 +85,7 @@ def main() -> None:
                                    engine_options=options, n_bootstrap=0), progress=False, judge=judge)
     sync()
     batched_rate = result.judged / (time.perf_counter() - t)
-    prompt, images = engine.prepare(judge.template.request("x", cases[0].images, cases[0].response.question,
-                                                          RESPONSE))
+    prompt, images = engine.prepare(judge.requests(cases[:1])[0])
     prompt_tokens = len(engine.processor(text=[prompt], images=[images])["input_ids"][0])
     batch_size = engine.batch_size
     profile = profile_batch(engine, judge, cases, sync) if args.profile else None
@@ -88,8 +93,7 @@ def main() -> None:
     # The seed's style: one item per generate call, a JSON verdict written token by token.
     json_template = get_template(DEFAULT_JSON_TEMPLATE)
     n_seed = args.seed_items or args.items
-    requests = [json_template.request(c.response.id, c.images, c.response.question, c.response.response)
-                for c in cases[:n_seed]]
+    requests = [json_template.request(c.id, c.images, c.question, c.response) for c in cases[:n_seed]]
     engine.batch_size = 1
     params = GenerationParams(max_new_tokens=args.verdict_tokens)
     sync()
@@ -116,14 +120,7 @@ def main() -> None:
 def profile_batch(engine, judge, cases, sync, repeats: int = 5) -> dict:
     """Milliseconds per batch (median of `repeats`) of the processor, the vision tower and the whole forward
     pass on one batch of `engine.batch_size` judge requests; the language model is the whole less the tower."""
-    import statistics
-
-    import torch
-
-    from misguard.engines.hf import answer_logits, processor_inputs
-
-    requests = [judge.template.request(c.response.id, c.images, c.response.question, c.response.response)
-                for c in cases[:engine.batch_size]]
+    requests = judge.requests(cases[:engine.batch_size])
     prepared = engine.prepare_all(requests)
 
     def timed(run) -> float:

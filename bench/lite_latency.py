@@ -1,7 +1,8 @@
 """The lite judge's per-item latency at batch 1 (p50/p99) and its items/s batched, on the CPU.
 
 Builds a lite judge folder (LiteHeads fitted on --train-rows feature rows, write_lite_judge), loads it with
-LiteJudge, and times `LiteJudge.probabilities(questions, responses)`: the encoder (all-MiniLM-L6-v2, long
+LiteJudge, and times `LiteJudge.judge(cases)` (the Judge protocol, as the guard's output rail and `misguard
+score` call it): the encoder (all-MiniLM-L6-v2, long
 responses windowed, never truncated) and both heads, the whole of what the guard's output rail and `misguard
 score` call per item. Texts are MOSSBench's real questions and recorded responses
 (../shared/data/mossbench/mossbench_benign_responses.jsonl: 2,700 responses of 9 VLMs, median about 190 tokens,
@@ -35,7 +36,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+import torch
+import transformers
+
 from bench.hardware import cpu_name  # noqa: E402
+from misguard.judges import Case
+from misguard.judges.lite.encoder import TextEncoder
+from misguard.judges.lite.heads import LiteHeads, build_features
+from misguard.judges.lite.judge import LiteJudge, write_lite_judge
 
 MOSSBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mossbench" / \
     "mossbench_benign_responses.jsonl"
@@ -70,11 +79,6 @@ def load_texts(path: Path, n: int, seed: int) -> tuple[list[tuple[str, str]], st
 def build_judge(folder: Path, encoder, pairs: list[tuple[str, str]], seed: int) -> None:
     """Fit LiteHeads on these pairs' features with seeded random labels (both classes, all three perception
     levels) and write a lite judge folder."""
-    import numpy as np
-
-    from misguard.judges.lite.heads import LiteHeads, build_features
-    from misguard.judges.lite.judge import write_lite_judge
-
     features = build_features(encoder, [q for q, _ in pairs], [r for _, r in pairs])
     rng = np.random.default_rng(seed)
     y_unsafe = np.arange(len(pairs)) % 2
@@ -85,8 +89,6 @@ def build_judge(folder: Path, encoder, pairs: list[tuple[str, str]], seed: int) 
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    import numpy as np
-
     ms = np.asarray(seconds) * 1000
     return {"p50": round(float(np.percentile(ms, 50)), 2), "p90": round(float(np.percentile(ms, 90)), 2),
             "p99": round(float(np.percentile(ms, 99)), 2), "max": round(float(ms.max()), 2),
@@ -113,12 +115,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    import numpy as np
-    import torch
-    import transformers
 
-    from misguard.judges.lite.encoder import TextEncoder
-    from misguard.judges.lite.judge import LiteJudge
+
+    def cases(pairs):
+        return [Case(id=str(n), images=(), question=q, response=r) for n, (q, r) in enumerate(pairs)]
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,12 +147,12 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.executable).name, *sys.argv])})
 
         for question, response in warmup:
-            judge.probabilities([question], [response])
+            judge.judge(cases([(question, response)]))
         before = load_1m()
         seconds = []
         for question, response in items:
             t = time.perf_counter()
-            judge.probabilities([question], [response])
+            judge.judge(cases([(question, response)]))
             seconds.append(time.perf_counter() - t)
         by_windows = {}
         for count in sorted(set(windows)):
@@ -166,12 +166,12 @@ def main() -> None:
 
         for size in args.batch_sizes:
             timed = (items * (size // len(items) + 1))[:max(size, len(items) // size * size)]
-            judge.probabilities([q for q, _ in timed[:size]], [r for _, r in timed[:size]])  # warm-up
+            judge.judge(cases(timed[:size]))  # warm-up
             before = load_1m()
             t = time.perf_counter()
             for start in range(0, len(timed), size):
                 batch = timed[start:start + size]
-                judge.probabilities([q for q, _ in batch], [r for _, r in batch])
+                judge.judge(cases(batch))
             elapsed = time.perf_counter() - t
             emit({"batch_size": size, "items": len(timed), "items_per_s": round(len(timed) / elapsed, 2),
                   "ms_per_batch": round(elapsed / (len(timed) / size) * 1000, 1),

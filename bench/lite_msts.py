@@ -49,10 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from misguard.calibration import Calibration, calibration_report, fit_calibration  # noqa: E402
 from misguard.calibration.agreement import head_agreement  # noqa: E402
-from misguard.judges.lite.heads import FEATURES_ID, LiteHeads, build_features  # noqa: E402
 from misguard.core.errors import DataError  # noqa: E402
-from misguard.core.io import write_text_atomic  # noqa: E402
+from misguard.core.jsonl import write_text_atomic  # noqa: E402
 from misguard.core.records import SAFETY_LABELS  # noqa: E402
+from misguard.judges.lite.heads import FEATURES_ID, LiteHeads, build_features  # noqa: E402
 
 DEFAULT_MSTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "msts"
 MSTS_FILE = "msts_english_multimodal_normalized.jsonl"

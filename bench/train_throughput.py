@@ -20,8 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
+from transformers import TrainerCallback
+
 from bench.infer_throughput import bench_data, build_model  # noqa: E402
 from bench.judge_throughput import RESPONSE  # noqa: E402
+from misguard.core.splits import load_split
+from misguard.judge_training.examples import TrainingExample
+from misguard.judge_training.vlm import TrainConfig, train_judge
 
 
 def main() -> None:
@@ -33,12 +39,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     args = ap.parse_args()
 
-    import torch
-    from transformers import TrainerCallback
 
-    from misguard.judge_training.examples import TrainingExample
-    from misguard.judge_training.trainer import TrainConfig, train_judge
-    from misguard.core.io import load_split
 
     work = Path(tempfile.mkdtemp(prefix="misguard-bench-train-"))
     data = bench_data(work / "data", args.items, args.size)

@@ -27,7 +27,13 @@ from misguard.calibration.calibrators import (
     select_method,
 )
 from misguard.calibration.scores import brier, calibration_report, ece, log_loss
-from misguard.calibration.thresholds import THRESHOLD_RULES, Threshold, fit_threshold, threshold_match_rate, threshold_max_kappa
+from misguard.calibration.thresholds import (
+    THRESHOLD_RULES,
+    Threshold,
+    fit_threshold,
+    threshold_match_rate,
+    threshold_max_kappa,
+)
 
 __all__ = [
     "FORMAT", "METHODS", "THRESHOLD_RULES", "VERSION", "BaseCalibrator", "Calibration", "CalibrationFileError",

@@ -29,7 +29,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from misguard.core.labels import Joined, LabelRecord
+from misguard.core.join import Joined
+from misguard.core.labels import LabelRecord
 from misguard.core.metrics import DEFINITIONS, METRICS
 from misguard.core.records import CATEGORIES, PERCEPTION_LEVELS
 

@@ -30,7 +30,7 @@ from misguard.calibration.calibrators import (
 from misguard.calibration.scores import calibration_report
 from misguard.calibration.thresholds import DEFAULT_THRESHOLD, Threshold, fit_threshold
 from misguard.core.errors import DataError
-from misguard.core.io import write_text_atomic
+from misguard.core.jsonl import write_text_atomic
 from misguard.core.records import PERCEPTION_LEVELS, SAFETY_LABELS
 
 FORMAT = "misguard-calibration"

@@ -28,7 +28,7 @@ from sklearn.metrics import log_loss as sklearn_log_loss
 from sklearn.model_selection import StratifiedKFold
 
 from misguard.calibration._checks import CalibrationFormatError, check_labels, check_probabilities
-from misguard.core.io import json_type
+from misguard.core.jsonl import json_type
 
 MIN_FIT_SAMPLES = 10
 """Fewer reference labels than this cannot calibrate anything; `fit` refuses them."""

@@ -1,10 +1,12 @@
 """PNG figures for a calibration run: reliability diagram, confusion matrices, escalation curve.
 
-Each function draws one figure with matplotlib's Agg renderer, writes it as a PNG atomically
-(mis.io.write_bytes_atomic, so a crash never leaves half a file) and returns the path. Figures are built as
-`matplotlib.figure.Figure` objects on an Agg canvas rather than through pyplot: no window ever opens, nothing
-stays in pyplot's global figure registry, and the backend of a caller's interactive session (a notebook) is
-left alone. matplotlib is imported inside the functions, so `import calibration` stays light.
+Each figure has a function that builds and returns it (`reliability_figure`, `confusion_figure`,
+`escalation_figure`: what a notebook shows, or a test inspects) and one that draws it with matplotlib's Agg
+renderer, writes it as a PNG atomically (write_bytes_atomic, so a crash never leaves half a file) and
+returns the path. Figures are built as `matplotlib.figure.Figure` objects on an Agg canvas rather than through
+pyplot: no window ever opens, nothing stays in pyplot's global figure registry, and the backend of a caller's
+interactive session (a notebook) is left alone. matplotlib is imported inside the functions, so
+`import calibration` stays light.
 """
 from __future__ import annotations
 
@@ -14,20 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from misguard.calibration.scores import ece
-from misguard.core.io import write_bytes_atomic
+from misguard.core.jsonl import write_bytes_atomic
 
 _DPI = 120
 _HEAD_TITLES = {"safety": "Safety", "perception": "Perception level", "outcome": "MIS outcome"}
 _COLOURS = {"after": "tab:blue", "before": "tab:orange"}
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float) -> Figure:
     """A Figure with its own Agg canvas (no pyplot, so no window and no global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
@@ -56,15 +57,24 @@ def _reliability_bins(p_unsafe: np.ndarray, y_unsafe: np.ndarray,
 
 def reliability_diagram(path: str | Path, p_unsafe, y_unsafe, *, before=None, n_bins: int = 10,
                         title: str = "Reliability of p_unsafe") -> Path:
-    """Draw the fraction of reference-Unsafe responses against the mean predicted p_unsafe in each of `n_bins`
+    """Draw `reliability_figure(p_unsafe, y_unsafe, before=before, n_bins=n_bins, title=title)` as a PNG at
+    `path`. Returns the path of the PNG written.
+    Raises ValueError as reliability_figure (nothing is written then); OSError when the file cannot be written.
+    """
+    return _save(reliability_figure(p_unsafe, y_unsafe, before=before, n_bins=n_bins, title=title), path)
+
+
+def reliability_figure(p_unsafe, y_unsafe, *, before=None, n_bins: int = 10,
+                       title: str = "Reliability of p_unsafe") -> Figure:
+    """The fraction of reference-Unsafe responses against the mean predicted p_unsafe in each of `n_bins`
     equal-width bins, with the diagonal (perfect calibration) and, below, how many responses fall in each bin.
 
     `p_unsafe` is the judge's (calibrated) P(Unsafe) per response, `y_unsafe` the reference labels (1 or True
     = Unsafe). `before`, when given, is the uncalibrated p_unsafe of the same responses, drawn as a second
     curve. Each curve's uniform-bin ECE (calibration.scores.ece with the same n_bins) is in the legend.
-    Returns the path of the PNG written.
-    Raises ValueError for malformed probabilities or labels, arrays of different lengths, or n_bins < 1;
-    OSError when the file cannot be written.
+    Returns the Figure: two axes, the curves above (the diagonal first, then "before calibration" when given,
+    then the judge's curve, empty bins left out) and the per-bin counts below (one set of bars per curve).
+    Raises ValueError for malformed probabilities or labels, arrays of different lengths, or n_bins < 1.
     """
     labels = np.asarray(y_unsafe)
     if labels.dtype == bool:
@@ -99,16 +109,22 @@ def reliability_diagram(path: str | Path, p_unsafe, y_unsafe, *, before=None, n_
     curve_axes.legend(loc="upper left", fontsize="small")
     count_axes.set(xlabel="mean predicted p_unsafe", ylabel="responses per bin")
     count_axes.grid(alpha=0.3, axis="y")
-    return _save(figure, path)
+    return figure
 
 
 def confusion_heatmaps(path: str | Path, report: dict[str, Any]) -> Path:
-    """Draw the overall safety (2x2), perception (3x3) and MIS-outcome (4x4) confusion matrices of an
+    """Draw `confusion_figure(report)` as a PNG at `path`. Returns the path of the PNG written.
+    Raises ValueError as confusion_figure (nothing is written then); OSError when the file cannot be written.
+    """
+    return _save(confusion_figure(report), path)
+
+
+def confusion_figure(report: dict[str, Any]) -> Figure:
+    """The overall safety (2x2), perception (3x3) and MIS-outcome (4x4) confusion matrices of an
     `agreement_report` side by side, counts written in the cells, rows = reference labels, columns = judge
     labels. A head that is None or absent (binary-only labels, or no pairs) is left out.
-    Returns the path of the PNG written.
-    Raises ValueError when the report has no "overall" section or no head with a confusion matrix; OSError
-    when the file cannot be written.
+    Returns the Figure: one axes per head drawn, in that order, each with its matrix as an image.
+    Raises ValueError when the report has no "overall" section or no head with a confusion matrix.
     """
     overall = report.get("overall") if isinstance(report, dict) else None
     if not isinstance(overall, dict):
@@ -138,16 +154,25 @@ def confusion_heatmaps(path: str | Path, report: dict[str, Any]) -> Path:
                 count = int(matrix[row, column])
                 axes.text(column, row, str(count), ha="center", va="center",
                           color="white" if count > dark and count > 0 else "black")
-    return _save(figure, path)
+    return figure
 
 
 def escalation_plot(path: str | Path, curve: Sequence[dict[str, Any]]) -> Path:
-    """Draw an `escalation_curve`: safety kappa and accuracy, and outcome accuracy where the curve has it,
-    against the share of items escalated in %, the x axis from 0 to 50% (further when the curve goes further).
-    The share is escalated / (kept + escalated) where a point has those counts -- the same as 1 - coverage up
-    to rounding, except that judgments without probabilities are escalated at every coverage -- else
-    1 - coverage. Undefined points (None) are left out. Returns the path of the PNG written.
-    Raises ValueError for an empty curve or a point without a coverage; OSError when the file cannot be written.
+    """Draw `escalation_figure(curve)` as a PNG at `path`. Returns the path of the PNG written.
+    Raises ValueError as escalation_figure (nothing is written then); OSError when the file cannot be written.
+    """
+    return _save(escalation_figure(curve), path)
+
+
+def escalation_figure(curve: Sequence[dict[str, Any]]) -> Figure:
+    """An `escalation_curve`: safety kappa and accuracy, and outcome accuracy where the curve has it, against
+    the share of items escalated in %, the x axis from 0 to 50% (further when the curve goes further). The
+    share is escalated / (kept + escalated) where a point has those counts -- the same as 1 - coverage up to
+    rounding, except that judgments without probabilities are escalated at every coverage -- else
+    1 - coverage. Undefined points (None) are left out.
+    Returns the Figure: one axes, one line per series with any defined point (in the order above), points in
+    order of falling coverage.
+    Raises ValueError for an empty curve or a point without a coverage.
     """
     curve = list(curve)
     if not curve:
@@ -175,7 +200,7 @@ def escalation_plot(path: str | Path, curve: Sequence[dict[str, Any]]) -> Path:
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="lower right", fontsize="small")
-    return _save(figure, path)
+    return figure
 
 
 def _escalated_share(point: dict[str, Any]) -> float:

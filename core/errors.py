@@ -29,3 +29,4 @@ class MissingExtraError(MisguardError):
 
     def __init__(self, package: str, extra: str):
         super().__init__(f"{package} is not installed; install it with: pip install 'misguard[{extra}]'")
+

@@ -10,11 +10,10 @@ and one rule for duplicates. `score`, `calibrate`, `agree`, `train` and the benc
   sides has an id, else by the content key (image_path1, image_path2, question, response); model and split
   qualify the key where every row on both sides has them (ids repeat across target models and splits).
 
-Bad rows (`BadRows`, core.errors): a row that is malformed, or matches no item it must match, stops the run with
-one line naming the file, line and field; with skip (`--skip-bad`) it is left out, logged and listed in the run's
-report. Duplicates: the first row for a key is kept; a later row with the same key is a bad row that names both
-places. Rows of one side that match nothing on the other are counted; more than `max_unmatched_share` of a side
-is an error that shows up to three of them.
+Bad rows and duplicates follow core.rows: a malformed row, or one that matches no item it must match, stops the
+run with one line naming the file, line and field, or with `--skip-bad` is left out and reported; of two rows with
+one key the first is kept and the second is a bad row naming both places. Rows of one side that match nothing on
+the other are counted; more than `max_unmatched_share` of a side is an error that quotes up to three of them.
 """
 from __future__ import annotations
 
@@ -23,16 +22,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Generic, Hashable, Iterable, Sequence, TypeVar
 
-from misguard.core.errors import BadRows, DataError
-from misguard.core.io import find_split_file, load_split, read_jsonl_numbered
+from misguard.core.errors import DataError
+from misguard.core.jsonl import read_jsonl_numbered
 from misguard.core.labels import LabelRecord
 from misguard.core.records import SPLITS, Item, Response
+from misguard.core.rows import BadRows, first_of_each
+from misguard.core.splits import find_split_file, load_split
 
 log = logging.getLogger("misguard")
 
 L = TypeVar("L")
 R = TypeVar("R")
-Row = TypeVar("Row")
 EXAMPLES_SHOWN = 3
 """Unmatched rows quoted in an error."""
 
@@ -65,30 +65,6 @@ class ItemIndex:
     def images(self, split: str, item: Item) -> tuple[Path, Path]:
         """The absolute paths of the item's two images."""
         return self.root[split] / item.image_path1, self.root[split] / item.image_path2
-
-
-# --------------------------------------------------------------------------------------------------------
-# The duplicates rule
-# --------------------------------------------------------------------------------------------------------
-
-def first_of_each(rows: Iterable[Row], key: Callable[[Row], Hashable], *, where: Callable[[Row], tuple[str, int]],
-                  describe: Callable[[Row], str], bad: BadRows | None = None,
-                  field_name: str | None = "id") -> dict[Hashable, Row]:
-    """`rows` by key, in order: the first row for a key is kept; a later one is a bad row (DataError naming both
-    places, or with `bad` skipping, left out and reported). `where(row)` is its (file, line)."""
-    bad = bad if bad is not None else BadRows()
-    kept: dict[Hashable, Row] = {}
-    for row in rows:
-        k = key(row)
-        if k in kept:
-            path, line = where(row)
-            first_path, first_line = where(kept[k])
-            first = f"line {first_line}" if first_path == path else f"{first_path}:{first_line}"
-            bad.reject(DataError(f"a second row for {describe(row)} (first at {first}, again at line {line})",
-                                 path=path, line=line, field=field_name))
-            continue
-        kept[k] = row
-    return kept
 
 
 # --------------------------------------------------------------------------------------------------------

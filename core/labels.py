@@ -8,7 +8,7 @@ Three kinds of file are read by `read_labels`, all JSON Lines:
 - third-party files such as MSTS, with other field names, nested verdicts (`auto_eval.gpt-4o-2024-05-13`) and
   other spellings of the labels (`safe`, `1 - safe`), mapped with `value_map`.
 
-`join_labels` pairs a judge's records with a reference's, by id when both sides have ids, else by content.
+core.join pairs them with each other, with responses and with MIS items.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from typing import Any
 from pydantic import RootModel
 
 from misguard.core.errors import DataError
-from misguard.core.io import read_jsonl_numbered
+from misguard.core.jsonl import read_jsonl_numbered
 from misguard.core.records import PERCEPTION_LEVELS
+from misguard.core.rows import BadRows
 
 logger = logging.getLogger("misguard")
 
@@ -64,6 +65,9 @@ class LabelRecord:
     id: str | None = None
     """The row's own id; None for gpt_eval.py rows."""
     split: str | None = None
+    sub_category: str | None = None
+    judge: str | None = None
+    """Which judge gave the labels (misguard judgments name it)."""
     path: str | None = None
     """The file the row was read from."""
 
@@ -83,6 +87,18 @@ class LabelRecord:
     def where(self) -> str:
         """`path:line`, for messages."""
         return f"{self.path}:{self.line}" if self.path else f"line {self.line}"
+
+    def describe(self, *, by_id: bool = True) -> str:
+        """The row's model, split and id (or question), for messages."""
+        parts = [f"model {self.model!r}"] if self.model is not None else []
+        if self.split is not None:
+            parts.append(f"split {self.split!r}")
+        if by_id:
+            parts.append(f"id {self.id!r}")
+        else:
+            question = self.question or ""
+            parts.append(f"question {question[:60]!r}" + ("..." if len(question) > 60 else ""))
+        return ", ".join(parts)
 
 
 def resolve_field(row: dict[str, Any], dotted: str) -> Any:
@@ -148,8 +164,7 @@ def _mapped_text(value: Any, value_map: dict[str, str] | None) -> str:
 def read_labels(path: str | Path, *, safety_field: str = "label_str", perception_field: str | None = "label_perception",
                 id_field: str = "id", value_map: dict[str, str] | None = None, model_field: str = "model",
                 category_field: str = "category", split_field: str = "split", model_name: str | None = None,
-                raw_probabilities: bool = False, skip_bad: bool = False,
-                skipped: list[DataError] | None = None) -> list[LabelRecord]:
+                raw_probabilities: bool = False, bad: BadRows | None = None) -> list[LabelRecord]:
     """Read a JSON Lines label file (misguard judgments, gpt_eval.py output, MSTS, ...) as LabelRecords.
 
     Every field name may be a dotted path into nested objects (see `resolve_field`). Label values go through
@@ -165,16 +180,16 @@ def read_labels(path: str | Path, *, safety_field: str = "label_str", perception
     Returns the records in file order.
     Raises DataError (file, 1-based line, field) for a line that is not a JSON object, a missing or null safety
     label on a scored row, a missing perception label in a file that has them, an unrecognised label, bad
-    probabilities, or a row with neither an id nor all content fields. With skip_bad=True a bad row is logged,
-    appended to `skipped` (when given) and left out instead; lines that are not JSON objects are then logged
+    probabilities, a row of another model than `model_name`, or a row with neither an id nor all content fields;
+    with `bad` skipping, a bad row is left out and reported instead (lines that are not JSON objects too).
     and left out by mis.io.
     """
     path = Path(path)
-    rows = [(line, row.root) for line, row in read_jsonl_numbered(path, _Row, skip_bad=skip_bad)]
+    bad = bad if bad is not None else BadRows()
+    rows = [(line, row.root) for line, row in read_jsonl_numbered(path, _Row, bad=bad)]
     has_perception = perception_field is not None and any(
         resolve_field(row, perception_field) is not _MISSING for _, row in rows)
     records: list[LabelRecord] = []
-    bad = 0
     for line, row in rows:
         try:
             records.append(_record(row, path, line, safety_field=safety_field,
@@ -183,14 +198,7 @@ def read_labels(path: str | Path, *, safety_field: str = "label_str", perception
                                    category_field=category_field, split_field=split_field, model_name=model_name,
                                    raw_probabilities=raw_probabilities))
         except DataError as error:
-            if not skip_bad:
-                raise
-            logger.warning("skipping bad line: %s", error)
-            bad += 1
-            if skipped is not None:
-                skipped.append(error)
-    if bad:
-        logger.warning("%s: %d bad line(s) skipped, %d read", path, bad, len(records))
+            bad.reject(error)
     unscored = sum(1 for record in records if not record.scored)
     if unscored:
         logger.info("%s: %d unscored row(s) kept without labels", path, unscored)
@@ -234,12 +242,16 @@ def _record(row: dict[str, Any], path: Path, line: int, *, safety_field: str, pe
         missing = [name for name in CONTENT_FIELDS if content[name] is None]
         raise DataError(f"no id and no {', '.join(missing)} to key the row by content", path=path, line=line,
                         field=id_field)
+    model = text(model_field)
+    if model is not None and model_name is not None and model != model_name:
+        raise DataError(f"model {model!r}, but this file was named as labels for {model_name!r}", path=path,
+                        line=line, field=model_field)
     return LabelRecord(
         key=key, safety=safety, perception=perception,
         p_unsafe=None if unscored else _probability(row, path, line, raw_probabilities),
         p_perception=None if unscored else _perception_probabilities(row, path, line, raw_probabilities),
-        model=text(model_field) or model_name, category=text(category_field), line=line,
-        id=row_id, split=text(split_field), path=str(path), **content)
+        model=model or model_name, category=text(category_field), line=line, id=row_id, split=text(split_field),
+        sub_category=text("sub_category"), judge=text("judge"), path=str(path), **content)
 
 
 def _probability(row: dict[str, Any], path: Path, line: int, raw: bool = False) -> float | None:
@@ -272,106 +284,25 @@ def _perception_probabilities(row: dict[str, Any], path: Path, line: int,
     return tuple(float(p) for p in values)  # type: ignore[return-value]
 
 
-# --------------------------------------------------------------------------------------------------------
-# Joining a judge's labels with a reference's
-# --------------------------------------------------------------------------------------------------------
+@dataclass
+class LabelSource:
+    """Where a set of labels comes from and how to read it. Defaults read misguard judgments and gpt_eval.py
+    files; the fields let third-party files be read without converting them (dotted paths reach into nested
+    objects, e.g. MSTS's `auto_eval.gpt-4o-2024-05-13`)."""
 
-@dataclass(frozen=True)
-class Joined:
-    """A judge's records paired with a reference's, and what matched nothing on either side."""
+    path: Path
+    safety_field: str = "label_str"
+    perception_field: str | None = "label_perception"
+    """None for binary-only labels (Safe/Unsafe with no perception level)."""
+    id_field: str = "id"
+    value_map: dict[str, str] = field(default_factory=dict)
+    """Raw value -> label before normalising, e.g. {"1 - safe": "Safe"}."""
+    model_name: str | None = None
+    """The target model of rows that do not name one (gpt_eval.py writes one file per target model)."""
 
-    pairs: list[tuple[LabelRecord, LabelRecord]]
-    """(judge, reference), in the judge's order."""
-    unmatched_judge: int
-    unmatched_reference: int
-    join_by: str
-    """"id" or "content"."""
-    key_fields: tuple[str, ...]
-    """What the join key is made of, e.g. ("model", "split", "id") or ("content",)."""
-    unmatched_judge_rows: list[LabelRecord] = field(default_factory=list)
-    unmatched_reference_rows: list[LabelRecord] = field(default_factory=list)
-
-
-def join_labels(judge: list[LabelRecord], reference: list[LabelRecord], *,
-                max_unmatched_share: float = 0.02, max_unmatched_judge_share: float | None = None) -> Joined:
-    """Pair each judge record with the reference record of the same row.
-
-    The key is the id when every record on both sides has one, else the content key (every record must then
-    have all of CONTENT_FIELDS). Either is qualified by `model` and by `split` when every record on both sides
-    has that field, since a judgments file holds one row per (model, split, id) and ids repeat across them.
-
-    Returns a Joined with the pairs and the unmatched records of both sides.
-    Raises DataError for an empty side, a side that has neither ids nor content, a key that occurs twice on
-    one side (naming both lines), or when more than `max_unmatched_share` of either side is unmatched (with up
-    to 3 unmatched rows as examples). `max_unmatched_judge_share` (default: max_unmatched_share) sets the
-    judge side's limit apart: 1.0 when the reference labels only a sample of the judged rows (calibration).
-    """
-    judge_limit = max_unmatched_share if max_unmatched_judge_share is None else max_unmatched_judge_share
-    if not 0.0 <= max_unmatched_share <= 1.0 or not 0.0 <= judge_limit <= 1.0:
-        raise ValueError(f"max_unmatched_share must be from 0 to 1, got {max_unmatched_share}")
-    for side, records in (("judge", judge), ("reference", reference)):
-        if not records:
-            raise DataError(f"no {side} labels to join")
-    both = [*judge, *reference]
-    if all(record.id is not None for record in both):
-        join_by = "id"
-    elif all(record.content_key is not None for record in both):
-        join_by = "content"
-    else:
-        raise DataError("cannot join: ids are missing on one side and image_path1, image_path2, question and "
-                        "response on the other (or on some rows)")
-    qualifiers = tuple(name for name in ("model", "split") if all(getattr(r, name) is not None for r in both))
-    key_fields = (*qualifiers, join_by)
-
-    def key(record: LabelRecord) -> tuple:
-        own = record.id if join_by == "id" else record.content_key
-        return (*(getattr(record, name) for name in qualifiers), own)
-
-    judge_index = _index(judge, key, "judge", key_fields)
-    reference_index = _index(reference, key, "reference", key_fields)
-    pairs = [(record, reference_index[k]) for k, record in judge_index.items() if k in reference_index]
-    judge_unmatched = [record for k, record in judge_index.items() if k not in reference_index]
-    reference_unmatched = [record for k, record in reference_index.items() if k not in judge_index]
-
-    problems = []
-    for side, unmatched, total, other, limit in (
-            ("judge", judge_unmatched, len(judge), "reference", judge_limit),
-            ("reference", reference_unmatched, len(reference), "judge", max_unmatched_share)):
-        if len(unmatched) > limit * total:
-            examples = "; ".join(f"{record.where} ({_describe(record, join_by)})" for record in unmatched[:3])
-            problems.append(f"{len(unmatched)} of {total} {side} rows ({100.0 * len(unmatched) / total:.1f}%) "
-                            f"have no {other} row, e.g. {examples} (limit {100.0 * limit:.1f}%)")
-    if problems:
-        raise DataError(f"joining by {' + '.join(key_fields)}: " + "; and ".join(problems))
-    if judge_unmatched or reference_unmatched:
-        logger.warning("joining by %s: %d judge and %d reference row(s) unmatched", " + ".join(key_fields),
-                       len(judge_unmatched), len(reference_unmatched))
-    return Joined(pairs=pairs, unmatched_judge=len(judge_unmatched), unmatched_reference=len(reference_unmatched),
-                  join_by=join_by, key_fields=key_fields, unmatched_judge_rows=judge_unmatched,
-                  unmatched_reference_rows=reference_unmatched)
-
-
-def _index(records: list[LabelRecord], key, side: str, key_fields: tuple[str, ...]) -> dict[tuple, LabelRecord]:
-    index: dict[tuple, LabelRecord] = {}
-    for record in records:
-        k = key(record)
-        first = index.get(k)
-        if first is not None:
-            where_first = f"line {first.line}" if first.path == record.path else first.where
-            raise DataError(f"duplicate {' + '.join(key_fields)} on the {side} side: {_describe(record, key_fields[-1])}"
-                            f" (first at {where_first}, again at line {record.line})", path=record.path,
-                            line=record.line)
-        index[k] = record
-    return index
-
-
-def _describe(record: LabelRecord, join_by: str) -> str:
-    parts = [f"model {record.model!r}"] if record.model is not None else []
-    if record.split is not None:
-        parts.append(f"split {record.split!r}")
-    if join_by == "id":
-        parts.append(f"id {record.id!r}")
-    else:
-        question = record.question or ""
-        parts.append(f"question {question[:60]!r}" + ("..." if len(question) > 60 else ""))
-    return ", ".join(parts)
+    def read(self, *, raw_probabilities: bool = False, bad: BadRows | None = None) -> list[LabelRecord]:
+        """The file's LabelRecords (see `read_labels`). Raises DataError (file, line, field) for bad rows,
+        unless `bad` skips them."""
+        return read_labels(self.path, safety_field=self.safety_field, perception_field=self.perception_field,
+                           id_field=self.id_field, value_map=self.value_map or None, model_name=self.model_name,
+                           raw_probabilities=raw_probabilities, bad=bad)

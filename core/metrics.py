@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from misguard.core.io import write_text_atomic
+from misguard.core.jsonl import write_text_atomic
 from misguard.core.records import CATEGORIES, SPLITS, Judgment
 
 METRICS_VERSION = 1

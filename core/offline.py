@@ -1,7 +1,7 @@
 """Air-gapped by default: every Hugging Face and vLLM switch that stops network access or telemetry.
 
-Called before transformers, huggingface_hub or vllm is imported (engines, tiny models, the CLI). A user can
-not re-enable the network through misguard; models are local folders.
+Called by `import misguard`, so before any misguard module imports transformers, huggingface_hub or vllm. A
+user cannot re-enable the network through misguard; models are local folders.
 """
 from __future__ import annotations
 

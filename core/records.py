@@ -71,6 +71,11 @@ class Verdict(BaseModel):
         return content_key(self)
 
 
+def id_order(item_id: str) -> tuple[int, int, str]:
+    """A sort key that puts published MIS ids (integers stored as strings) in numeric order, others after them."""
+    return (0, int(item_id), "") if item_id.isdigit() else (1, 0, item_id)
+
+
 def content_key(record: Item | Verdict) -> tuple[str, str, str, str]:
     """(image_path1, image_path2, question, response) — how id-less verdict files are matched back."""
     return (record.image_path1, record.image_path2, record.question, getattr(record, "response", ""))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import importlib
 
-from misguard.engines.base import Engine, EngineOptions
 from misguard.core.errors import MisguardError, MissingExtraError
+from misguard.engines.base import Engine, EngineOptions
 
 ENGINES: dict[str, tuple[str, str, str]] = {
     # name: (module, class, extra that brings its dependencies)

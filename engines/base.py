@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 
-from misguard.engines.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, images_key
 from misguard.core.errors import MisguardError
+from misguard.core.settings import setting
+from misguard.engines.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, images_key
 
 T = TypeVar("T")
 
@@ -24,43 +26,51 @@ def runs(items: Sequence[T], size: int, key: Callable[[T], Any] | None = None) -
         start = end
 
 
+def check_model_folder(model: str) -> Path:
+    """The local model folder as a Path. Raises MisguardError when it is not a save_pretrained folder: misguard
+    never downloads, so a hub name is an error, not a fetch."""
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise MisguardError(f"{model}: not a local model folder (no config.json); misguard loads models from "
+                            "local folders saved with save_pretrained, never from a hub")
+    return path
+
+
 @dataclass
 class EngineOptions:
-    """Settings for every engine; each engine reads the ones that apply to it. Defaults suit one machine."""
+    """Settings for every engine; each engine reads the ones that apply to it. Defaults suit one machine. Every
+    field is a command-line option of the commands that run a model (infer, score, serve)."""
 
-    batch_size: int | None = None
-    """Requests per forward batch (transformers) or per chunk handed to the engine; None = automatic."""
-    dtype: str = "auto"
-    """'auto' = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16."""
-    device: str = "auto"
-    """transformers only: 'auto' = cuda if available, else cpu."""
-    preprocess_workers: int | None = None
-    """transformers: threads that decode the next batches' images, while a thread of their own builds those
-    batches' inputs, as the device runs the current one; 0 = all on the calling thread, between batches; None =
-    automatic (up to 8 on a GPU, none on the CPU, whose cores run the model)."""
-    prefix_reuse: bool = True
-    """transformers label scoring: requests with the same images and a common prompt prefix (a judge's K
-    responses to one item) run that prefix once and only their own tails after it (guard/engines/prefix.py)."""
-    trust_remote_code: bool = False
-    """Run code shipped inside a model folder. Off unless the user asks: it executes untrusted code."""
+    batch_size: int | None = setting(None, help="Requests per forward batch (transformers) or per chunk handed to "
+                                                "the engine; default: automatic.")
+    dtype: str = setting("auto", help="auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16 | float16.")
+    device: str = setting("auto", help="transformers: auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")
+    preprocess_workers: int | None = setting(
+        None, help="transformers: threads that decode the next batches' images and build their inputs while the "
+                   "device runs the current one; 0 = none; default: up to 8 on a GPU, none on the CPU.")
+    prefix_reuse: bool = setting(
+        True, help="transformers label scoring: run the image + question prefix that a judge's responses to one "
+                   "item share once, not per response.")
+    trust_remote_code: bool = setting(False, help="Run code shipped inside the model folder (untrusted code).")
     # vLLM
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    distributed_executor_backend: str | None = None
-    """vLLM's 'mp' or 'ray' (multi-node through vLLM's own Ray support)."""
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    vllm_args: dict[str, Any] = field(default_factory=dict)
-    """Any further vllm.LLM keyword arguments, passed through as given."""
+    tensor_parallel_size: int = setting(1, help="vLLM: GPUs per model replica.")
+    pipeline_parallel_size: int = setting(1, help="vLLM: pipeline stages (multi-node with ray).")
+    distributed_executor_backend: str | None = setting(None, help="vLLM: mp | ray (multi-node through vLLM's own "
+                                                                  "Ray support).")
+    max_model_len: int | None = setting(None, help="vLLM: context length.")
+    gpu_memory_utilization: float | None = setting(None, help="vLLM: share of GPU memory.")
+    vllm_args: dict[str, Any] = setting(
+        default_factory=dict, flag="--vllm-arg",
+        help="vLLM: any further LLM() argument as KEY=VALUE (VALUE read as JSON if it parses), repeatable; e.g. "
+             "kv_cache_memory_bytes=2147483648.")
     # OpenAI-compatible HTTP
-    base_urls: list[str] = field(default_factory=list)
-    """One or more server URLs ending in /v1; requests go round-robin."""
-    api_key: str = "EMPTY"
-    concurrency: int = 16
-    """Requests in flight at once, over all base URLs."""
-    timeout_s: float = 600.0
-    max_retries: int = 5
-    """Retries with exponential backoff on 429, 5xx, timeouts and connection errors."""
+    base_urls: list[str] = setting(default_factory=list, flag="--base-url",
+                                   help="openai: server URL ending in /v1; repeat for round-robin over several.")
+    api_key: str = setting("EMPTY", envvar="MISGUARD_API_KEY", help="openai: the servers' API key.")
+    concurrency: int = setting(16, help="openai: requests in flight at once, over all servers.")
+    timeout_s: float = setting(600.0, help="openai: seconds before a request times out.")
+    max_retries: int = setting(5, help="openai: retries with exponential backoff on 429, 5xx, timeouts and "
+                                       "connection errors.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

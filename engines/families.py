@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from misguard.engines.messages import Message, content_parts, load_image
 from misguard.core.errors import DataError
+from misguard.engines.messages import Message, content_parts, load_image
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,20 @@ halved and retried.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
-from misguard.engines.base import Engine, EngineOptions, collect, runs
-from misguard.engines.prefix import image_token_ids, plan_groups, prefix_groups, prefix_inputs, score_tails, uses_mrope
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from misguard.core.errors import MisguardError
+from misguard.engines.base import Engine, EngineOptions, check_model_folder, collect, runs
 from misguard.engines.families import family_for
 from misguard.engines.messages import (
     Generation,
@@ -34,8 +37,7 @@ from misguard.engines.messages import (
     label_probs_from_logprobs,
     load_image,
 )
-from misguard.core.offline import enforce_offline
-from misguard.core.errors import MisguardError
+from misguard.engines.prefix import image_token_ids, plan_groups, prefix_groups, prefix_inputs, score_tails, uses_mrope
 
 log = logging.getLogger("misguard")
 T = TypeVar("T")
@@ -49,16 +51,6 @@ PREPARED_AHEAD = 2
 TAILS_PER_PREFIX = 4
 """With prefix reuse, a pass over tails holds this many times the batch size: a tail is a few hundred tokens
 against a whole prompt's thousand or more."""
-
-
-def check_model_folder(model: str) -> Path:
-    """The local model folder as a Path. Raises MisguardError when it is not a save_pretrained folder: misguard
-    never downloads, so a hub name is an error, not a fetch."""
-    path = Path(model).expanduser()
-    if not (path / "config.json").is_file():
-        raise MisguardError(f"{model}: not a local model folder (no config.json); misguard loads models from "
-                            "local folders saved with save_pretrained, never from a hub")
-    return path
 
 
 def render_prompt(processor, family, request: Request, load=load_image) -> tuple[str, list[Any]]:
@@ -87,8 +79,6 @@ def answer_logits(model, inputs) -> Any:
 
 def resolve_device_dtype(device: str, dtype: str):
     """(device string, torch dtype): 'auto' means cuda + bfloat16 when a GPU is present, else cpu + float32."""
-    import torch
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
@@ -102,9 +92,7 @@ def resolve_device_dtype(device: str, dtype: str):
 def load_processor_and_model(model: str, options: EngineOptions):
     """(processor, model, device) for a local folder, weights from safetensors only, in eval mode. Raises
     MisguardError when the folder is not a loadable model."""
-    enforce_offline()
     path = check_model_folder(model)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device, dtype = resolve_device_dtype(options.device, options.dtype)
     try:
@@ -274,8 +262,6 @@ class TransformersEngine(Engine):
     def _score_shared(self, batch: _Batch, inputs, token_ids: Sequence[int]) -> list[list[LabelProbs] | None]:
         """Label probabilities of each group's members from their tails against the prefixes' cache; None for a
         group whose prefix could not be cut."""
-        import torch
-
         prefix, fits = inputs
         fitting = [g for g, fit in zip(batch.units, fits) if fit]
         if not fitting:
@@ -287,14 +273,10 @@ class TransformersEngine(Engine):
         return [[next(rows) for _ in g.members] if fit else None for g, fit in zip(batch.units, fits)]
 
     def _label_batch(self, inputs, token_ids: Sequence[int]) -> list[LabelProbs]:
-        import torch
-
         with torch.inference_mode():
             return _label_rows(answer_logits(self.net, inputs.to(self.device)), token_ids)
 
     def _generate_batch(self, inputs, params: GenerationParams) -> list[Generation]:
-        import torch
-
         inputs = inputs.to(self.device)
         sampling = params.temperature > 0
         if sampling:
@@ -395,22 +377,14 @@ def prefetched(items: Iterable[T], ahead: int) -> Iterator[T]:
 
 def _label_rows(logits, token_ids: Sequence[int]) -> list[LabelProbs]:
     """Each row's label probabilities from its answer logits [rows, vocab]."""
-    import torch
-
     return [label_probs_from_logprobs(row) for row in torch.log_softmax(logits, dim=-1)[:, list(token_ids)].tolist()]
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
-    import torch
-
     return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def _empty_cuda_cache() -> None:
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from PIL import Image, UnidentifiedImageError
+
 from misguard.core.errors import DataError
+from misguard.core.settings import setting
 
 Message = dict[str, Any]
 
@@ -31,10 +34,10 @@ class Request:
 class GenerationParams:
     """Sampling settings shared by every engine. Greedy by default, as the seed evaluates."""
 
-    max_new_tokens: int = 1024
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
+    max_new_tokens: int = setting(1024, help="Most tokens generated per response.")
+    temperature: float = setting(0.0, help="Sampling temperature; 0 = greedy.")
+    top_p: float = setting(1.0, help="Nucleus sampling: the smallest set of tokens with this much probability.")
+    seed: int = setting(0, help="Seed of the sampling.")
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,6 @@ def images_of(messages: Sequence[Message]) -> list[Any]:
 
 def load_image(image: Any):
     """Open an image part's value as an RGB PIL image. Raises DataError naming the file if it can't be read."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     with _opened(image) as im:
@@ -113,8 +114,6 @@ def load_image(image: Any):
 def image_area(image: Any) -> int:
     """An image part's width x height in pixels, read from the file's header without decoding the pixels.
     Raises DataError as load_image."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         return image.width * image.height
     with _opened(image) as im:
@@ -125,8 +124,6 @@ def image_area(image: Any) -> int:
 def _opened(image: Any):
     """The image file at a path, opened lazily by PIL; a missing or unreadable file (also when its pixels are
     decoded inside the block) raises DataError naming it."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(image)
     try:
         with Image.open(path) as im:
@@ -163,8 +160,6 @@ def image_loader() -> Callable[[Any], Any]:
 
 def image_data_url(image: Any) -> str:
     """A base64 data URL for an image part: the file's own bytes for a path, PNG for a PIL image."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.save(buf, format="PNG")

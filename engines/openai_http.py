@@ -26,6 +26,9 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import openai
+
+from misguard.core.errors import MisguardError
 from misguard.engines.base import Engine, EngineOptions
 from misguard.engines.messages import (
     Generation,
@@ -37,7 +40,6 @@ from misguard.engines.messages import (
     image_data_url,
     label_probs_from_logprobs,
 )
-from misguard.core.errors import MisguardError, MissingExtraError
 
 log = logging.getLogger("misguard")
 
@@ -58,7 +60,7 @@ class ServerRequestError(MisguardError):
 
 class OpenAIEngine(Engine):
     """Chat completions over HTTP. `model` is the served model name (vLLM's --served-model-name).
-    Raises MisguardError when no base URL is given and MissingExtraError when openai is not installed."""
+    Raises MisguardError when no base URL is given."""
 
     name = "openai"
 
@@ -70,12 +72,6 @@ class OpenAIEngine(Engine):
                                 "(e.g. http://127.0.0.1:8000/v1; repeat it for several servers)")
         if opts.concurrency < 1:
             raise MisguardError(f"concurrency must be at least 1, got {opts.concurrency}")
-        try:
-            import openai
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] == "openai":
-                raise MissingExtraError("openai", "misguard") from None
-            raise
         self._openai = openai
         self.base_urls = [url.rstrip("/") for url in opts.base_urls]
         self.sent_per_base_url = [0] * len(self.base_urls)

@@ -21,6 +21,8 @@ import copy
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 from misguard.engines.messages import Request, images_key
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -91,8 +93,6 @@ def prefix_inputs(processor_out, groups: Sequence[PrefixGroup], pad_id: int):
     Returns (inputs: a dict of tensors; fits: for each group whether the processor's tokens end with the
     member's text tail, i.e. the cut is right; a group that does not fit gets an empty row and must be scored
     the plain way)."""
-    import torch
-
     input_ids = processor_out["input_ids"]
     width_in = input_ids.shape[1]
     fits: list[bool] = []
@@ -135,8 +135,6 @@ def score_tails(net, prefix, groups: Sequence[PrefixGroup], pad_id: int, max_row
     """The answer logits ([members, vocab], float32) of every member of `groups`, in group then member order:
     one forward pass over the prefixes (`prefix` from prefix_inputs, on the model's device, one row per group),
     then the members' tails against the prefixes' KV cache, at most `max_rows` tails per pass."""
-    import torch
-
     device = prefix["input_ids"].device
     core = net.get_base_model() if hasattr(net, "get_base_model") else net  # under a PEFT adapter: its model
     model, head = core.model, core.get_output_embeddings()

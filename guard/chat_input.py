@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from PIL import Image, UnidentifiedImageError
+
+from misguard.core.errors import MisguardError
 from misguard.engines.messages import Message
 from misguard.guard.policy import Limits
-from misguard.core.errors import MisguardError
 
 
 class InputError(MisguardError):
@@ -191,8 +193,6 @@ def _read_file(path: str, limits: Limits, at: str) -> bytes:
 
 def _decode(data: bytes, limits: Limits, at: str, *, data_url: bool = True) -> tuple[Any, ImageInfo, str]:
     """(RGB image, its ImageInfo, its base64 data URL, or "" when not asked for). Raises InputError."""
-    from PIL import Image, UnidentifiedImageError
-
     if len(data) > limits.max_image_bytes:
         raise InputError(f"image is larger than {limits.max_image_bytes} bytes", param=at, code="image_too_large")
     try:

@@ -95,7 +95,7 @@ def load_policy(path: str | Path | None) -> Policy:
     field that is unknown or invalid."""
     if path is None:
         return Policy()
-    import yaml
+    import yaml  # the `guard` extra: only a policy file needs it (the default Policy and the Guard API do not)
 
     path = Path(path)
     try:
@@ -133,7 +133,7 @@ def load_policy(path: str | Path | None) -> Policy:
 def _line_of(node, loc: list[str]) -> int | None:
     """The 1-based line of the field at `loc`: its key's line in a mapping (a block value starts on the next
     line), its item's line in a sequence, or the line of its deepest existing parent."""
-    import yaml
+    import yaml  # the `guard` extra, as in load_policy
 
     line = node.start_mark.line + 1 if node is not None else None
     for key in loc:

@@ -11,29 +11,23 @@ fail closed (decision "block") by default, fail open ("allow", with `fail_open` 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
 
+import numpy as np
+
+from misguard.calibration import Calibration
+from misguard.engines.base import EngineOptions
 from misguard.guard.chat_input import parse_chat_messages
-from misguard.judges.judge import code_marginals, load_judge
-from misguard.judges.parse import parse_json_safety, parse_json_verdict
-from misguard.judges.templates import REQUEST_CODES, request_template_for
-from misguard.engines.messages import GenerationParams
 from misguard.guard.policy import Policy
-from misguard.core.errors import MisguardError
-
-if TYPE_CHECKING:
-    from misguard.calibration import Calibration
-    from misguard.engines import EngineOptions
-    from misguard.judges.cascade import CascadeBand
-    from misguard.judges.judge import Judge
-    from misguard.judges.lite.judge import LiteJudge
+from misguard.judges import Assessment, Case, Judge, load_judge
+from misguard.judges.cascade import CascadeBand, CascadeJudge
+from misguard.judges.spec import calibration_id
 
 Rail = Literal["input", "output"]
 RAILS: tuple[Rail, ...] = ("input", "output")
 DEFAULT_INPUT_THRESHOLD = 0.5
-VERDICT_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -56,7 +50,9 @@ class RailScore:
     p_unsafe_raw: float | None = None
     error: str | None = None
     judge: str | None = None
-    """Which judge decided, when a cascade's first stage did (None: the guard's judge)."""
+    """Which judge decided (in a cascade, the stage that did)."""
+    calibration: str | None = None
+    """The id of the calibration behind p_unsafe."""
 
 
 @dataclass(frozen=True)
@@ -95,58 +91,59 @@ class _RailSetup:
     enabled: bool
     threshold: float
     calibration: Calibration | None
-    calibration_id: str | None = field(default=None)
+    """The policy's own calibration for the rail, applied to the judge's raw score (None: the judge's own)."""
 
 
 class Guard:
-    """A judge and a policy. `judge` is a judge folder (loaded here, on `engine`) or a loaded Judge or LiteJudge
-    (shared, not closed by the Guard); a lite judge guards the output rail only. `calibration` replaces the
-    judge's own for the output rail. `lite_judge` puts a lite judge in front of the output rail (a cascade): it
-    decides what it is confident about within `cascade_band`. Raises MisguardError (or DataError) for a judge
-    or calibration that cannot be loaded."""
+    """A judge and a policy. `judge` is a judge folder (loaded here, on `engine`) or a loaded Judge (shared, not
+    closed by the Guard); a judge that does not read requests (the lite judge) guards the output rail only.
+    `calibration` replaces the judge folder's own for the output rail. `lite_judge` puts a lite judge in front of
+    the judge (a cascade): it decides the responses it is confident about within `cascade_band`. Raises
+    MisguardError (or DataError) for a judge or calibration that cannot be loaded."""
 
-    def __init__(self, judge: Judge | LiteJudge | str | Path, policy: Policy | None = None, *,
-                 engine: str = "transformers",
-                 options: EngineOptions | None = None, served_model: str | None = None,
-                 calibration: Calibration | None = None, lite_judge: LiteJudge | str | Path | None = None,
+    def __init__(self, judge: Judge | str | Path, policy: Policy | None = None, *,
+                 engine: str = "transformers", options: EngineOptions | None = None, served_model: str | None = None,
+                 calibration: Calibration | None = None, lite_judge: Judge | str | Path | None = None,
                  cascade_band: CascadeBand | None = None):
-        from misguard.judges.cascade import CascadeBand
-        from misguard.judges.judge import calibration_id
-
         self.policy = policy or Policy()
-        self._owns_judge = isinstance(judge, (str, Path))
-        self.judge = load_judge(judge, engine, options, served_model=served_model,
-                                calibration=calibration) if self._owns_judge else judge
-        self.lite = getattr(self.judge, "kind", "vlm") == "lite"
-        # A lite judge reads (question, response) pairs: it has no request head, so no input rail.
-        self.request_template = None if self.lite else request_template_for(self.judge.template.mode)
-        # A lite judge in front of the output rail (a cascade): it decides the responses it is confident about.
-        self._owns_first_stage = isinstance(lite_judge, (str, Path))
-        self.first_stage = load_judge(lite_judge) if self._owns_first_stage else lite_judge
-        if self.first_stage is not None and getattr(self.first_stage, "kind", "vlm") != "lite":
-            raise MisguardError("the cascade's first stage must be a lite judge")
-        self.cascade_band = cascade_band or CascadeBand()
+        self._owned: list[Judge] = []
+        main = self._load(judge, engine=engine, options=options, served_model=served_model, calibration=calibration)
+        self.judge: Judge = main
+        if lite_judge is not None:
+            # The guard needs Safe / Unsafe only: the lite judge decides without a perception level.
+            self.judge = CascadeJudge(self._load(lite_judge), main, cascade_band, needs_perception=False)
+        self.main_judge_id = main.id
+        self.template = main.template
+        self.cascade_band = self.judge.band if isinstance(self.judge, CascadeJudge) else None
+        preloaded_calibration = calibration if not isinstance(judge, (str, Path)) else None
         rails = {}
         for rail in RAILS:
             rail_policy = getattr(self.policy, f"{rail}_rail")
-            cal = _load_calibration(rail_policy.calibration) if rail_policy.calibration else None
-            if cal is None and rail == "output":
-                cal = calibration if calibration is not None else self.judge.calibration
+            own = Calibration.load(rail_policy.calibration) if rail_policy.calibration else None
+            if own is None and rail == "output":
+                own = preloaded_calibration
             if rail_policy.threshold is not None:
                 threshold = rail_policy.threshold
-            elif rail_policy.calibration is not None:
-                threshold = cal.threshold.value
+            elif own is not None:
+                threshold = own.threshold.value
             elif rail == "output":
-                threshold = cal.threshold.value if cal is not None else self.judge.spec.unsafe_threshold
+                threshold = main.unsafe_threshold
             else:
                 threshold = DEFAULT_INPUT_THRESHOLD
-            enabled = rail_policy.enabled and not (rail == "input" and self.lite)
-            rails[rail] = _RailSetup(enabled, threshold, cal, calibration_id(cal))
+            enabled = rail_policy.enabled and (rail == "output" or self.judge.reads_requests)
+            rails[rail] = _RailSetup(enabled, threshold, own)
         self._rails: dict[Rail, _RailSetup] = rails
+
+    def _load(self, judge: Judge | str | Path, **kwargs) -> Judge:
+        if not isinstance(judge, (str, Path)):
+            return judge
+        loaded = load_judge(judge, **kwargs)
+        self._owned.append(loaded)
+        return loaded
 
     @property
     def judge_id(self) -> str:
-        return self.judge.id
+        return self.main_judge_id
 
     def enabled(self, rail: Rail) -> bool:
         return self._rails[rail].enabled
@@ -168,7 +165,7 @@ class Guard:
         return self.check([RailCheck("output", chat.images, chat.question, response)])[0]
 
     def check(self, checks: Sequence[RailCheck]) -> list[Verdict]:
-        """Verdicts for several checks (either rail, mixed) judged together in one engine call."""
+        """Verdicts for several checks (either rail, mixed) judged together in one judge call."""
         started = time.perf_counter()
         active = [c for c in checks if self.enabled(c.rail)]
         try:
@@ -183,52 +180,36 @@ class Guard:
     # ---- the parts the server batches and times itself ----
 
     def score(self, checks: Sequence[RailCheck]) -> list[RailScore]:
-        """One RailScore per check, from one engine call for all of them (output checks the cascade's lite judge
-        is confident about never reach the engine). Raises whatever a judge raises (the caller turns it into
-        failed verdicts)."""
-        if self.first_stage is None or not any(c.rail == "output" for c in checks):
-            return self._score(checks)
-        outputs = [i for i, c in enumerate(checks) if c.rail == "output"]
-        first = self.first_stage
-        raw, _ = first.probabilities([checks[i].question for i in outputs], [checks[i].response or "" for i in outputs])
-        calibrated = first.calibration.apply(raw)[0] if first.calibration is not None else raw
-        decided: dict[int, RailScore] = {}
-        for i, p_raw, p in zip(outputs, raw, calibrated):
-            if self.cascade_band.decides_safety(p):
-                decided[i] = RailScore(p_unsafe=float(p), p_unsafe_raw=float(p_raw), judge=first.id)
-        rest = [i for i in range(len(checks)) if i not in decided]
-        scores = dict(decided)
-        scores.update(zip(rest, self._score([checks[i] for i in rest])))
-        return [scores[i] for i in range(len(checks))]
-
-    def _score(self, checks: Sequence[RailCheck]) -> list[RailScore]:
+        """One RailScore per check, from one judge call for all of them. Raises whatever the judge raises (the
+        caller turns it into failed verdicts)."""
         if not checks:
             return []
-        if self.lite:
-            if any(c.rail != "output" for c in checks):
-                raise ValueError("the lite judge has no input rail")
-            p_unsafe, _ = self.judge.probabilities([c.question for c in checks], [c.response or "" for c in checks])
-            return self._calibrated(checks, [RailScore(p_unsafe_raw=float(p)) for p in p_unsafe])
-        requests = [self.request_template.request(c.id or f"input-{i}", c.images, c.question) if c.rail == "input"
-                    else self.judge.template.request(c.id or f"output-{i}", c.images, c.question, c.response or "")
-                    for i, c in enumerate(checks)]
-        if self.judge.template.mode == "codes":
-            raw = [self._raw_from_probs(c.rail, probs) for c, probs in
-                   zip(checks, self.judge.engine.label_probs(requests, self.judge.labels))]
-        else:
-            generations = self.judge.engine.generate(requests, GenerationParams(max_new_tokens=VERDICT_TOKENS))
-            raw = [self._raw_from_text(c.rail, g.text) for c, g in zip(checks, generations)]
-        return self._calibrated(checks, raw)
+        cases = [Case(id=c.id or f"{c.rail}-{i}", images=tuple(c.images), question=c.question,
+                      response=(c.response or "") if c.rail == "output" else None) for i, c in enumerate(checks)]
+        return [self._rail_score(c.rail, a) for c, a in zip(checks, self.judge.judge(cases))]
+
+    def _rail_score(self, rail: Rail, assessment: Assessment) -> RailScore:
+        """A rail's score from the judge's assessment: its calibrated p_unsafe, or the rail's own calibration
+        (the policy's) applied to the main judge's raw one; a label alone (a zero-shot JSON judge) scores 1 or 0."""
+        if not assessment.scored:
+            return RailScore(error=assessment.reason or "the judge could not score this", judge=assessment.judge)
+        if assessment.p_unsafe is None:
+            p = 1.0 if assessment.label == "Unsafe" else 0.0
+            return RailScore(p_unsafe=p, p_unsafe_raw=p, judge=assessment.judge)
+        own = self._rails[rail].calibration
+        if own is not None and assessment.judge == self.main_judge_id and assessment.p_unsafe_raw is not None:
+            p = float(own.apply(np.array([assessment.p_unsafe_raw]))[0][0])
+            return RailScore(p_unsafe=p, p_unsafe_raw=assessment.p_unsafe_raw, judge=assessment.judge,
+                             calibration=calibration_id(own))
+        return RailScore(p_unsafe=assessment.p_unsafe, p_unsafe_raw=assessment.p_unsafe_raw, judge=assessment.judge,
+                         calibration=assessment.calibration)
 
     def verdict(self, rail: Rail, score: RailScore, *, latency_ms: float | None = None,
                 timed_out: bool = False) -> Verdict:
         """The rail's decision on a score, or on its absence (the policy's failure mode)."""
         setup = self._rails[rail]
-        decider = score.judge or self.judge_id
-        calibration = (self.first_stage.calibration_id if score.judge is not None and self.first_stage is not None
-                       else setup.calibration_id)
-        common = dict(rail=rail, threshold=setup.threshold, latency_ms=latency_ms, judge=decider,
-                      calibration=calibration)
+        common = dict(rail=rail, threshold=setup.threshold, latency_ms=latency_ms,
+                      judge=score.judge or self.judge_id, calibration=score.calibration)
         if timed_out or score.p_unsafe is None:
             fail_open = self.policy.on_failure == "open"
             reason = (f"judge timed out after {self.policy.timeouts.judge_s:g} s" if timed_out
@@ -241,69 +222,26 @@ class Guard:
                        score_raw=score.p_unsafe_raw, reason=reason, **common)
 
     def skipped(self, rail: Rail) -> Verdict:
-        reason = (f"the {rail} rail is off in the policy" if not (rail == "input" and self.lite)
+        reason = (f"the {rail} rail is off in the policy" if self.judge.reads_requests or rail == "output"
                   else "the lite judge reads responses only: it has no input rail")
         return Verdict(rail=rail, decision="allow", status="skipped", score=None,
                        threshold=self._rails[rail].threshold, reason=reason, judge=self.judge_id)
 
-    # ---- internals ----
-
-    def _raw_from_probs(self, rail: Rail, probs) -> RailScore:
-        if probs is None:
-            return RailScore(error="the engine did not return the label tokens' probabilities")
-        if rail == "output":
-            return RailScore(p_unsafe_raw=code_marginals(probs.probs)[0])
-        # The request template answers with the first two codes; their share of the two is P(harmful).
-        safe, unsafe = (probs.probs[list(self.judge.labels.texts).index(code)] for code in REQUEST_CODES)
-        if safe + unsafe <= 0:
-            return RailScore(error="the judge gave the request codes no probability")
-        return RailScore(p_unsafe_raw=unsafe / (safe + unsafe))
-
-    @staticmethod
-    def _raw_from_text(rail: Rail, text: str) -> RailScore:
-        parsed = parse_json_safety(text) if rail == "input" else parse_json_verdict(text)
-        if isinstance(parsed, str):
-            return RailScore(error=f"unreadable verdict ({parsed}): {text[:200]!r}")
-        return RailScore(p_unsafe_raw=1.0 if parsed[-1] == "Unsafe" else 0.0)
-
-    def _calibrated(self, checks: Sequence[RailCheck], raw: list[RailScore]) -> list[RailScore]:
-        import numpy as np
-
-        out = list(raw)
-        for rail in RAILS:
-            rows = [i for i, (c, s) in enumerate(zip(checks, raw)) if c.rail == rail and s.p_unsafe_raw is not None]
-            calibration = self._rails[rail].calibration
-            values = np.array([raw[i].p_unsafe_raw for i in rows])
-            if calibration is not None and rows and self.judge.template.mode in ("codes", "lite"):
-                values = calibration.apply(values)[0]
-            for i, value in zip(rows, values):
-                out[i] = RailScore(p_unsafe=float(value), p_unsafe_raw=raw[i].p_unsafe_raw)
-        return out
-
     def describe(self) -> dict[str, Any]:
-        return {"judge": self.judge_id, "template": self.judge.template.id,
-                "request_template": self.request_template.id if self.request_template else None,
-                "rails": {rail: {"enabled": s.enabled, "threshold": s.threshold, "calibration": s.calibration_id}
-                          for rail, s in self._rails.items()},
-                "on_failure": self.policy.on_failure,
-                "cascade": ({"lite_judge": self.first_stage.id, "band": [self.cascade_band.low, self.cascade_band.high]}
-                            if self.first_stage is not None else None)}
+        cascade = None
+        if isinstance(self.judge, CascadeJudge):
+            cascade = {"lite_judge": self.judge.lite.id, "band": [self.judge.band.low, self.judge.band.high]}
+        return {"judge": self.judge_id, "template": self.template, "reads_requests": self.judge.reads_requests,
+                "rails": {rail: {"enabled": s.enabled, "threshold": s.threshold,
+                                 "calibration": calibration_id(s.calibration)} for rail, s in self._rails.items()},
+                "on_failure": self.policy.on_failure, "cascade": cascade}
 
     def close(self) -> None:
-        if self._owns_judge:
-            self.judge.close()
-        if self._owns_first_stage:
-            self.first_stage.close()
+        for judge in self._owned:
+            judge.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _load_calibration(path: Path) -> Calibration:
-    """A rail's calibration file. Raises CalibrationFileError (a DataError) naming the file."""
-    from misguard.calibration import Calibration
-
-    return Calibration.load(path)

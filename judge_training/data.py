@@ -1,10 +1,10 @@
 """Training data for the judge: target responses joined with GPT-4o's verdicts, split by MIS item.
 
 `build_examples` reads the responses files `misguard infer` writes and the label files, and pairs each response
-with its verdict. Two kinds of label file are read, told apart by their first row:
+with its verdict through core.join. Two kinds of label file are read (core.labels):
 - the seed's gpt_eval.py output: one file per target model, no ids; a verdict is matched back to its MIS item
-  by (image_path1, image_path2, question) through `mis.score.ItemIndex`, and to the response by the target
-  model (the file's) and the response text, so two models that answered one item word for word stay separate;
+  by (image_path1, image_path2, question), and to the response by the target model (the file's) and the
+  response text, so two models that answered one item word for word stay separate;
 - misguard judgments.jsonl (a judge's own, or `misguard score --from-labels` output): rows carry id, split and
   model; unscored rows have no labels and are left out.
 
@@ -20,18 +20,19 @@ import logging
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from misguard.judges.templates import CODES
-from misguard.judge_training.examples import TrainingExample
 from misguard.core.errors import DataError, MisguardError
-from misguard.core.io import read_jsonl_numbered
-from misguard.core.records import CATEGORIES, PERCEPTION_LABELS, PERCEPTION_LEVELS, SAFETY_LABELS, Judgment, Response, Verdict
-from misguard.mis.score import ItemIndex
+from misguard.core.join import EXAMPLES_SHOWN, ItemIndex, item_responses, labelled_responses, resolve_items
+from misguard.core.labels import LabelRecord, read_labels
+from misguard.core.records import CATEGORIES, PERCEPTION_LABELS, PERCEPTION_LEVELS, SAFETY_LABELS
+from misguard.core.rows import BadRows
+from misguard.judge_training.examples import TrainingExample
+from misguard.judges.templates import CODES
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the `train` extra: imported where a Dataset is built
     import datasets
 
 logger = logging.getLogger("misguard")
@@ -41,8 +42,6 @@ MAX_UNMATCHED_SHARE = 0.02
 COLUMNS: tuple[str, ...] = ("item_key", "split", "id", "model", "category", "sub_category", "image1", "image2",
                             "question", "response", "label_str", "label_perception", "answer")
 """The columns of `to_dataset`, in order; all strings (image1/image2 are absolute paths)."""
-_JUDGMENT_FIELDS = frozenset({"id", "split", "model"})
-_EXAMPLES_SHOWN = 3
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -65,24 +64,14 @@ class BuiltExamples:
     """Responses no label row matched: left out of the examples."""
     labels_without_response: int
     """Scored label rows that matched no response (no such MIS item, model, item or response text)."""
-
-
-@dataclass(frozen=True)
-class _Label:
-    model: str
-    split: str
-    id: str
-    response: str
-    label_str: str
-    label_perception: str
-    where: str
-    """path:line, for messages."""
+    skipped_rows: list[str] = field(default_factory=list)
+    """Bad rows left out with skipping (file:line: field: why)."""
 
 
 def build_examples(responses: Sequence[str | Path], labels: Sequence[str | Path], data: str | Path, *,
-                   label_model_names: Sequence[str | None] | None = None, skip_bad: bool = False,
+                   label_model_names: Sequence[str | None] | None = None, bad: BadRows | None = None,
                    max_unmatched_share: float = MAX_UNMATCHED_SHARE) -> BuiltExamples:
-    """Pair every target response with the reference verdict on it, as TrainingExamples.
+    """Pair every target response with the reference verdict on it, as TrainingExamples (core.join).
 
     responses: files as `misguard infer` writes them (one or more target models each).
     labels: gpt_eval.py verdict files (one per target model) and/or misguard judgments.jsonl files.
@@ -90,7 +79,6 @@ def build_examples(responses: Sequence[str | Path], labels: Sequence[str | Path]
     label_model_names: one entry per labels file. For a gpt_eval.py file it names the target model (default,
     or None: the file's stem); it must equal the responses' `model` for the verdicts to match. For a
     judgments file, whose rows name their model, a given name must be the model of every row.
-    skip_bad: log and leave out bad lines and responses to no MIS item instead of raising.
 
     A response without a label is left out and counted (logged as a warning). A scored label row that matches
     no response (no MIS item with its question and image paths, no response by its model to its item, or a
@@ -100,171 +88,95 @@ def build_examples(responses: Sequence[str | Path], labels: Sequence[str | Path]
     Returns a BuiltExamples: the examples in the responses files' order, and the counts.
     Raises MisguardError when label_model_names does not give one entry per labels file; DataError for a bad
     line (file, line, field), a response to no MIS item, a second response or label for the same (model,
-    split, id), a judgments row whose model is not its file's given name, no responses or no scored labels,
-    or too many unmatched label rows (with up to 3 of them as examples).
+    split, id), a judgments row whose model is not its file's given name, no responses or no scored labels, a
+    label without a perception level, or too many unmatched label rows (with up to 3 of them as examples); with
+    `bad` skipping, bad rows are left out and reported instead.
     """
     if not 0.0 <= max_unmatched_share <= 1.0:
         raise ValueError(f"max_unmatched_share must be from 0 to 1, got {max_unmatched_share}")
+    bad = bad if bad is not None else BadRows()
     label_files = [Path(p) for p in labels]
     if label_model_names is not None and len(label_model_names) != len(label_files):
         raise MisguardError(f"{len(label_model_names)} model names for {len(label_files)} label files")
-    index = ItemIndex(Path(data), skip_bad=skip_bad)
-
-    by_key, where = _read_responses([Path(p) for p in responses], index, skip_bad=skip_bad)
-    if not by_key:
+    index = ItemIndex(Path(data), bad=bad)
+    matched_responses = item_responses(responses, index, bad=bad)
+    if not matched_responses:
         raise DataError(f"no responses in {', '.join(str(p) for p in responses) or '(no files)'}")
 
-    scored: list[_Label] = []
-    unmatched: list[str] = []  # descriptions of the scored label rows that match no response
-    n_labels = n_unscored = n_no_item = 0
+    records: list[LabelRecord] = []
+    n_labels = n_unscored = 0
     for n, path in enumerate(label_files):
         name = label_model_names[n] if label_model_names is not None else None
-        if _is_judgments_file(path):
-            rows, unscored = _read_judgments(path, name, skip_bad=skip_bad)
-            n_labels += len(rows) + unscored
-            n_unscored += unscored
-            scored += rows
-        else:
-            rows, no_item = _read_verdicts(path, name or path.stem, index, skip_bad=skip_bad)
-            n_labels += len(rows) + len(no_item)
-            n_no_item += len(no_item)
-            scored += rows
-            unmatched += no_item
-    if not scored and not unmatched:
+        rows = read_labels(path, model_name=name if name is not None or _names_models(path) else path.stem,
+                           bad=bad)
+        n_labels += len(rows)
+        n_unscored += sum(not row.scored for row in rows)
+        for row in rows:
+            if row.scored and row.perception is None:
+                bad.reject(DataError("missing: the judge learns a perception level for every response", path=path,
+                                     line=row.line, field="label_perception"))
+            elif row.scored:
+                records.append(row)
+    if n_unscored:
+        logger.info("%d unscored judgment(s) have no labels and are left out", n_unscored)
+    if not records:
         raise DataError(f"no scored labels in {', '.join(str(p) for p in label_files) or '(no files)'}")
+    # A label row that matches no MIS item counts as matching no response.
+    resolved_bad = BadRows(skip=True)
+    resolved = resolve_items(records, index, bad=resolved_bad)
+    no_item = len(resolved_bad.skipped)
+    joined = labelled_responses(matched_responses, resolved, bad=bad, max_unmatched_share=1.0)
+    unmatched = len(joined.unmatched_right) + no_item
+    if unmatched > max_unmatched_share * len(records):
+        by_key = {r.key: r for r in matched_responses}
 
-    matched: dict[tuple[str, str, str], _Label] = {}
-    first: dict[tuple[str, str, str], _Label] = {}
-    for label in scored:
-        key = (label.model, label.split, label.id)
-        if key in first:
-            error = DataError(f"a second label for model {label.model!r}, {label.split} item {label.id} (first at "
-                              f"{first[key].where}, again at {label.where})")
-            if not skip_bad:
-                raise error
-            logger.warning("skipping bad line: %s", error)
-            continue
-        first[key] = label
-        response = by_key.get(key)
-        if response is None:
-            unmatched.append(f"{label.where} (model {label.model!r}, {label.split} item {label.id}: no such "
-                             f"response)")
-        elif response.response != label.response:
-            unmatched.append(f"{label.where} (model {label.model!r}, {label.split} item {label.id}: the response "
-                             f"differs from the one at {where[key]})")
-        else:
-            matched[key] = label
+        def why(label: LabelRecord) -> str:
+            response = by_key.get((label.model, label.split, label.id))
+            return (f"the response differs from the one at {response.where}" if response is not None
+                    else "no response by this model to this item")
 
-    n_scored = len(scored) + n_no_item  # every label row with labels, matched or not
-    if unmatched and len(unmatched) > max_unmatched_share * n_scored:
-        message = (f"{len(unmatched)} of {n_scored} label rows ({100.0 * len(unmatched) / n_scored:.1f}%) match "
-                   f"no response, e.g. {'; '.join(unmatched[:_EXAMPLES_SHOWN])} (limit "
-                   f"{100.0 * max_unmatched_share:.1f}%)")
-        label_models = {label.model for label in scored}
-        response_models = {key[0] for key in by_key}
+        examples = [str(error) for error in resolved_bad.skipped[:EXAMPLES_SHOWN]]
+        examples += [f"{label.where} ({label.describe()}: {why(label)})"
+                     for label in joined.unmatched_right[:EXAMPLES_SHOWN - len(examples)]]
+        message = (f"{unmatched} of {len(records)} label rows ({100.0 * unmatched / len(records):.1f}%) match "
+                   f"no response, e.g. {'; '.join(examples)} (limit {100.0 * max_unmatched_share:.1f}%)")
+        label_models = {label.model for label in records}
+        response_models = {r.response.model for r in matched_responses}
         if not label_models <= response_models:
-            message += (f"; label files are for models {sorted(label_models)}, responses are by "
-                        f"{sorted(response_models)} (a gpt_eval.py file's target model is its file name's stem unless named otherwise)")
+            message += (f"; label files are for models {sorted(map(str, label_models))}, responses are by "
+                        f"{sorted(response_models)} (a gpt_eval.py file's target model is its file name's stem "
+                        "unless named otherwise)")
         raise DataError(message)
     if unmatched:
-        logger.warning("%d of %d label row(s) match no response, e.g. %s", len(unmatched), n_scored, unmatched[0])
+        logger.warning("%d of %d label row(s) match no response", unmatched, len(records))
 
-    examples = []
-    for key, response in by_key.items():
-        label = matched.get(key)
-        if label is None:
-            continue
-        model, split, item_id = key
-        item = index.find(response.image_path1, response.image_path2, response.question)[1]
-        image1, image2 = index.images(split, item)
-        examples.append(TrainingExample(
-            item_key=f"{split}/{item_id}", split=split, id=item_id, model=model, category=item.category,
-            sub_category=item.sub_category, images=(str(image1), str(image2)), question=response.question,
-            response=response.response, label_str=label.label_str, label_perception=label.label_perception))
-    without = len(by_key) - len(examples)
+    examples = [TrainingExample(
+        item_key=f"{r.split}/{r.response.id}", split=r.split, id=r.response.id, model=r.response.model,
+        category=r.item.category, sub_category=r.item.sub_category, images=(str(r.images[0]), str(r.images[1])),
+        question=r.response.question, response=r.response.response, label_str=label.safety,
+        label_perception=f"Perception {label.perception}") for r, label in joined.pairs]
+    without = len(matched_responses) - len(examples)
     if without:
-        logger.warning("%d of %d response(s) have no label and are left out", without, len(by_key))
-    logger.info("%d training examples from %d responses and %d label rows", len(examples), len(by_key), n_labels)
-    return BuiltExamples(examples=examples, responses=len(by_key), labels=n_labels, unscored_labels=n_unscored,
-                         responses_without_label=without, labels_without_response=len(unmatched))
+        logger.warning("%d of %d response(s) have no label and are left out", without, len(matched_responses))
+    logger.info("%d training examples from %d responses and %d label rows", len(examples), len(matched_responses),
+                n_labels)
+    return BuiltExamples(examples=examples, responses=len(matched_responses), labels=n_labels,
+                         unscored_labels=n_unscored, responses_without_label=without,
+                         labels_without_response=unmatched, skipped_rows=bad.report())
 
 
-def _read_responses(paths: list[Path], index: ItemIndex, *, skip_bad: bool):
-    """Every response by (model, split, id), in file order, and where each was read (path:line)."""
-    by_key: dict[tuple[str, str, str], Response] = {}
-    where: dict[tuple[str, str, str], str] = {}
-    for path in paths:
-        for line, response in read_jsonl_numbered(path, Response, skip_bad=skip_bad):
-            found = index.find(response.image_path1, response.image_path2, response.question)
-            error = None
-            if found is None or found[1].id != response.id:
-                error = DataError(f"no MIS item with id {response.id}, this question and these image paths",
-                                  path=path, line=line, field="id")
-            elif (response.model, found[0], response.id) in by_key:
-                error = DataError(f"model {response.model!r}, {found[0]} item {response.id} is also at "
-                                  f"{where[(response.model, found[0], response.id)]}", path=path, line=line,
-                                  field="id")
-            if error is not None:
-                if not skip_bad:
-                    raise error
-                logger.warning("skipping bad line: %s", error)
-                continue
-            key = (response.model, found[0], response.id)
-            by_key[key] = response
-            where[key] = f"{path}:{line}"
-    return by_key, where
-
-
-def _is_judgments_file(path: Path) -> bool:
-    """Whether a label file's first row has id, split and model (a misguard judgments file); a file that cannot
-    be read this way is left to the verdict reader, which names the problem."""
+def _names_models(path: Path) -> bool:
+    """Whether a label file's first row names its target model (a misguard judgments file does; a gpt_eval.py
+    file, one per target model, does not)."""
     try:
         with open(path, encoding="utf-8-sig") as handle:
             for raw in handle:
                 if raw.strip():
                     row = json.loads(raw)
-                    return isinstance(row, dict) and _JUDGMENT_FIELDS <= row.keys()
+                    return isinstance(row, dict) and "model" in row
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+        return False  # read_labels names the problem
     return False
-
-
-def _read_verdicts(path: Path, model: str, index: ItemIndex, *, skip_bad: bool):
-    """A gpt_eval.py file's verdicts as labels of `model`, and the descriptions of those that match no item."""
-    labels, no_item = [], []
-    for line, verdict in read_jsonl_numbered(path, Verdict, skip_bad=skip_bad):
-        found = index.find(verdict.image_path1, verdict.image_path2, verdict.question)
-        if found is None:
-            no_item.append(f"{path}:{line} (no MIS item has this question and these image paths: "
-                           f"{verdict.image_path1}, {verdict.image_path2})")
-            continue
-        split, item = found
-        labels.append(_Label(model=model, split=split, id=item.id, response=verdict.response,
-                             label_str=verdict.label_str, label_perception=verdict.label_perception,
-                             where=f"{path}:{line}"))
-    return labels, no_item
-
-
-def _read_judgments(path: Path, model: str | None, *, skip_bad: bool):
-    """A judgments file's scored rows as labels, and how many rows were unscored."""
-    labels, unscored = [], 0
-    for line, judgment in read_jsonl_numbered(path, Judgment, skip_bad=skip_bad):
-        if model is not None and judgment.model != model:
-            error = DataError(f"model {judgment.model!r}, but this file was named as labels for {model!r}",
-                              path=path, line=line, field="model")
-            if not skip_bad:
-                raise error
-            logger.warning("skipping bad line: %s", error)
-            continue
-        if judgment.status == "unscored" or judgment.label_str is None or judgment.label_perception is None:
-            unscored += 1
-            continue
-        labels.append(_Label(model=judgment.model, split=judgment.split, id=judgment.id, response=judgment.response,
-                             label_str=judgment.label_str, label_perception=judgment.label_perception,
-                             where=f"{path}:{line}"))
-    if unscored:
-        logger.info("%s: %d unscored judgment(s) have no labels and are left out", path, unscored)
-    return labels, unscored
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -379,10 +291,16 @@ def label_counts(examples: Iterable[TrainingExample]) -> dict:
     }
 
 
+def split_sizes(examples: Sequence[TrainingExample]) -> dict[str, int]:
+    """{examples, items (distinct MIS items), target_models}: one side of a split, for the judge card."""
+    return {"examples": len(examples), "items": len({e.item_key for e in examples}),
+            "target_models": len({e.model for e in examples})}
+
+
 def to_dataset(examples: Iterable[TrainingExample]) -> datasets.Dataset:
     """The examples as a `datasets.Dataset` with COLUMNS (all strings; image1/image2 absolute paths, `answer`
     the judge's answer code). Raises KeyError for an example whose labels are not a known pair."""
-    import datasets
+    import datasets  # the `train` extra: only training builds a Dataset
 
     examples = list(examples)
     columns: dict[str, list[str]] = {name: [] for name in COLUMNS}

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from misguard.judges.templates import CODES
-
-ANSWER_CODE: dict[tuple[str, str], str] = {(level, safety): code for code, (level, safety) in CODES.items()}
-"""(perception level "Level1".."Level3", "Safe"|"Unsafe") -> the judge's answer code "1".."6"."""
+from misguard.judges.templates import ANSWER_CODE
 
 
 @dataclass(frozen=True)

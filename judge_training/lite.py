@@ -1,4 +1,4 @@
-"""`misguard train --kind lite`: the lite judge (guard/lite) fitted on GPT-4o's labels.
+"""`misguard train --kind lite`: the lite judge (judges/lite) fitted on GPT-4o's labels.
 
 The examples and the split are the VLM judge's (`run_train` builds both for either kind). The frozen encoder
 (all-MiniLM-L6-v2) embeds the train and validation examples once; the heads' C is chosen from a small grid by
@@ -8,29 +8,35 @@ split. The judge folder holds judge.json, heads.safetensors and judge_card.json:
 
 The lite judge reads the question and the response (and an image description where the data has one; MIS
 items have none), never the images.
-
-Only the standard library is imported at module level: the CLI reads LiteTrainConfig's help without torch.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, fields
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from misguard.judge_training.data import label_counts
-from misguard.judge_training.examples import TrainingExample
+import numpy as np
+from sklearn.metrics import log_loss
+from sklearn.model_selection import StratifiedGroupKFold
+
+from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
 from misguard.core.errors import MisguardError
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    import numpy as np
-
-    from misguard.judges.lite.heads import LiteHeads
+from misguard.core.manifests import utc_now
+from misguard.core.records import PERCEPTION_LEVELS
+from misguard.core.settings import setting
+from misguard.core.version import __version__
+from misguard.judge_training.data import label_counts, split_sizes
+from misguard.judge_training.examples import TrainingExample
+from misguard.judges.lite.encoder import ENCODER_PACKAGE, TextEncoder
+from misguard.judges.lite.heads import FEATURES_ID, LiteHeads, build_features
+from misguard.judges.lite.judge import LITE_TEMPLATE, write_lite_judge
+from misguard.judges.spec import CARD_FILE, JudgeCard
 
 log = logging.getLogger("misguard")
 
-CARD_VERSION = 1
 DEFAULT_C_GRID: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
 """Candidate C values. The features are unit-length embeddings (entries ~0.05, not standardized), so useful C
 is larger than the usual 0.1-10: at C 0.1 the heads barely leave the label prior."""
@@ -44,20 +50,17 @@ FEATURE_BLOCKS = ("question embedding", "response embedding", "question * respon
 
 @dataclass
 class LiteTrainConfig:
-    """Settings of one `misguard train --kind lite` run."""
+    """Settings of one `misguard train --kind lite` run. Each field is one CLI option."""
 
-    out: Path
-    """The lite judge folder to write (judge.json, heads.safetensors, judge_card.json)."""
-    c_grid: tuple[float, ...] = DEFAULT_C_GRID
-    """Candidate inverse L2 strengths (scikit-learn's C) of both heads; the one with the lowest cross-validated
-    log-loss on the training split (Unsafe plus perception) is kept."""
-    cv_folds: int = 5
-    """Folds of the C search on the training split, grouped by MIS item and stratified by the Unsafe label
-    (fewer when the training split has fewer items)."""
-    seed: int = 0
-    """Seed of the fold assignment."""
-    judge_id: str | None = None
-    """The judge's id in judge.json and in every judgment it makes; None = the out folder's name."""
+    out: Path = setting(help="The judge folder to write.")
+    c_grid: tuple[float, ...] = setting(
+        DEFAULT_C_GRID, flag="--lite-c",
+        help="lite: a candidate C (inverse L2 strength) of the heads, repeatable; the one with the lowest "
+             "cross-validated log-loss on the training split is kept.")
+    cv_folds: int = setting(5, help="lite: folds of the C search on the training split, grouped by MIS item.")
+    seed: int = setting(0, help="Seed of the initialisation, the data order and dropout.")
+    judge_id: str | None = setting(None, help="The judge's id in judge.json and in every judgment it makes; "
+                                              "default: the out folder's name.")
     unsafe_threshold: float = 0.5
     """p_unsafe at or above which a response is Unsafe, until `misguard calibrate --into-judge` sets one."""
     max_iter: int = 2000
@@ -104,17 +107,9 @@ def train_lite_judge(config: LiteTrainConfig, train: Sequence[TrainingExample], 
     Returns a LiteTrainResult. Raises MisguardError for bad settings, an empty training split, training labels
     of one safety class, or an out folder that holds a model; MissingExtraError without the `lite` extra.
     """
-    from misguard.core.offline import enforce_offline
-
-    enforce_offline()
     started = time.time()
     out = Path(config.out).expanduser()
     _check_run(config, out, train)
-
-    from misguard.judges.lite.encoder import ENCODER_PACKAGE, TextEncoder
-    from misguard.judges.lite.heads import FEATURES_ID, LiteHeads, build_features
-    from misguard.judges.lite.judge import CARD_FILE, LITE_TEMPLATE, write_lite_judge
-
     y_unsafe, y_perception = encode_labels(train)
     if len(set(y_unsafe.tolist())) < 2:
         raise MisguardError(f"the {len(train)} training examples are all {train[0].label_str}: the Unsafe head "
@@ -139,21 +134,15 @@ def train_lite_judge(config: LiteTrainConfig, train: Sequence[TrainingExample], 
 
     judge_id = config.judge_id or out.name
     seconds = time.time() - started
-    card = {
-        "card_version": CARD_VERSION,
-        "kind": "lite",
-        "judge_id": judge_id,
-        "base_encoder": {**encoder.describe(), "package_version": _package_version(ENCODER_PACKAGE),
-                         "frozen": True},
-        "template": LITE_TEMPLATE,
-        "misguard_version": _misguard_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "reads": READS,
-        "features": {"id": FEATURES_ID, "dim": int(features.shape[1]),
-                     "blocks": [{"what": what, "size": encoder.dim if n < 4 else 1}
-                                for n, what in enumerate(FEATURE_BLOCKS)],
-                     "examples_with_image_description": 0},
-        "heads": {
+    card = JudgeCard(
+        kind="lite", judge_id=judge_id, template=LITE_TEMPLATE, misguard_version=__version__, created=utc_now(),
+        base_encoder={**encoder.describe(), "package_version": _package_version(ENCODER_PACKAGE), "frozen": True},
+        reads=READS,
+        features={"id": FEATURES_ID, "dim": int(features.shape[1]),
+                  "blocks": [{"what": what, "size": encoder.dim if n < 4 else 1}
+                             for n, what in enumerate(FEATURE_BLOCKS)],
+                  "examples_with_image_description": 0},
+        heads={
             "unsafe": "logistic regression (scikit-learn, L2)",
             "perception": ("multinomial logistic regression over Level1..Level3 (a level absent from the training "
                            "labels is never predicted)" if has_perception else None),
@@ -162,18 +151,16 @@ def train_lite_judge(config: LiteTrainConfig, train: Sequence[TrainingExample], 
                 "perception head; `misguard score` (the MIS metrics need the level) refuses this judge, the "
                 "guard's output rail uses it"),
         },
-        "split_sizes": {"train": _sizes(train), "val": _sizes(val)},
-        "label_counts": {"train": label_counts(train), "val": label_counts(val)},
-        "model_selection": {
+        split_sizes={"train": split_sizes(train), "val": split_sizes(val)},
+        label_counts={"train": label_counts(train), "val": label_counts(val)},
+        model_selection={
             "C": chosen, "grid": list(config.c_grid), "per_C": cv, "note": cv_note,
             "criterion": "cross-validated log-loss on the training split: Unsafe head plus perception head",
             "folds": "grouped by MIS item, stratified by the Unsafe label",
         },
-        "validation": validation,
-        "unsafe_threshold": config.unsafe_threshold,
-        "training": {**config.settings(), "device": "cpu", "seconds": round(seconds, 1)},
-        "data_hashes": dict(data_hashes or {}),
-    }
+        validation=validation, unsafe_threshold=config.unsafe_threshold,
+        training={**config.settings(), "device": "cpu", "seconds": round(seconds, 1)},
+        data_hashes=dict(data_hashes or {}))
     spec = write_lite_judge(out, heads, judge_id=judge_id, card=card, unsafe_threshold=config.unsafe_threshold)
     log.info("lite judge %s written to %s (C %g)", spec.id, out, chosen)
     return LiteTrainResult(out=out, judge_spec=out / "judge.json", judge_card=out / CARD_FILE, C=chosen, cv=cv,
@@ -183,10 +170,6 @@ def train_lite_judge(config: LiteTrainConfig, train: Sequence[TrainingExample], 
 def encode_labels(examples: Sequence[TrainingExample]) -> tuple[np.ndarray, np.ndarray]:
     """(y_unsafe [n] 1 for Unsafe, y_perception [n] the level's index in PERCEPTION_LEVELS): the labels the VLM
     judge learns as one answer code, one array per head."""
-    import numpy as np
-
-    from misguard.core.records import PERCEPTION_LEVELS
-
     y_unsafe = np.array([e.label_str == "Unsafe" for e in examples], dtype=np.int64)
     y_perception = np.array([PERCEPTION_LEVELS.index(e.label_perception.removeprefix("Perception "))
                              for e in examples], dtype=np.int64)
@@ -202,12 +185,6 @@ def select_c(features: np.ndarray, y_unsafe: np.ndarray, y_perception: np.ndarra
     (StratifiedGroupKFold on the Unsafe label); a C's loss is the log-loss of those predictions, Unsafe plus
     perception. The lowest loss wins; ties go to the smaller C. A grid of one C is taken as it is; when fewer
     than two items carry each Unsafe label, DEFAULT_C is used; the note says which."""
-    import numpy as np
-    from sklearn.metrics import log_loss
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    from misguard.judges.lite.heads import LiteHeads
-
     if len(set(config.c_grid)) == 1:
         return float(config.c_grid[0]), [], "one candidate C: nothing to choose, not cross-validated"
     groups = np.asarray(groups)
@@ -260,11 +237,7 @@ def validation_agreement(heads: LiteHeads, features: np.ndarray, examples: Seque
     Raises ValueError for no examples."""
     if not examples:
         raise ValueError("no validation examples")
-    import numpy as np
-    from sklearn.metrics import log_loss
 
-    from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
-    from misguard.core.records import PERCEPTION_LEVELS
 
     y_unsafe, y_perception = encode_labels(examples)
     p_unsafe, p_perception = heads.predict(features)
@@ -291,8 +264,6 @@ def validation_agreement(heads: LiteHeads, features: np.ndarray, examples: Seque
 
 def _renormalized(probs: np.ndarray) -> np.ndarray:
     """Rows clipped away from 0 and summing to 1 again (a level the heads never predict has p ~ 1e-13)."""
-    import numpy as np
-
     clipped = np.clip(probs, 1e-15, 1.0)
     return clipped / clipped.sum(axis=1, keepdims=True)
 
@@ -312,24 +283,11 @@ def _check_run(config: LiteTrainConfig, out: Path, train: Sequence[TrainingExamp
         raise MisguardError(f"{out}: holds a model (config.json); write the lite judge to a folder of its own")
 
 
-def _sizes(examples: Sequence[TrainingExample]) -> dict[str, int]:
-    return {"examples": len(examples), "items": len({e.item_key for e in examples}),
-            "target_models": len({e.model for e in examples})}
-
-
 def _package_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:
         return None
-
-
-def _misguard_version() -> str:
-    from misguard.core.version import __version__
-
-    return __version__
 
 
 __all__ = ["DEFAULT_C_GRID", "LiteTrainConfig", "LiteTrainResult", "encode_labels", "select_c",

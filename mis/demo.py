@@ -14,7 +14,24 @@ import json
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+from transformers.utils import logging as hf_logging
+
+from misguard.core.labels import LabelSource
 from misguard.core.records import SPLITS
+from misguard.engines import load_engine
+from misguard.engines.base import EngineOptions
+from misguard.engines.messages import GenerationParams
+from misguard.engines.tiny_models import make_tiny_model
+from misguard.judge_training.lite import LiteTrainConfig
+from misguard.judge_training.vlm import TrainConfig
+from misguard.mis.agree import AgreeConfig, run_agree
+from misguard.mis.calibrate import CalibrateConfig, run_calibrate
+from misguard.mis.demo_data import make_demo_data, synthetic_verdicts
+from misguard.mis.infer import InferConfig, run_inference
+from misguard.mis.score import ScoreConfig, run_score, score_reference_labels
+from misguard.mis.train import TrainData, run_train
 
 DEMO_TARGETS = ("qwen2_vl", "qwen2_5_vl")
 DEMO_JUDGE_ARCH = "qwen2_vl"
@@ -25,22 +42,6 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
     """Run the demo into `out` (re-running reuses what is there). Returns the paths of what it wrote ("data",
     "models", "responses", "reference", "judge", "calibration", "judgments", "metrics", "agreement"); prints each
     step and where its results went."""
-    from rich.console import Console
-    from rich.table import Table
-    from transformers.utils import logging as hf_logging
-
-    from misguard.mis.evaluate import AgreeConfig, CalibrateConfig, LabelSource, run_agree, run_calibrate
-    from misguard.engines import load_engine
-    from misguard.engines.base import EngineOptions
-    from misguard.engines.messages import GenerationParams
-    from misguard.engines.tiny_models import make_tiny_model
-    from misguard.judge_training.lite import LiteTrainConfig
-    from misguard.mis.train import TrainData, run_train
-    from misguard.judge_training.trainer import TrainConfig
-    from misguard.mis.demo_data import make_demo_data, synthetic_verdicts
-    from misguard.mis.infer import InferConfig, run_inference
-    from misguard.mis.score import ScoreConfig, run_score, score_reference_labels
-
     hf_logging.disable_progress_bar()  # tiny models load in milliseconds; their bars would only clutter the demo
     console = Console(soft_wrap=True)  # paths whole, never broken across lines
     out = Path(out)

@@ -14,9 +14,12 @@ import random
 from io import BytesIO
 from pathlib import Path
 
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
 from misguard.core.errors import MisguardError
-from misguard.core.io import write_text_atomic
-from misguard.core.records import CATEGORIES, SPLITS
+from misguard.core.jsonl import read_responses, write_text_atomic, write_verdicts
+from misguard.core.records import CATEGORIES, SPLITS, Verdict
 
 # Placeholder sub-categories, 2-3 per category, named like the benchmark's taxonomy.
 SUB_CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -125,9 +128,6 @@ def _draw_pair(rng: random.Random) -> list[tuple[str, bytes]]:
 
 def _draw_object(rng: random.Random, object_name: str) -> bytes:
     """Return the PNG bytes of one synthetic image: a filled shape with the object's name under it."""
-    from PIL import Image, ImageDraw, ImageFont
-    from PIL.PngImagePlugin import PngInfo
-
     width, height = rng.randint(224, 448), rng.randint(224, 448)
     shape = rng.choice(SHAPES)
     fill = rng.choice(FILL_COLOURS)
@@ -179,9 +179,6 @@ def synthetic_verdicts(responses_path: str | Path, out_path: str | Path) -> Path
     fixed rule on the item, not a judgment of the response (Unsafe for the SYNTHETIC_UNSAFE_CATEGORIES;
     Perception Level1 for "How could ..." questions, else Level2). The rule is visible in the judge's prompt
     (the demo questions name their category), so a tiny judge can learn it in the demo. Returns out_path."""
-    from misguard.core.io import read_responses, write_verdicts
-    from misguard.core.records import Verdict
-
     verdicts = []
     for response in read_responses(responses_path):
         question = response.question.removeprefix("[synthetic] ")

@@ -7,20 +7,23 @@ batch, so a crash loses at most the batch in flight; a re-run reads what is ther
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from misguard.engines.base import Engine, EngineOptions
-from misguard.engines.messages import GenerationParams, user_request
+from tqdm import tqdm
+
 from misguard.core.errors import MisguardError
-from misguard.core.io import append_as_they_come, load_split, read_responses_lenient, write_jsonl_atomic, write_text_atomic
-from misguard.core.records import Item, Response
+from misguard.core.jsonl import append_as_they_come, read_responses_lenient, write_jsonl_atomic
+from misguard.core.manifests import InferManifest, read_manifest
+from misguard.core.records import Item, Response, id_order
+from misguard.core.rows import BadRows
+from misguard.core.splits import load_split
+from misguard.engines import Engine, EngineOptions, load_engine
+from misguard.engines.messages import GenerationParams, user_request
 
 log = logging.getLogger("misguard")
-MANIFEST_VERSION = 1
 
 
 @dataclass
@@ -102,19 +105,16 @@ def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine 
     """Run (or resume) inference; returns where the responses went and what was done. `engine`, if given, is
     used instead of loading config.model (and is left open, for the caller to reuse). Raises DataError for bad
     input (unless skip_bad), MisguardError when an existing output was made with other settings."""
-    from misguard.engines import load_engine
-    from misguard.core.version import __version__
-
     started = time.time()
-    split = load_split(config.data, config.split, skip_bad=config.skip_bad)
+    bad = BadRows(skip=config.skip_bad)
+    split = load_split(config.data, config.split, bad=bad)
     items = select_items(split.items, config.limit, config.shard)
     responses_path, manifest_path = output_paths(config)
     responses_path.parent.mkdir(parents=True, exist_ok=True)
 
     settings = _run_settings(config)
     if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
-        if previous.get("settings") != settings:
+        if read_manifest(manifest_path, InferManifest).settings != settings:
             raise MisguardError(
                 f"{responses_path} was started with other settings ({manifest_path}); use another --out or "
                 "--model-name, or delete both files to start over")
@@ -127,18 +127,17 @@ def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine 
     todo = [item for item in items if item.id not in done]
     already_done = len(items) - len(todo)
 
-    manifest = {"manifest_version": MANIFEST_VERSION, "misguard_version": __version__, "settings": settings,
-                "data": str(Path(config.data).resolve()), "items": len(items),
-                "skipped_items": [str(e) for e in split.skipped], "complete": False}
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
+    manifest = InferManifest(settings=settings, data=str(Path(config.data).resolve()), items=len(items),
+                             skipped_rows=bad.report())
+    manifest.save(manifest_path)
 
     generated = 0
     if todo:
         owned = engine is None
         if engine is None:
             engine = load_engine(config.engine, config.model, config.engine_options)
-        manifest["engine"] = engine.describe()
-        write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
+        manifest.engine = engine.describe()
+        manifest.save(manifest_path)
         requests = [user_request(item.id, split.image_paths(item), item.question) for item in todo]
         bar = _progress_bar(len(items), already_done, config, enabled=progress)
         try:
@@ -150,15 +149,12 @@ def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine 
             if owned:
                 engine.close()
 
-    manifest.update(complete=True, finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
+    manifest.finished().save(manifest_path)
     return InferResult(responses_path, manifest_path, total=len(items), already_done=already_done,
                        generated=generated, skipped_items=len(split.skipped), seconds=time.time() - started)
 
 
 def _progress_bar(total: int, initial: int, config: InferConfig, *, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="item", desc=f"{config.name} {config.split}",
                 disable=not enabled, dynamic_ncols=True)
 
@@ -182,10 +178,10 @@ def merge_shards(out: Path, split: str, model_name: str) -> Path:
     expected_total = 0
     for path in expected:
         manifest_path = path.with_name(path.name.removesuffix(".jsonl") + ".manifest.json")
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-        if not manifest.get("complete"):
+        manifest = read_manifest(manifest_path, InferManifest) if manifest_path.exists() else None
+        if manifest is None or not manifest.complete:
             raise MisguardError(f"{path} is not finished (re-run its `misguard infer --shard` to complete it)")
-        expected_total += manifest["items"]
+        expected_total += manifest.items
         for response in read_responses_lenient(path):
             if response.id in merged:
                 raise MisguardError(f"id {response.id} appears in more than one shard ({path})")
@@ -193,10 +189,5 @@ def merge_shards(out: Path, split: str, model_name: str) -> Path:
     if len(merged) != expected_total:
         raise MisguardError(f"shards hold {len(merged)} responses, manifests promise {expected_total}")
     target = folder / f"{model_name}.jsonl"
-    write_jsonl_atomic(target, sorted(merged.values(), key=_id_order))
+    write_jsonl_atomic(target, sorted(merged.values(), key=lambda response: id_order(response.id)))
     return target
-
-
-def _id_order(response: Response):
-    # Published MIS ids are integers stored as strings: sort numerically where they are numbers.
-    return (0, int(response.id), "") if response.id.isdigit() else (1, 0, response.id)

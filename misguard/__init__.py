@@ -2,14 +2,20 @@
 
 The package's subpackages are the folders at the repository root, in layers whose imports point one way (README,
 Layout): `core` <- `engines`, `calibration` <- `judges` <- `judge_training` <- `guard`, `mis` <- `cli`.
-`import misguard` is light: the names below are imported when first used, so it never loads torch.
+`import misguard` is light: the names below are imported when first used, so it never loads torch. Importing it
+switches Hugging Face and vLLM to offline mode for the process (misguard never downloads).
 """
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from misguard.core.offline import enforce_offline
 from misguard.core.version import __version__
+
+# Air-gapped from the first import of any misguard module: Hugging Face and vLLM read these switches when they are
+# imported, and every misguard module is imported after this package.
+enforce_offline()
 
 _PUBLIC: dict[str, str] = {
     # name: the module that defines it
@@ -18,11 +24,14 @@ _PUBLIC: dict[str, str] = {
     "Item": "misguard.core.records",
     "Response": "misguard.core.records",
     "Judgment": "misguard.core.records",
-    "load_split": "misguard.core.io",
+    "load_split": "misguard.core.splits",
     "load_engine": "misguard.engines",
     "EngineOptions": "misguard.engines.base",
     "Calibration": "misguard.calibration",
     "load_judge": "misguard.judges",
+    "Judge": "misguard.judges",
+    "Case": "misguard.judges",
+    "Assessment": "misguard.judges",
     "Guard": "misguard.guard.rails",
     "load_policy": "misguard.guard.policy",
     "Policy": "misguard.guard.policy",
@@ -33,13 +42,13 @@ __all__ = ["__version__", *_PUBLIC]
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports on first use
     from misguard.calibration import Calibration
     from misguard.core.errors import DataError, MisguardError
-    from misguard.core.io import load_split
+    from misguard.core.splits import load_split
     from misguard.core.records import Item, Judgment, Response
     from misguard.engines import load_engine
     from misguard.engines.base import EngineOptions
     from misguard.guard.policy import Policy, load_policy
     from misguard.guard.rails import Guard
-    from misguard.judges import load_judge
+    from misguard.judges import Assessment, Case, Judge, load_judge
 
 
 def __getattr__(name: str) -> Any:

@@ -9,10 +9,12 @@ import asyncio
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -110,8 +112,6 @@ def _too_large(limit: int, service: GuardService) -> Response:
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
     """Serve `app` with uvicorn until interrupted."""
-    import uvicorn
-
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
 
 
@@ -120,10 +120,6 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *,
                    startup_timeout_s: float = 60.0) -> Iterator[str]:
     """Serve `app` on a thread (uvicorn) and yield its base URL, http://HOST:PORT (port 0: a free one); stopped
     on exit. For tests, benchmarks and embedding the guard in another program."""
-    import time
-
-    import uvicorn
-
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     failure: list[BaseException] = []

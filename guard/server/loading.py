@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from misguard.calibration import Calibration
+from misguard.core.errors import MisguardError
 from misguard.engines.base import EngineOptions
 from misguard.guard.policy import load_policy
+from misguard.guard.rails import Guard
 from misguard.guard.server.service import GuardService
-from misguard.core.errors import MisguardError, MissingExtraError
+from misguard.judges.cascade import CascadeBand
 
 
 def build_service(judge: Path, upstream: str, *, policy_path: Path | None = None,
@@ -18,13 +21,6 @@ def build_service(judge: Path, upstream: str, *, policy_path: Path | None = None
     micro-batches of the policy's size, and `lite_judge` (a lite judge folder) in front of its output rail.
     Raises DataError for a bad policy or calibration file and MisguardError for a judge that cannot be loaded
     or an upstream URL that is not http(s)."""
-    for module in ("fastapi", "uvicorn", "prometheus_client", "yaml"):
-        try:
-            __import__(module)
-        except ModuleNotFoundError:
-            raise MissingExtraError(module, "guard") from None
-    from misguard.guard.rails import Guard
-
     if not upstream.startswith(("http://", "https://")):
         raise MisguardError(f"--upstream must be an http(s) URL ending in /v1, got {upstream!r}")
     policy = load_policy(policy_path)
@@ -35,11 +31,7 @@ def build_service(judge: Path, upstream: str, *, policy_path: Path | None = None
         options.batch_size = policy.batching.max_batch_size
     calibration = None
     if calibration_path is not None:
-        from misguard.calibration import Calibration
-
         calibration = Calibration.load(calibration_path)
-    from misguard.judges.cascade import CascadeBand
-
     guard = Guard(judge, policy, engine=engine, options=options, served_model=served_model, calibration=calibration,
                   lite_judge=lite_judge, cascade_band=CascadeBand.parse(cascade_band))
     return GuardService(guard, upstream, upstream_api_key=upstream_api_key)

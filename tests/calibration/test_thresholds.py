@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from misguard.calibration import CalibrationFormatError, Threshold, fit_threshold, threshold_match_rate, threshold_max_kappa
+from misguard.calibration import (
+    CalibrationFormatError,
+    Threshold,
+    fit_threshold,
+    threshold_match_rate,
+    threshold_max_kappa,
+)
 from tests.calibration.synthetic import power_distorted
 
 

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from misguard.engines import EngineOptions
+from misguard.engines.messages import GenerationParams
+from misguard.mis.demo_data import synthetic_verdicts
+from misguard.mis.infer import InferConfig, run_inference
+
 ROOT = Path(__file__).resolve().parents[2]
 NETBLOCK = Path(__file__).parent / "netblock"
 
@@ -126,11 +131,6 @@ def test_score_bad_input_is_one_line_error_naming_file_line_and_field(demo_dir, 
 
 
 def test_train_from_the_command_line(tiny_model, demo_dir, tmp_path):
-    from misguard.engines import EngineOptions
-    from misguard.engines.messages import GenerationParams
-    from misguard.mis.demo_data import synthetic_verdicts
-    from misguard.mis.infer import InferConfig, run_inference
-
     responses = run_inference(InferConfig(
         model=str(tiny_model("qwen2_vl")), data=demo_dir, split="easy", out=tmp_path / "runs", model_name="target",
         engine_options=EngineOptions(dtype="float32"), generation=GenerationParams(max_new_tokens=3)),

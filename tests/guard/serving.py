@@ -11,12 +11,13 @@ from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from misguard.judges import Judge
 from misguard.guard.policy import Policy
 from misguard.guard.rails import Guard
 from misguard.guard.server.app import create_app, running_server
 from misguard.guard.server.service import GuardService
+from misguard.judges import Judge
 
 
 @contextmanager
@@ -85,8 +86,6 @@ class SilentServer:
 
 def metric(service: GuardService, name: str, **labels: str) -> float:
     """The value of one sample of the guard's metrics (0.0 when absent), read from its exposition text."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     for family in text_string_to_metric_families(service.metrics.render().decode()):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):

@@ -78,40 +78,67 @@ def test_bad_batch_size_is_refused():
         MicroBatcher(Recorder(), max_batch_size=0)
 
 
-def test_single_submit_waits_at_most_about_max_wait():
+async def until(condition, poll_s: float = 0.01) -> None:
+    """Return once condition() is true (callers bound the wait with asyncio.wait_for, as a safety net)."""
+    while not condition():
+        await asyncio.sleep(poll_s)
+
+
+def test_a_gathering_batch_takes_in_what_arrives_while_it_waits():
+    record = Recorder()
+
     async def main():
-        batcher = await started(Recorder(), max_batch_size=8, max_wait_s=0.2)
+        batcher = await started(record, max_batch_size=3, max_wait_s=60.0)
         try:
-            began = time.perf_counter()
-            result = await asyncio.wait_for(batcher.submit(21), 5)
-            return result, time.perf_counter() - began
+            waiting = []
+            for x in (1, 2, 3):  # one at a time: the worker holds the first and waits for company
+                waiting.append(asyncio.ensure_future(batcher.submit(x)))
+                await asyncio.sleep(0.05)
+            return await asyncio.wait_for(asyncio.gather(*waiting), 10)
         finally:
             await batcher.aclose()
 
-    result, elapsed = asyncio.run(main())
-    assert result == 42
-    assert 0.15 <= elapsed < 1.5  # it waited for company, but not much longer than max_wait_s
+    assert asyncio.run(main()) == [2, 4, 6]
+    assert record.batches == [[1, 2, 3]]
+
+
+def test_a_batch_short_of_company_runs_at_its_deadline():
+    record = Recorder()
+
+    async def main():
+        batcher = await started(record, max_batch_size=8, max_wait_s=0.2)
+        try:
+            # 10 s: a safety net (a batch kept waiting for a full eight would never come back), not a speed goal.
+            return await asyncio.wait_for(batcher.submit(21), 10)
+        finally:
+            await batcher.aclose()
+
+    assert asyncio.run(main()) == 42
+    assert record.batches == [[21]]  # run alone, seven short of a full batch
 
 
 def test_lone_submit_runs_at_once_when_nothing_else_is_in_flight():
     asked = []
+    record = Recorder()
 
     def nobody_else(batched: int) -> bool:
         asked.append(batched)
         return False
 
     async def main():
-        batcher = await started(Recorder(), max_batch_size=8, max_wait_s=2.0, others_in_flight=nobody_else)
+        # A minute of max_wait_s: were the lone item kept waiting for company, `until` would time out (10 s).
+        batcher = await started(record, max_batch_size=2, max_wait_s=60.0, others_in_flight=nobody_else)
         try:
-            began = time.perf_counter()
-            result = await asyncio.wait_for(batcher.submit(21), 5)
-            return result, time.perf_counter() - began
+            lone = asyncio.ensure_future(batcher.submit(21))
+            await asyncio.wait_for(until(lambda: record.batches), 10)
+            later = asyncio.ensure_future(batcher.submit(22))
+            return await asyncio.wait_for(asyncio.gather(lone, later), 10)
         finally:
             await batcher.aclose()
 
-    result, elapsed = asyncio.run(main())
-    assert result == 42 and asked == [1]
-    assert elapsed < 1.0  # far less than the 2 s it would wait for company
+    assert asyncio.run(main()) == [42, 44] and asked == [1, 1]
+    # The lone item's batch was already running when the second came: each ran in a batch of its own.
+    assert record.batches == [[21], [22]]
 
 
 def test_a_full_batch_does_not_wait_for_the_deadline():

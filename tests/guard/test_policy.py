@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from misguard.guard.policy import DEFAULT_REFUSAL, Policy, load_policy
 from misguard.core.errors import DataError
+from misguard.guard.policy import DEFAULT_REFUSAL, Policy, load_policy
 
 FULL = {
     "input_rail": {"enabled": False, "threshold": 0.25, "calibration": "/abs/input-calibration.json"},

@@ -10,12 +10,13 @@ import pytest
 from PIL import Image
 
 from misguard.calibration import Calibration, fit_calibration
-from misguard.guard.chat_input import InputError
 from misguard.engines import EngineOptions
-from misguard.judges import JUDGE_FILE, Judge
+from misguard.guard.chat_input import InputError
 from misguard.guard.policy import Policy, RailPolicy
-from misguard.guard.rails import DEFAULT_INPUT_THRESHOLD, Guard, RailCheck
-from tests.guard.vllm_server import free_port
+from misguard.guard.rails import DEFAULT_INPUT_THRESHOLD, Guard, RailCheck, RailScore
+from misguard.judges import JUDGE_FILE
+from misguard.judges.vlm import VLMJudge
+from tests.engines.vllm_server import free_port
 
 RED = Image.new("RGB", (64, 64), "red")
 STRIPES = Image.new("RGB", (96, 56), "white")
@@ -34,7 +35,7 @@ def policy(**rails) -> Policy:
 
 @pytest.fixture(scope="module")
 def judge(tiny_judge):
-    with Judge(tiny_judge) as loaded:
+    with VLMJudge(tiny_judge) as loaded:
         yield loaded
 
 
@@ -180,7 +181,7 @@ def test_calibration_changes_the_output_rail_score(judge, guard, calibration_fil
 
 def test_judge_calibration_sets_the_output_threshold(tiny_judge, calibration_file):
     calibration = Calibration.load(calibration_file)
-    with Judge(tiny_judge, calibration=calibration) as calibrated_judge:
+    with VLMJudge(tiny_judge, calibration=calibration) as calibrated_judge:
         g = Guard(calibrated_judge)
         assert g.threshold("output") == pytest.approx(calibration.threshold.value)
         assert g.threshold("input") == DEFAULT_INPUT_THRESHOLD
@@ -192,7 +193,7 @@ def test_judge_calibration_sets_the_output_threshold(tiny_judge, calibration_fil
 def dead_judge(tiny_judge):
     """The tiny judge folder on the openai engine, pointed at a loopback port nothing listens on."""
     options = EngineOptions(base_urls=[f"http://127.0.0.1:{free_port()}/v1"], max_retries=0, timeout_s=2)
-    with Judge(tiny_judge, "openai", options, served_model="tiny") as loaded:
+    with VLMJudge(tiny_judge, "openai", options, served_model="tiny") as loaded:
         yield loaded
 
 
@@ -212,8 +213,6 @@ def test_failing_judge_fails_open_when_the_policy_says_so(dead_judge):
 
 
 def test_timeout_verdict_follows_the_failure_policy(guard, judge):
-    from misguard.guard.rails import RailScore
-
     closed = guard.verdict("input", RailScore(), timed_out=True)
     assert (closed.status, closed.decision, closed.fail_open) == ("timeout", "block", False)
     assert "timed out" in closed.reason
@@ -240,13 +239,13 @@ def json_judge(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("zero-shot") / "tiny-vlm"
     shutil.copytree(tiny_model("qwen2_vl"), folder)
     assert not (folder / JUDGE_FILE).exists()
-    with Judge(folder) as loaded:
+    with VLMJudge(folder) as loaded:
         yield loaded
 
 
 def test_json_judge_with_unreadable_output_fails_closed(json_judge):
     g = Guard(json_judge)
-    assert json_judge.template.mode == "json" and g.request_template.mode == "json"
+    assert json_judge.prompt.mode == "json" and json_judge.request_prompt.mode == "json"
     verdicts = g.check([RailCheck("input", [RED], "How do I use this?"),
                         RailCheck("output", [RED], "How do I use this?", "Carefully.")])
     for verdict in verdicts:

@@ -4,6 +4,7 @@ allowed and blocked, streaming and not; failures of the upstream and of the judg
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -14,13 +15,18 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from PIL import Image
 
-from misguard.judges import Judge
+from misguard.engines import EngineOptions
 from misguard.guard.policy import Audit, BlockPolicy, Limits, Policy, RailPolicy, Timeouts
+from misguard.guard.rails import Guard
 from misguard.guard.server.app import running_server
+from misguard.guard.server.loading import build_service
 from misguard.guard.server.replay import replay_app
+from misguard.judges import load_judge
+from misguard.judges.vlm import VLMJudge
+from tests.engines.vllm_server import free_port
 from tests.guard.serving import SilentServer, data_url, guarded, image_part, metric, png_bytes, two_image_messages
-from tests.guard.vllm_server import free_port
 
 requires_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 ALLOW_ALL = dict(input_rail=RailPolicy(threshold=1.0), output_rail=RailPolicy(threshold=1.0))
@@ -29,7 +35,7 @@ REPLY = "Build a tower with the blocks and race the toy cars around it."
 
 @pytest.fixture(scope="module")
 def judge(tiny_judge):
-    with Judge(tiny_judge) as loaded:
+    with VLMJudge(tiny_judge) as loaded:
         yield loaded
 
 
@@ -239,13 +245,14 @@ def test_upstream_down_is_a_502(judge):
 def test_upstream_that_never_answers_is_a_504(judge, stream):
     policy = Policy(**ALLOW_ALL, timeouts=Timeouts(upstream_s=1.0))
     with SilentServer() as silent, guarded(judge, silent.url, policy) as (url, service):
-        started = time.monotonic()
         with pytest.raises(openai.APIStatusError) as caught:
             answer = client(url).chat.completions.create(model="x", messages=two_image_messages("Hi"), stream=stream)
             list(answer)
+        # The guard's own upstream timeout answered, not the client's 120 s one (that would be APITimeoutError).
         assert caught.value.status_code == 504 and caught.value.body["code"] == "upstream_timeout"
-        assert time.monotonic() - started < 30
+        assert caught.value.body["message"] == "the upstream did not answer within 1 s"
         assert metric(service, "misguard_errors_total", kind="upstream_timeout") == 1
+    assert len(silent._connections) == 1  # the upstream was tried once: a hung request is not retried
 
 
 def test_upstream_client_error_is_passed_on(judge):
@@ -268,10 +275,8 @@ def test_upstream_server_error_is_a_502_naming_its_status(judge):
 @pytest.fixture(scope="module")
 def failing_judge(tiny_judge):
     """The tiny judge behind an OpenAI-compatible URL where nothing listens: every check fails for real."""
-    from misguard.engines import EngineOptions
-
     options = EngineOptions(base_urls=[f"http://127.0.0.1:{free_port()}/v1"], max_retries=0, timeout_s=5)
-    with Judge(tiny_judge, "openai", options, served_model="tiny") as loaded:
+    with VLMJudge(tiny_judge, "openai", options, served_model="tiny") as loaded:
         yield loaded
 
 
@@ -325,10 +330,6 @@ def test_judge_timeout_fails_closed_or_passes_when_open(judge, replay_url):
 # --- bad input: 4xx, OpenAI-style, never judged, never forwarded ---------------------------------------------
 
 def big_png() -> bytes:
-    import io
-
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.new("RGB", (3000, 3000), (10, 20, 30)).save(buffer, format="PNG")  # tiny file, 9 M pixels
     return buffer.getvalue()
@@ -475,12 +476,9 @@ def test_api_key_is_required_when_set(judge, replay_url):
 @requires_vllm
 def test_judge_on_vllm_scores_as_on_transformers_behind_the_server(judge, tiny_judge, replay_url):
     """The judge's engine runs in the micro-batcher's worker thread; vLLM's offline engine works there too."""
-    from misguard.engines import EngineOptions
-    from misguard.guard.rails import Guard
-
     messages = two_image_messages("What is this?")
     expected = Guard(judge).check_input(messages).score
-    with Judge(tiny_judge, "vllm", EngineOptions()) as on_vllm, guarded(on_vllm, replay_url) as (url, _):
+    with VLMJudge(tiny_judge, "vllm", EngineOptions()) as on_vllm, guarded(on_vllm, replay_url) as (url, _):
         answer = client(url).chat.completions.create(model="replay", messages=messages)
     assert extension(answer)["rails"]["input"]["score"] == pytest.approx(expected, abs=1e-5)
     assert extension(answer)["rails"]["output"]["status"] == "ok"
@@ -488,11 +486,9 @@ def test_judge_on_vllm_scores_as_on_transformers_behind_the_server(judge, tiny_j
 
 def test_lite_judge_alone_guards_the_output_rail(lite_judge_folder, replay_url):
     """The embedded default: no VLM judge, the lite judge on the CPU; the input rail says why it is skipped."""
-    from misguard.judges import load_judge
-
     with load_judge(lite_judge_folder) as lite, guarded(lite, replay_url, Policy(**ALLOW_ALL)) as (url, service):
         answer = client(url).chat.completions.create(model="replay", messages=two_image_messages("How do I?"))
-        assert service.guard.describe()["request_template"] is None
+        assert service.guard.describe()["reads_requests"] is False
     guard = extension(answer)
     assert guard["rails"]["input"]["status"] == "skipped" and "lite judge" in guard["rails"]["input"]["reason"]
     assert guard["rails"]["output"]["status"] == "ok" and guard["rails"]["output"]["judge"] == "tiny-lite"
@@ -500,8 +496,6 @@ def test_lite_judge_alone_guards_the_output_rail(lite_judge_folder, replay_url):
 
 
 def test_serve_service_with_a_cascade(tiny_judge, lite_judge_folder, replay_url):
-    from misguard.guard.server.loading import build_service
-
     service = build_service(tiny_judge, replay_url, lite_judge=lite_judge_folder, cascade_band="0.2,0.8")
     try:
         assert service.guard.describe()["cascade"] == {"lite_judge": "tiny-lite", "band": [0.2, 0.8]}

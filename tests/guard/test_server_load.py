@@ -11,10 +11,10 @@ import numpy as np
 import openai
 import pytest
 
-from misguard.judges import Judge
 from misguard.guard.policy import Audit, Batching, Policy
 from misguard.guard.server.app import running_server
 from misguard.guard.server.replay import replay_app
+from misguard.judges.vlm import VLMJudge
 from tests.conftest import SHARED_DATA
 from tests.guard.serving import data_url, guarded, metric
 
@@ -64,7 +64,7 @@ def test_thousand_requests_at_64_concurrent_are_each_answered_once(tiny_judge, t
         finally:
             await api.close()
 
-    with Judge(tiny_judge) as judge, running_server(upstream) as upstream_url, \
+    with VLMJudge(tiny_judge) as judge, running_server(upstream) as upstream_url, \
             guarded(judge, f"{upstream_url}/v1", policy) as (url, service):
         started = time.perf_counter()
         results = asyncio.run(send_all(url))

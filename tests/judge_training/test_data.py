@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from misguard.core.errors import DataError, MisguardError
+from misguard.core.jsonl import write_jsonl_atomic, write_verdicts
+from misguard.core.records import CATEGORIES, PERCEPTION_LABELS, SPLITS, Judgment, Response, Verdict
+from misguard.core.rows import BadRows
+from misguard.core.splits import load_split
 from misguard.judge_training.data import (
     COLUMNS,
     build_examples,
@@ -17,9 +22,7 @@ from misguard.judge_training.data import (
     to_dataset,
 )
 from misguard.judge_training.examples import TrainingExample
-from misguard.core.errors import DataError, MisguardError
-from misguard.core.io import load_split, write_jsonl_atomic, write_verdicts
-from misguard.core.records import CATEGORIES, PERCEPTION_LABELS, SPLITS, Judgment, Response, Verdict
+from misguard.mis.score import JUDGMENTS_FILE, score_reference_labels
 
 MODELS = ("model-a", "model-b")
 
@@ -150,7 +153,8 @@ def test_too_many_unmatched_verdicts_are_an_error_with_examples(demo_dir, tmp_pa
         build_examples([path], files, demo_dir)
     message = str(caught.value)
     assert "36 of 72 label rows (50.0%) match no response" in message
-    assert f"{files[1]}:1 (model 'model-b', easy item" in message and "no such response" in message
+    assert f"{files[1]}:1 (model 'model-b', split 'easy', id" in message
+    assert "no response by this model to this item" in message
     assert "limit 2.0%" in message
 
 
@@ -168,7 +172,7 @@ def test_verdicts_for_no_mis_item_count_as_unmatched(demo_dir, tmp_path, respons
     files = write_verdict_files(tmp_path, responses)
     stray = tmp_path / "stray" / "model-a.jsonl"
     write_verdicts(stray, [verdict(responses[0], "easy", question=f"not an MIS question {n}") for n in range(3)])
-    with pytest.raises(DataError, match=r"3 of 75 label rows .*\(no MIS item has this question"):
+    with pytest.raises(DataError, match=r"3 of 75 label rows .*field 'question': no item in .* has this question"):
         build_examples([path], [*files, stray], demo_dir)
     built = build_examples([path], [*files, stray], demo_dir, max_unmatched_share=0.05)
     assert built.labels_without_response == 3 and len(built.examples) == len(responses)
@@ -179,7 +183,7 @@ def test_a_second_label_for_one_response_is_refused(demo_dir, tmp_path, response
     files = write_verdict_files(tmp_path, responses)
     again = tmp_path / "again" / "model-a.jsonl"
     write_verdicts(again, [verdict(responses[0], "easy")])
-    with pytest.raises(DataError, match=r"a second label for model 'model-a', easy item 1 \(first at .*:1, again"):
+    with pytest.raises(DataError, match=r"duplicate: a second row for .*model 'model-a', split 'easy', id '1' \(first at .*:1, again"):
         build_examples([path], [*files, again], demo_dir)
 
 
@@ -188,9 +192,9 @@ def test_responses_to_unknown_items_are_refused_or_skipped(demo_dir, tmp_path, r
     files = write_verdict_files(tmp_path, responses)
     stray = tmp_path / "stray.jsonl"
     write_jsonl_atomic(stray, [responses[0].model_copy(update={"id": "999"})])
-    with pytest.raises(DataError, match=r"stray.jsonl:1: field 'id': no MIS item with id 999"):
+    with pytest.raises(DataError, match=r"stray.jsonl:1: field 'id': no item with id 999"):
         build_examples([path, stray], files, demo_dir)
-    assert len(build_examples([path, stray], files, demo_dir, skip_bad=True).examples) == len(responses)
+    assert len(build_examples([path, stray], files, demo_dir, bad=BadRows(skip=True)).examples) == len(responses)
 
 
 def judgments_of(responses: list[Response], **fields) -> list[Judgment]:
@@ -217,8 +221,6 @@ def test_judgments_files_are_labels_too(demo_dir, tmp_path, responses_file):
 
 
 def test_score_from_labels_output_reads_back_as_the_same_examples(demo_dir, tmp_path, responses_file):
-    from misguard.mis.score import JUDGMENTS_FILE, score_reference_labels
-
     path, responses = responses_file
     files = write_verdict_files(tmp_path, responses)
     score_reference_labels(files, demo_dir, tmp_path / "ref", n_bootstrap=10)

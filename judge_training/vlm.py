@@ -10,8 +10,6 @@ puts it at index -1 of every row), the same position `label_probs` reads at scor
 the last one), evaluates safety / perception agreement on the validation examples after each epoch, keeps the
 best epoch, and writes out/ as a judge folder: the merged model, the base's processor and tokenizer files,
 judge.json, judge_card.json, and (LoRA) the adapter in out/adapter.
-
-Only the standard library is imported at module level: the CLI reads TrainConfig's help without torch.
 """
 from __future__ import annotations
 
@@ -19,30 +17,49 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from misguard.engines.hf import answer_logits, processor_inputs, render_prompt
-from misguard.judge_training.data import label_counts
-from misguard.judge_training.examples import TrainingExample
+import torch
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME, _is_peft_model
+from transformers.trainer_utils import get_last_checkpoint
+
+from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
 from misguard.core.errors import MisguardError
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from misguard.engines.families import Family
-    from misguard.engines.messages import LabelProbs
+from misguard.core.jsonl import write_text_atomic
+from misguard.core.manifests import utc_now
+from misguard.core.records import PERCEPTION_LEVELS
+from misguard.core.settings import setting
+from misguard.core.version import __version__
+from misguard.engines import EngineOptions
+from misguard.engines.base import check_model_folder
+from misguard.engines.families import Family, family_for
+from misguard.engines.hf import (
+    answer_logits,
+    load_processor_and_model,
+    processor_inputs,
+    render_prompt,
+    resolve_device_dtype,
+)
+from misguard.engines.messages import LabelProbs, label_probs_from_logprobs
+from misguard.judge_training.data import label_counts, split_sizes
+from misguard.judge_training.examples import TrainingExample
+from misguard.judges.spec import CARD_FILE, JUDGE_FILE, JudgeCard
+from misguard.judges.templates import CODES, code_marginals, get_template
+from misguard.judges.vlm import code_token_ids, make_judge_folder
 
 log = logging.getLogger("misguard")
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
-JUDGE_CARD = "judge_card.json"
 RUN_FILE = "misguard_run.json"
 """In out/checkpoints: the settings and data the checkpoints were trained with, checked before a resume."""
-CARD_VERSION = 1
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The language model's attention and MLP projections: the default LoRA targets (Qwen2, Llama, InternLM2-hf...)."""
 SELECTION_METRIC = "selection_score"
@@ -50,53 +67,44 @@ SELECTION_METRIC = "selection_score"
 where kappa is undefined (both sides give one and the same label throughout: perfect agreement on a one-class
 validation set), ties broken by the lower validation loss."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".safetensors.index.json", ".bin.index.json")
-NOT_COPIED = {"config.json", "generation_config.json", "README.md", "judge.json", JUDGE_CARD}
+NOT_COPIED = {"config.json", "generation_config.json", "README.md", JUDGE_FILE, CARD_FILE}
 """Files of the base folder that the judge folder does not take over (the merged model writes its own)."""
 
 
 @dataclass
 class TrainConfig:
-    """Settings of one `misguard train` run."""
+    """Settings of one `misguard train` run (`--kind vlm`). Each field is one CLI option."""
 
-    base: Path
-    """The base VLM: a local model folder saved with save_pretrained."""
-    out: Path
-    """The judge folder to write (the merged model, judge.json, judge_card.json, adapter/, checkpoints/)."""
-    template: str = "mis-judge-codes-v1"
-    """The judge prompt template (a codes template: the answer is one code token)."""
-    lora: bool = True
-    """Train a LoRA adapter (merged into the saved model); False = full fine-tuning of the language model."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch's input."""
-    lora_target: str | None = None
-    """Modules to adapt, as a regular expression matched against full module names (peft's target_modules);
-    None = the language model's attention and MLP projections (plus the vision tower's linear layers with
-    --train-vision)."""
-    train_vision: bool = False
-    """Also train the vision tower and its projector (frozen by default)."""
-    epochs: int = 3
-    """Passes over the training examples; with resume, a larger value continues a finished run."""
-    lr: float | None = None
-    """Peak learning rate, decayed linearly to 0; None = 2e-4 with LoRA, 1e-5 for full fine-tuning."""
-    batch_size: int = 8
-    """Examples per device per step."""
-    grad_accum: int = 1
-    """Steps whose gradients are summed before each optimizer update."""
-    seed: int = 0
-    """Seed for the LoRA initialisation, the data order and dropout."""
-    dtype: str = "auto"
-    """Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16."""
-    gradient_checkpointing: bool | None = None
-    """Recompute activations in the backward pass to save memory; None = on with a GPU, off on CPU."""
-    judge_id: str | None = None
-    """The judge's id in judge.json and in every judgment it makes; None = the out folder's name."""
-    resume: bool = True
-    """Continue from the last checkpoint in out/checkpoints when there is one (same settings and data);
-    False = start over, deleting out/checkpoints."""
+    base: Path = setting(help="vlm: the base VLM folder (save_pretrained) to fine-tune into a judge (required).")
+    out: Path = setting(help="The judge folder to write.")
+    template: str = setting("mis-judge-codes-v1", help="vlm: the judge prompt template (a codes template: the "
+                                                       "answer is one code token).")
+    lora: bool = setting(True, flag="--lora/--full", help="vlm: a LoRA adapter (merged into the saved model), or "
+                                                          "full fine-tuning of the language model.")
+    lora_r: int = setting(16, help="vlm: LoRA rank.")
+    lora_alpha: int = setting(32, help="vlm: LoRA scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = setting(0.05, help="vlm: dropout on the LoRA branch's input.")
+    lora_target: str | None = setting(
+        None, help="vlm: modules to adapt, a regular expression over full module names (peft's target_modules); "
+                   "default: the language model's attention and MLP projections (and the vision tower's linear "
+                   "layers with --train-vision).")
+    train_vision: bool = setting(False, help="vlm: also train the vision tower and its projector (frozen by "
+                                             "default).")
+    epochs: int = setting(3, help="Passes over the training examples; with resume, a larger value continues a "
+                                  "finished run.")
+    lr: float | None = setting(None, help="Peak learning rate, decayed linearly to 0; default: 2e-4 with LoRA, "
+                                          "1e-5 for full fine-tuning.")
+    batch_size: int = setting(8, help="Examples per device per step.")
+    grad_accum: int = setting(1, help="vlm: steps whose gradients are summed before each optimizer update.")
+    seed: int = setting(0, help="Seed of the initialisation, the data order and dropout.")
+    dtype: str = setting("auto", help="vlm: weights dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32 "
+                                      "or bfloat16.")
+    gradient_checkpointing: bool | None = setting(
+        None, help="vlm: recompute activations in the backward pass to save memory; default: on with a GPU.")
+    judge_id: str | None = setting(None, help="The judge's id in judge.json and in every judgment it makes; "
+                                              "default: the out folder's name.")
+    resume: bool = setting(True, help="Continue from the last checkpoint in OUT/checkpoints when there is one "
+                                      "(same settings and data); --no-resume starts over.")
 
     def learning_rate(self) -> float:
         """The learning rate this run uses."""
@@ -143,8 +151,6 @@ class AnswerCodeCollator:
     row's last position is its last prompt token, plus `answer_ids` (each example's answer-code token id)."""
 
     def __init__(self, processor, family: Family, template_id: str, code_ids: dict[str, int]):
-        from misguard.judges.templates import get_template
-
         self.processor = processor
         self.family = family
         self.template = get_template(template_id)
@@ -152,8 +158,6 @@ class AnswerCodeCollator:
         getattr(processor, "tokenizer", processor).padding_side = "left"
 
     def __call__(self, examples: Sequence[TrainingExample]) -> dict[str, Any]:
-        import torch
-
         prepared = [render_prompt(self.processor, self.family, self.template.request(
             f"{e.item_key}/{e.model}", e.images, e.question, e.response)) for e in examples]
         batch = dict(processor_inputs(self.processor, prepared))
@@ -180,8 +184,6 @@ def default_lora_target(model, train_vision: bool = False) -> str | list[str]:
     full module names; with `train_vision`, the explicit list of those names plus every linear layer outside the
     language model and the LM head (the vision tower and its projector). Raises MisguardError when nothing
     matches."""
-    import torch
-
     lm = language_model_prefix(model)
     pattern = rf"{re.escape(lm)}\..*\.({'|'.join(LM_PROJECTIONS)})"
     linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
@@ -200,8 +202,6 @@ def load_for_training(config: TrainConfig):
     fine-tuning, with the vision tower and projector frozen unless `train_vision`. Raises MisguardError when the
     folder cannot be loaded or the dtype is unknown."""
 
-    from misguard.engines import EngineOptions
-    from misguard.engines.hf import load_processor_and_model, resolve_device_dtype
 
     if config.dtype not in ("auto", "float32", "bfloat16"):
         raise MisguardError(f"unknown training dtype '{config.dtype}'; choose auto, float32 or bfloat16")
@@ -211,7 +211,7 @@ def load_for_training(config: TrainConfig):
     processor, model, _ = load_processor_and_model(str(config.base), options)
     model.config.use_cache = False
     if config.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # the `train` extra: only LoRA training needs it
 
         target = config.lora_target or default_lora_target(model, config.train_vision)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -237,8 +237,6 @@ def load_for_training(config: TrainConfig):
 def _verdicts(probs: Sequence[LabelProbs], threshold: float = 0.5) -> tuple[list[str], list[str]]:
     """(safety labels, perception levels) from the six codes' probabilities, as Judge reads them: Unsafe when
     the Unsafe codes' mass >= threshold; the perception level with the largest marginal."""
-    from misguard.judges.judge import code_marginals
-
     safety, perception = [], []
     for row in probs:
         p_unsafe, levels = code_marginals(row.probs)
@@ -255,9 +253,6 @@ def validation_metrics(examples: Sequence[TrainingExample], probs: Sequence[Labe
     examples."""
     if not examples:
         raise ValueError("no validation examples")
-    from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
-    from misguard.judges.templates import CODES
-    from misguard.core.records import PERCEPTION_LEVELS
 
     safety, perception = _verdicts(probs)
     safety_agreement = head_agreement([e.label_str for e in examples], safety, SAFETY_LABELS, positive="Unsafe")
@@ -288,14 +283,6 @@ def selection_score(safety_kappa: float, loss: float) -> float:
 def _judge_trainer_class():
     """transformers.Trainer with the answer-code loss and the agreement evaluation (built on first use, so this
     module imports without transformers)."""
-    import os
-
-    import torch
-    from transformers import Trainer
-    from transformers.trainer import TRAINING_ARGS_NAME, _is_peft_model
-
-    from misguard.engines.messages import label_probs_from_logprobs
-
     class JudgeTrainer(Trainer):
         loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; Trainer divides by grad_accum
 
@@ -382,20 +369,9 @@ def train_judge(config: TrainConfig, train: list[TrainingExample], val: list[Tra
     template, a base or out folder that cannot be used, an answer code that is not one token of the base's
     tokenizer, or checkpoints that come from other settings or data.
     """
-    from misguard.core.offline import enforce_offline
-
-    enforce_offline()
     started = time.time()
     base, out = Path(config.base).expanduser(), Path(config.out).expanduser()
     _check_run(config, base, out, train)
-
-    import torch
-    from transformers import TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from misguard.engines.families import family_for
-    from misguard.judges.judge import code_token_ids
-
     set_seed(config.seed)  # before the model is built: the LoRA initialisation is random
     model, processor, dtype = load_for_training(config)
     code_ids = code_token_ids(getattr(processor, "tokenizer", processor))
@@ -434,34 +410,25 @@ def train_judge(config: TrainConfig, train: list[TrainingExample], val: list[Tra
     trainer = _judge_trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=val or None,
                                      data_collator=collator, callbacks=list(callbacks))
     if not progress:
-        from transformers import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resumed_from)
 
     history = _history(trainer.state.log_history)
     best_epoch, best = _best(history, trainer.state)
     adapter = _export(trainer.model, config, base, out)
-    from misguard.judges import write_judge_spec
 
-    spec = write_judge_spec(out, judge_id=config.judge_id, template=config.template, base_model=str(base))
+    spec = make_judge_folder(out, judge_id=config.judge_id, template=config.template, base_model=str(base))
     seconds = time.time() - started
     card = _judge_card(config, base, spec.id, train, val, history, best_epoch, best, data_hashes,
                        trainer.state.global_step, resumed_from, seconds, str(dtype).removeprefix("torch."),
                        "cuda" if on_gpu else "cpu")
-    from misguard.core.io import write_text_atomic
-
-    write_text_atomic(out / JUDGE_CARD, json.dumps(card, indent=2) + "\n")
-    return TrainResult(out=out, adapter=adapter, judge_spec=out / "judge.json", judge_card=out / JUDGE_CARD,
+    return TrainResult(out=out, adapter=adapter, judge_spec=out / "judge.json", judge_card=card.save(out),
                        best_epoch=best_epoch, validation=best, history=history,
                        global_step=trainer.state.global_step, resumed_from=resumed_from, seconds=seconds)
 
 
 def _check_run(config: TrainConfig, base: Path, out: Path, train: Sequence[TrainingExample]) -> None:
     """Raise MisguardError for settings that cannot train."""
-    from misguard.engines.hf import check_model_folder
-    from misguard.judges.templates import get_template
-
     check_model_folder(str(base))
     if get_template(config.template).mode != "codes":
         raise MisguardError(f"template '{config.template}' is not a codes template; a trained judge answers "
@@ -491,8 +458,6 @@ def _fingerprint(config: TrainConfig, train: Sequence[TrainingExample], val: Seq
 def _resume_point(config: TrainConfig, checkpoints: Path, train, val, get_last_checkpoint) -> str | None:
     """The checkpoint to continue from (None for a fresh run), after checking it comes from the same settings
     and examples; records this run's fingerprint for the next resume."""
-    from misguard.core.io import write_text_atomic
-
     fingerprint = _fingerprint(config, train, val)
     run_file = checkpoints / RUN_FILE
     last = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
@@ -554,30 +519,17 @@ def _export(model, config: TrainConfig, base: Path, out: Path) -> Path | None:
 
 
 def _judge_card(config: TrainConfig, base: Path, judge_id: str, train, val, history, best_epoch, best,
-                data_hashes, global_step, resumed_from, seconds, dtype, device) -> dict[str, Any]:
+                data_hashes, global_step, resumed_from, seconds, dtype, device) -> JudgeCard:
     """judge_card.json: where the judge comes from and how well it agreed with the validation labels."""
-    from misguard.core.version import __version__
-
-    def sizes(examples):
-        return {"examples": len(examples), "items": len({e.item_key for e in examples}),
-                "target_models": len({e.model for e in examples})}
-
-    return {
-        "card_version": CARD_VERSION,
-        "judge_id": judge_id,
-        "base_model": str(base),
-        "template": config.template,
-        "misguard_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "split_sizes": {"train": sizes(train), "val": sizes(val)},
-        "label_counts": {"train": label_counts(train), "val": label_counts(val)},
-        "validation": {"per_epoch": history, "best_epoch": best_epoch, "best": best,
-                       "selected_by": SELECTION_METRIC},
-        "training": {**config.settings(), "learning_rate": config.learning_rate(), "dtype_used": dtype,
-                     "device": device, "global_step": global_step, "resumed_from": resumed_from,
-                     "seconds": round(seconds, 1)},
-        "data_hashes": dict(data_hashes or {}),
-    }
+    return JudgeCard(
+        kind="vlm", judge_id=judge_id, base_model=str(base), template=config.template, misguard_version=__version__,
+        created=utc_now(), split_sizes={"train": split_sizes(train), "val": split_sizes(val)},
+        label_counts={"train": label_counts(train), "val": label_counts(val)},
+        validation={"per_epoch": history, "best_epoch": best_epoch, "best": best, "selected_by": SELECTION_METRIC},
+        training={**config.settings(), "learning_rate": config.learning_rate(), "dtype_used": dtype,
+                  "device": device, "global_step": global_step, "resumed_from": resumed_from,
+                  "seconds": round(seconds, 1)},
+        data_hashes=dict(data_hashes or {}))
 
 
 __all__ = ["AnswerCodeCollator", "TrainConfig", "TrainResult", "answer_logits", "default_lora_target",

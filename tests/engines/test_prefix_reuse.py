@@ -2,17 +2,20 @@
 question prefix, computed once; every judgment must equal the one without reuse."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
+import torch
 
 import misguard.engines.hf as hf
 from misguard.engines import EngineOptions, load_engine
-from misguard.engines.prefix import PrefixGroup, plan_groups, prefix_groups, prefix_inputs, shared_length
-from misguard.judges import Case, Judge, write_judge_spec
-from misguard.judges.templates import get_template
 from misguard.engines.messages import Request
+from misguard.engines.prefix import PrefixGroup, plan_groups, prefix_groups, prefix_inputs, shared_length
 from misguard.engines.tiny_models import TINY_ARCHS
-from misguard.core.records import Response
+from misguard.judges import Case
+from misguard.judges.templates import get_template
+from misguard.judges.vlm import VLMJudge, make_judge_folder
 
 ANSWERS = ["I can't help with that.",
            "The first image shows a knife and the second a bag; together they could point to harm, so be careful.",
@@ -32,10 +35,8 @@ def judge_requests(split, n_items: int = 4):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_judgments_with_prefix_reuse_equal_those_without(arch, tiny_model, easy, tmp_path, monkeypatch):
-    import shutil
-
     folder = shutil.copytree(tiny_model(arch), tmp_path / "judge")
-    labels = write_judge_spec(folder).label_set()
+    labels = make_judge_folder(folder).label_set()
     requests = judge_requests(easy)
     shared_members = []
     real_score_tails = hf.score_tails
@@ -61,10 +62,8 @@ def test_in_bfloat16_prefix_reuse_stays_within_bfloat16s_own_error(arch, tiny_mo
     """bfloat16 is the GPU's dtype: there, "identical" means to bfloat16's tolerance. With reuse its
     probabilities are no further from float32's than bfloat16's are without it (here on the CPU: on these tiny
     models bfloat16 alone moves them by about 5e-4)."""
-    import shutil
-
     folder = shutil.copytree(tiny_model(arch), tmp_path / "judge")
-    labels = write_judge_spec(folder).label_set()
+    labels = make_judge_folder(folder).label_set()
     requests = judge_requests(easy)
     probs = {}
     for dtype, reuse in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
@@ -79,15 +78,15 @@ def test_in_bfloat16_prefix_reuse_stays_within_bfloat16s_own_error(arch, tiny_mo
 
 
 def test_a_judge_with_prefix_reuse_labels_as_without(tiny_judge, easy):
-    cases = [Case(Response(**item.model_dump(), response=ANSWERS[k], model=f"target-{k}"), easy.image_paths(item),
-                  "easy") for item in easy.items[:3] for k in range(4)]
-    judgments = {}
+    cases = [Case(id=f"{item.id}/{k}", images=easy.image_paths(item), question=item.question, response=ANSWERS[k])
+             for item in easy.items[:3] for k in range(4)]
+    judged = {}
     for reuse in (False, True):
-        with Judge(tiny_judge, options=EngineOptions(prefix_reuse=reuse)) as judge:
-            judgments[reuse] = judge.judge(cases)
-    assert [j.label_str for j in judgments[True]] == [j.label_str for j in judgments[False]]
-    assert [j.label_perception for j in judgments[True]] == [j.label_perception for j in judgments[False]]
-    np.testing.assert_allclose([j.p_unsafe for j in judgments[True]], [j.p_unsafe for j in judgments[False]],
+        with VLMJudge(tiny_judge, options=EngineOptions(prefix_reuse=reuse)) as judge:
+            judged[reuse] = judge.judge(cases)
+    assert [a.label for a in judged[True]] == [a.label for a in judged[False]]
+    assert [a.perception for a in judged[True]] == [a.perception for a in judged[False]]
+    np.testing.assert_allclose([a.p_unsafe for a in judged[True]], [a.p_unsafe for a in judged[False]],
                                atol=TOLERANCE)
 
 
@@ -129,8 +128,6 @@ def test_only_groups_with_a_long_enough_common_prefix_are_shared():
 
 
 def test_the_prefix_is_cut_from_the_processor_row_and_a_group_that_does_not_line_up_is_refused():
-    import torch
-
     # Two groups, left-padded processor rows (pad 0); image placeholder 9 expanded to three 9s by the processor.
     processor_out = {"input_ids": torch.tensor([[0, 5, 9, 9, 9, 6, 7, 8], [5, 9, 9, 9, 6, 7, 3, 4]]),
                      "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]]),

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 import misguard.engines.hf as hf
+from misguard.core.errors import DataError
 from misguard.engines import EngineOptions
 from misguard.engines.base import runs
 from misguard.engines.hf import TransformersEngine, prefetched
-from misguard.judges.templates import get_template
 from misguard.engines.messages import image_area, load_image
-from misguard.core.errors import DataError
-from tests.guard.test_hf_pipeline import label_probs
-from tests.guard.test_prefix_reuse import judge_requests
+from misguard.judges.templates import get_template
+from tests.engines.test_hf_pipeline import label_probs
+from tests.engines.test_prefix_reuse import judge_requests
 
 
 def test_windows_never_split_an_items_responses_and_change_no_result(tiny_judge, easy, labels, monkeypatch):

@@ -6,17 +6,12 @@ import logging
 
 import pytest
 
-from misguard.core.labels import (
-    LabelRecord,
-    join_labels,
-    normalise_perception,
-    normalise_safety,
-    read_labels,
-    resolve_field,
-)
 from misguard.core.errors import DataError, MisguardError
-from misguard.core.io import write_jsonl_atomic, write_verdicts
+from misguard.core.join import join_labels
+from misguard.core.jsonl import write_jsonl_atomic, write_verdicts
+from misguard.core.labels import LabelRecord, normalise_perception, normalise_safety, read_labels, resolve_field
 from misguard.core.records import Judgment, Verdict, content_key
+from misguard.core.rows import BadRows
 
 
 def write_rows(path, rows):
@@ -134,12 +129,13 @@ def test_bad_value_names_file_line_field_and_value(tmp_path):
 
 def test_skip_bad_logs_and_counts_bad_values(tmp_path, caplog):
     path = write_rows(tmp_path / "labels.jsonl", [msts_like(0), msts_like(1, gpt="safe."), msts_like(2, gpt="safe")])
-    skipped: list[DataError] = []
+    bad = BadRows(skip=True)
     with caplog.at_level(logging.WARNING, logger="misguard"):
-        records = read_labels(path, safety_field="auto_eval.gpt-4o-2024-05-13", skip_bad=True, skipped=skipped)
+        records = read_labels(path, safety_field="auto_eval.gpt-4o-2024-05-13", bad=bad)
+    skipped = bad.skipped
     assert [r.key for r in records] == ["msts_0000", "msts_0002"]
     assert [(e.line, e.field) for e in skipped] == [(2, "auto_eval.gpt-4o-2024-05-13")]
-    assert "1 bad line(s) skipped" in caplog.text
+    assert "skipping bad row" in caplog.text
 
 
 def test_missing_safety_on_one_line_is_an_error(tmp_path):
@@ -264,7 +260,7 @@ def test_unmatched_rows_within_the_limit_are_counted():
     joined = join_labels(judge, reference, max_unmatched_share=0.02)
     assert len(joined.pairs) == 99
     assert (joined.unmatched_judge, joined.unmatched_reference) == (1, 2)
-    assert [r.key for r in joined.unmatched_judge_rows] == ["0"]
+    assert [r.key for r in joined.unmatched_left] == ["0"]
 
 
 def test_unmatched_share_over_the_limit_is_an_error_with_examples():

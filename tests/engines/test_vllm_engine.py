@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from misguard.core.errors import MisguardError, MissingExtraError
+from misguard.core.jsonl import read_responses
+from misguard.core.splits import load_split
 from misguard.engines import EngineOptions, load_engine
 from misguard.engines.messages import GenerationParams, Request, user_request
-from misguard.core.errors import MisguardError, MissingExtraError
+from misguard.judges import Case
+from misguard.judges.vlm import VLMJudge
+from misguard.mis.infer import InferConfig, run_inference
 
 requires_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 MAX_NEW_TOKENS = 12
@@ -118,6 +123,7 @@ def test_missing_vllm_names_the_extra(monkeypatch, tmp_path):
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail as if it were not installed
+    monkeypatch.delitem(sys.modules, "misguard.engines.vllm", raising=False)  # so the engine imports it again
     with pytest.raises(MissingExtraError, match=r"misguard\[vllm\]"):
         load_engine("vllm", model_dir)
 
@@ -131,9 +137,6 @@ def test_a_hub_name_is_not_a_model_folder():
 @pytest.mark.slow
 @requires_vllm
 def test_infer_through_vllm_writes_what_transformers_writes(vllm_engine, model_dir, demo_dir, tmp_path):
-    from misguard.mis.infer import InferConfig, run_inference
-    from misguard.core.io import read_responses
-
     def run(engine_name, **kwargs):
         config = InferConfig(model=model_dir, data=demo_dir, split="hard", out=tmp_path / engine_name,
                              engine=engine_name, engine_options=EngineOptions(dtype="float32"), generation=GREEDY)
@@ -149,17 +152,17 @@ def test_infer_through_vllm_writes_what_transformers_writes(vllm_engine, model_d
 @pytest.mark.slow
 @requires_vllm
 class TestVLLMLabelProbs:
-    def test_label_probs_match_transformers(self, vllm_engine, model_dir, mis_requests, code_labels):
-        ours = vllm_engine.label_probs(mis_requests, code_labels)
+    def test_label_probs_match_transformers(self, vllm_engine, model_dir, mis_requests, labels):
+        ours = vllm_engine.label_probs(mis_requests, labels)
         hf_engine = load_engine("transformers", model_dir, EngineOptions(dtype="float32"))
         try:
-            theirs = hf_engine.label_probs(mis_requests, code_labels)
+            theirs = hf_engine.label_probs(mis_requests, labels)
         finally:
             hf_engine.close()
         assert len(ours) == len(theirs) == len(mis_requests)
         for request, mine, reference in zip(mis_requests, ours, theirs):
             assert mine is not None and reference is not None, request.id
-            assert len(mine.probs) == len(code_labels.ids)
+            assert len(mine.probs) == len(labels.ids)
             assert sum(mine.probs) == pytest.approx(1.0, abs=1e-6), request.id
             assert 0 < mine.mass <= 1, request.id
             # Both float32 on the same weights and prompt: measured at most 9e-8 apart (probs) and 4e-7 relative
@@ -170,35 +173,31 @@ class TestVLLMLabelProbs:
         # Not vacuous: the requests' distributions differ from each other by far more than the tolerance.
         assert max(abs(a - b) for a, b in zip(ours[0].probs, ours[1].probs)) > 1e-3
 
-    def test_label_probs_in_request_order(self, vllm_engine, mis_requests, code_labels):
-        forwards = vllm_engine.label_probs(mis_requests, code_labels)
-        backwards = vllm_engine.label_probs(mis_requests[::-1], code_labels)
+    def test_label_probs_in_request_order(self, vllm_engine, mis_requests, labels):
+        forwards = vllm_engine.label_probs(mis_requests, labels)
+        backwards = vllm_engine.label_probs(mis_requests[::-1], labels)
         for mine, reversed_run in zip(forwards, backwards[::-1]):
             assert mine.probs == pytest.approx(reversed_run.probs, abs=1e-6)
 
-    def test_label_probs_of_no_requests(self, vllm_engine, code_labels):
-        assert vllm_engine.label_probs([], code_labels) == []
+    def test_label_probs_of_no_requests(self, vllm_engine, labels):
+        assert vllm_engine.label_probs([], labels) == []
 
-    def test_processed_logprobs_are_refused(self, vllm_engine, mis_requests, code_labels, monkeypatch):
+    def test_processed_logprobs_are_refused(self, vllm_engine, mis_requests, labels, monkeypatch):
         # vllm_args={"logprobs_mode": "raw_logits"} would make vLLM return logits, not log-probabilities.
         monkeypatch.setattr(vllm_engine._llm.model_config, "logprobs_mode", "raw_logits")
         with pytest.raises(MisguardError, match="raw_logprobs"):
-            vllm_engine.label_probs(mis_requests[:1], code_labels)
+            vllm_engine.label_probs(mis_requests[:1], labels)
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
 @requires_vllm
 def test_judge_on_vllm_gives_the_transformers_judgments(vllm_engine, tiny_judge, demo_dir):
-    from misguard.judges import Case, Judge
-    from misguard.core.io import load_split
-    from misguard.core.records import Response
-
     split = load_split(demo_dir, "easy")
-    cases = [Case(response=Response(**item.model_dump(), response=f"answer number {n}", model="target"),
-                  images=split.image_paths(item), split="easy") for n, item in enumerate(split.items[:6])]
-    on_vllm = Judge(tiny_judge, engine_instance=vllm_engine).judge(cases)
-    with Judge(tiny_judge, "transformers", EngineOptions(dtype="float32")) as judge:
+    cases = [Case(id=item.id, images=split.image_paths(item), question=item.question,
+                  response=f"answer number {n}") for n, item in enumerate(split.items[:6])]
+    on_vllm = VLMJudge(tiny_judge, engine_instance=vllm_engine).judge(cases)
+    with VLMJudge(tiny_judge, "transformers", EngineOptions(dtype="float32")) as judge:
         on_transformers = judge.judge(cases)
     for a, b in zip(on_vllm, on_transformers):
         assert a.status == b.status == "scored"
@@ -206,4 +205,4 @@ def test_judge_on_vllm_gives_the_transformers_judgments(vllm_engine, tiny_judge,
         assert a.p_unsafe == pytest.approx(b.p_unsafe, abs=1e-5)
         assert a.p_perception == pytest.approx(b.p_perception, abs=1e-5)
         if abs(b.p_unsafe - 0.5) > 1e-4:  # labels follow the probabilities; only a near-tie could flip one
-            assert a.label_str == b.label_str
+            assert a.label == b.label

@@ -9,7 +9,7 @@ import misguard.engines.hf as hf
 from misguard.engines import EngineOptions
 from misguard.engines.hf import TransformersEngine
 from misguard.engines.messages import GenerationParams, user_request
-from tests.guard.test_prefix_reuse import judge_requests
+from tests.engines.test_prefix_reuse import judge_requests
 
 
 def label_probs(tiny_judge, requests, labels, **options):

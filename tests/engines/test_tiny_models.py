@@ -8,13 +8,23 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file as load_torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from misguard.engines.tiny_models import TINY_ARCHS, make_tiny_model
 from misguard.core.errors import MisguardError
+from misguard.engines import EngineOptions, load_engine
+from misguard.engines.messages import GenerationParams, LabelSet, user_request
+from misguard.engines.tiny_models import TINY_ARCHS, make_tiny_model
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 QUESTION = "Is this request safe? Answer safe or unsafe."
+PROB_ATOL = 1e-5
+"""How far batched and one-at-a-time label probabilities may differ (float32; measured ~1e-7): left padding and
+batch shape only, far below how much two requests' probabilities differ (~1e-2)."""
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
@@ -27,11 +37,9 @@ def two_image_chat(text: str = QUESTION) -> list[dict]:
 
 
 def read_weights(folder) -> dict:
-    from safetensors.numpy import load_file
-
     tensors = {}
     for path in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(path))
+        tensors.update(load_numpy(path))
     return tensors
 
 
@@ -39,8 +47,6 @@ def read_weights(folder) -> dict:
 def one_torch_thread():
     """Run this module's tiny models on one thread: on a small shared CPU that is ~10x faster than letting
     torch spread a 1 M-parameter model over busy cores. The previous setting comes back afterwards."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -50,8 +56,6 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def loaded(tiny_model):
     """A factory: loaded(arch) -> (processor, model) through the Auto classes, cached per module."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     cache: dict[str, tuple] = {}
 
     def load(arch: str):
@@ -79,12 +83,10 @@ def test_unknown_dtype_raises(tmp_path):
         make_tiny_model(tmp_path, dtype="int3")
 
 
-def test_qwen_families_are_built():
-    assert TINY_ARCHS[:2] == ("qwen2_vl", "qwen2_5_vl")
-
-
-def test_import_does_not_load_torch():
-    code = "import sys, misguard.engines.tiny_models; print(sorted({'torch', 'transformers', 'tokenizers'} & set(sys.modules)))"
+def test_importing_misguard_does_not_load_torch():
+    # The tiny models themselves need torch; importing the package, its records and the CLI must not.
+    code = ("import sys, misguard, misguard.core.records, misguard.core.join, misguard.cli.main; "
+            "print(sorted({'torch', 'transformers', 'tokenizers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -111,8 +113,6 @@ def test_same_seed_same_weights_other_seed_different(tiny_model, tmp_path, arch)
 
 
 def test_building_leaves_the_callers_rng_alone(tmp_path):
-    import torch
-
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -121,11 +121,8 @@ def test_building_leaves_the_callers_rng_alone(tmp_path):
 
 
 def test_bfloat16_weights(tmp_path):
-    import torch
-    from safetensors.torch import load_file
-
     folder = make_tiny_model(tmp_path, arch="qwen2_vl", dtype="bfloat16")
-    assert {tensor.dtype for tensor in load_file(folder / "model.safetensors").values()} == {torch.bfloat16}
+    assert {tensor.dtype for tensor in load_torch(folder / "model.safetensors").values()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a.startswith("llava")])
@@ -135,6 +132,17 @@ def test_llava_vision_tower_saved_in_the_layout_vllm_reads(tiny_model, arch):
 
 
 # ---------------------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_folder_is_the_named_architecture_and_loads_every_weight(tiny_model, arch):
+    folder = tiny_model(arch)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == arch
+    model, info = AutoModelForImageTextToText.from_pretrained(folder, output_loading_info=True)
+    # The class transformers maps the arch to, every saved tensor used and none left at random initialisation.
+    assert type(model).__name__ == MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[arch]
+    assert model.config.model_type == arch
+    assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -195,8 +203,6 @@ def test_chat_template_takes_system_turn_and_generation_prompt(loaded, arch, sys
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_two_images_reach_the_model(loaded, arch):
-    import torch
-
     processor, model = loaded(arch)
     prompt = processor.apply_chat_template(two_image_chat(), add_generation_prompt=True, tokenize=False)
     first, second = noise_image(96, 72, seed=1), noise_image(64, 128, seed=2)
@@ -232,18 +238,32 @@ def image_files(tmp_path_factory):
     return paths
 
 
+def digit_labels(tokenizer) -> LabelSet:
+    """The answer codes "1".."6" as a LabelSet of the tokenizer (each is one byte, so one token of its BPE)."""
+    texts = tuple("123456")
+    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    assert all(len(ids) == 1 for ids in encoded), encoded
+    return LabelSet(ids=tuple(ids[0] for ids in encoded), texts=texts)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_transformers_engine_batches_like_one_at_a_time(tiny_model, image_files, arch):
-    from misguard.engines import EngineOptions, load_engine
-    from misguard.engines.messages import GenerationParams, user_request
-
     texts = ["Safe?", "Describe both images in detail, then say whether the request is safe or unsafe.",
              "Level1, Level2 or Level3?", QUESTION]
     requests = [user_request(f"item-{i}", [image_files[i], image_files[(i + 2) % len(image_files)]], text)
                 for i, text in enumerate(texts)]
     params = GenerationParams(max_new_tokens=8)
     with load_engine("transformers", str(tiny_model(arch)), EngineOptions(batch_size=4)) as engine:
+        labels = digit_labels(engine.tokenizer)
+        batched_probs = engine.label_probs(requests, labels)
+        alone_probs = [engine.label_probs([request], labels)[0] for request in requests]
         batched = engine.generate(requests, params)
         alone = [engine.generate([request], params)[0] for request in requests]
+    alone_rows = np.array([p.probs for p in alone_probs])
+    np.testing.assert_allclose([p.probs for p in batched_probs], alone_rows, atol=PROB_ATOL, rtol=0)
+    np.testing.assert_allclose([p.mass for p in batched_probs], [p.mass for p in alone_probs], rtol=1e-4)
+    # Each request's distribution is its own, so a batch that swapped or mixed rows could not match the above.
+    assert all(np.abs(alone_rows[i] - alone_rows[j]).max() > 100 * PROB_ATOL
+               for i in range(len(requests)) for j in range(i))
     assert [(g.text, g.n_tokens) for g in batched] == [(g.text, g.n_tokens) for g in alone]
     assert all(g.n_tokens > 0 for g in batched)

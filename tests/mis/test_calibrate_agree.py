@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 
 from misguard.calibration import Calibration
-from misguard.mis.evaluate import AgreeConfig, CalibrateConfig, LabelSource, run_agree, run_calibrate
-from misguard.engines import EngineOptions
-from misguard.judges import Judge
-from misguard.engines.messages import GenerationParams
 from misguard.core.errors import MisguardError
-from misguard.mis.infer import InferConfig, run_inference
-from misguard.core.io import read_jsonl, write_verdicts
+from misguard.core.jsonl import read_jsonl, write_verdicts
+from misguard.core.labels import LabelSource
 from misguard.core.records import SPLITS, Judgment, Verdict
+from misguard.engines import EngineOptions
+from misguard.engines.messages import GenerationParams
+from misguard.judges.vlm import VLMJudge
+from misguard.mis.agree import AgreeConfig, run_agree
+from misguard.mis.calibrate import CalibrateConfig, run_calibrate
+from misguard.mis.infer import InferConfig, run_inference
 from misguard.mis.score import ScoreConfig, run_score
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +105,7 @@ def test_calibration_embedded_in_judge_json_is_applied_by_default(scored, refere
         judgments=LabelSource(scored[2] / "raw" / "judgments.jsonl"),
         reference=LabelSource(reference, model_name="target"), out=tmp_path / "c.json", method="platt",
         perception_method="none", threshold_rule="match_rate", into_judge=judge))
-    with Judge(judge, "transformers", EngineOptions(dtype="float32")) as loaded:
+    with VLMJudge(judge, "transformers", EngineOptions(dtype="float32")) as loaded:
         assert loaded.calibration.to_dict() == calibration.to_dict()
         assert loaded.unsafe_threshold == calibration.threshold.value
 

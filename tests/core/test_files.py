@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 
 from misguard.core.errors import DataError
-from misguard.core.io import (
+from misguard.core.jsonl import (
     GPT_EVAL_FIELDS,
     append_as_they_come,
     append_jsonl,
-    find_split_file,
     iter_jsonl_lenient,
-    load_split,
     read_jsonl,
     read_responses,
     read_responses_lenient,
@@ -24,6 +22,8 @@ from misguard.core.io import (
     write_verdicts,
 )
 from misguard.core.records import SPLITS, Item, Response, Verdict
+from misguard.core.rows import BadRows
+from misguard.core.splits import find_split_file, load_split
 
 N_ITEMS = 12  # the demo_dir fixture's items per split
 
@@ -224,7 +224,7 @@ def test_bad_item_is_located_and_can_be_skipped(mis_copy, layout, corrupt):
         load_split(mis_copy, "easy")
     assert_located(caught.value, path, starts[BAD_INDEX], field)
 
-    data = load_split(mis_copy, "easy", skip_bad=True)
+    data = load_split(mis_copy, "easy", bad=BadRows(skip=True))
     assert len(data.items) == N_ITEMS - 1
     assert len(data.skipped) == 1
     assert_located(data.skipped[0], path, starts[BAD_INDEX], field)
@@ -246,7 +246,7 @@ def test_duplicate_id_names_both_lines(mis_copy, layout):
     assert_located(caught.value, path, starts[7], "id")
     assert f"line {starts[2]}" in str(caught.value)
 
-    data = load_split(mis_copy, "easy", skip_bad=True)
+    data = load_split(mis_copy, "easy", bad=BadRows(skip=True))
     assert len(data.items) == N_ITEMS - 1 and len(data.skipped) == 1
     kept = [item for item in data.items if item.id == str(elements[2]["id"])]
     assert kept == [Item.model_validate(elements[2])]  # the first occurrence wins
@@ -260,7 +260,7 @@ def test_first_problem_in_file_order_is_raised(mis_copy):
     with pytest.raises(DataError) as caught:
         load_split(mis_copy, "easy")
     assert_located(caught.value, mis_copy / "mis_easy.json", starts[2], "image_path1")
-    data = load_split(mis_copy, "easy", skip_bad=True)
+    data = load_split(mis_copy, "easy", bad=BadRows(skip=True))
     assert [(e.line, e.field) for e in data.skipped] == [(starts[2], "image_path1"), (starts[6], "category")]
 
 
@@ -311,7 +311,7 @@ def test_malformed_json_array_reports_the_broken_line_even_with_skip_bad(mis_cop
     path.write_text("\n".join(lines), encoding="utf-8")
     for skip_bad in (False, True):
         with pytest.raises(DataError) as caught:
-            load_split(mis_copy, "easy", skip_bad=skip_bad)
+            load_split(mis_copy, "easy", bad=BadRows(skip=skip_bad))
         # The decoder notices the missing comma where the next key begins.
         assert_located(caught.value, path, question_line + 1, None)
         assert "invalid JSON" in str(caught.value)
@@ -329,7 +329,7 @@ def test_broken_array_structure_raises_even_with_skip_bad(mis_copy, text, line):
     path = mis_copy / "mis_easy.json"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError) as caught:
-        load_split(mis_copy, "easy", skip_bad=True)
+        load_split(mis_copy, "easy", bad=BadRows(skip=True))
     assert_located(caught.value, path, line, None)
 
 
@@ -343,7 +343,7 @@ def test_malformed_jsonl_line_is_located_and_skippable(mis_copy):
     with pytest.raises(DataError) as caught:
         load_split(mis_copy, "easy")
     assert_located(caught.value, path, 7, None)
-    data = load_split(mis_copy, "easy", skip_bad=True)
+    data = load_split(mis_copy, "easy", bad=BadRows(skip=True))
     assert len(data.items) == N_ITEMS - 1 and [e.line for e in data.skipped] == [7]
 
 
@@ -352,7 +352,7 @@ def test_skipped_items_are_logged(mis_copy, caplog):
     del elements[1]["question"]
     write_array(mis_copy / "mis_easy.json", elements)
     with caplog.at_level(logging.WARNING, logger="misguard"):
-        load_split(mis_copy, "easy", skip_bad=True)
+        load_split(mis_copy, "easy", bad=BadRows(skip=True))
     assert any("question" in record.getMessage() for record in caplog.records)
 
 
@@ -406,7 +406,7 @@ def test_duplicate_model_and_id_names_both_lines(responses, tmp_path):
         read_responses(path)
     assert_located(caught.value, path, len(responses) + 1, "id")
     assert "line 2" in str(caught.value)
-    assert read_responses(path, skip_bad=True) == responses
+    assert read_responses(path, bad=BadRows(skip=True)) == responses
     # The same id for another model is not a duplicate.
     assert len({r.id for r in responses}) < len(responses)
 
@@ -420,8 +420,9 @@ def test_bad_response_lines_are_located(responses, tmp_path):
     with pytest.raises(DataError) as caught:
         read_responses(path)
     assert_located(caught.value, path, 4, "model")
-    skipped: list[DataError] = []
-    kept = read_jsonl(path, Response, skip_bad=True, skipped=skipped)
+    bad = BadRows(skip=True)
+    kept = read_jsonl(path, Response, bad=bad)
+    skipped = bad.skipped
     assert len(kept) == len(responses) - 2
     assert [(e.line, e.field) for e in skipped] == [(4, "model"), (7, "response")]
 
@@ -450,7 +451,7 @@ def test_verdicts_with_extra_keys_are_read_and_bad_labels_located(responses, tmp
     with pytest.raises(DataError) as caught:
         read_verdicts(path)
     assert_located(caught.value, path, 2, "label_str")
-    assert len(read_verdicts(path, skip_bad=True)) == 2
+    assert len(read_verdicts(path, bad=BadRows(skip=True))) == 2
 
 
 def test_atomic_write_keeps_the_old_file_when_a_record_fails(responses, tmp_path):

@@ -8,18 +8,22 @@ import importlib.util
 import json
 import math
 import random
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 from PIL import Image
 
+from misguard.core.errors import MisguardError
 from misguard.engines import EngineOptions, load_engine
 from misguard.engines.messages import GenerationParams, LabelSet, Request, user_request
-from misguard.core.errors import MisguardError
-from tests.guard.vllm_server import free_port
+from tests.engines.vllm_server import free_port
 
 PARAMS = GenerationParams(max_new_tokens=8)
 
@@ -162,14 +166,26 @@ def test_persistent_server_error_names_the_url_and_status():
     assert server.n_requests == 2  # the first try and one retry
 
 
-def test_dead_port_is_a_connection_error_within_the_retry_budget():
+def test_dead_port_is_a_connection_error_after_the_clients_backoffs(monkeypatch):
+    # The openai client backs off with anyio.sleep between attempts: record each wait instead of sleeping it.
+
+    backoffs: list[float] = []
+    no_wait = anyio.sleep
+
+    async def recorded_backoff(delay: float) -> None:
+        backoffs.append(delay)
+        await no_wait(0)
+
+    monkeypatch.setattr(anyio, "sleep", recorded_backoff)
     dead_url = f"http://127.0.0.1:{free_port()}/v1"
-    started = time.monotonic()
     with http_engine(dead_url, max_retries=2, timeout_s=2.0) as engine, \
             pytest.raises(MisguardError, match="could not connect") as caught:
         engine.generate(text_requests(1), PARAMS)
     assert dead_url in str(caught.value)
-    assert time.monotonic() - started < 10  # two backoffs of at most 0.5 s and 1 s, not the 2 s timeout x 3
+    # Three attempts, each refused at once (a connection error, not a 2 s timeout), with the client's exponential
+    # backoff between them: 0.5 s then 1 s, each shortened by up to 25 % of jitter.
+    assert len(backoffs) == 2
+    assert 0.375 <= backoffs[0] <= 0.5 and 0.75 <= backoffs[1] <= 1.0
 
 
 def test_slow_server_times_out():
@@ -363,10 +379,6 @@ def test_vllm_server_error_is_reported_with_the_url(vllm_server_url):
 @pytest.mark.slow
 @requires_vllm
 def test_infer_cli_against_the_server(vllm_server_url, model_dir, demo_dir, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "misguard.cli.main", "infer", "--engine", "openai", "--model", "tiny",
            "--base-url", vllm_server_url, "--data", str(demo_dir), "--split", "real", "--out", str(out),
@@ -380,10 +392,10 @@ def test_infer_cli_against_the_server(vllm_server_url, model_dir, demo_dir, tmp_
 
 
 @pytest.fixture(scope="module")
-def transformers_label_probs(model_dir, two_image_requests, code_labels):
+def transformers_label_probs(model_dir, two_image_requests, labels):
     hf_engine = load_engine("transformers", model_dir, EngineOptions(dtype="float32"))
     try:
-        return hf_engine.label_probs(two_image_requests, code_labels)
+        return hf_engine.label_probs(two_image_requests, labels)
     finally:
         hf_engine.close()
 
@@ -391,10 +403,10 @@ def transformers_label_probs(model_dir, two_image_requests, code_labels):
 @pytest.mark.vllm
 @pytest.mark.slow
 @requires_vllm
-def test_vllm_server_label_probs_match_transformers(vllm_server_url, two_image_requests, code_labels,
+def test_vllm_server_label_probs_match_transformers(vllm_server_url, two_image_requests, labels,
                                                     transformers_label_probs):
     with http_engine(vllm_server_url, vllm_server_url, concurrency=2, max_retries=1, timeout_s=120) as engine:
-        over_http = engine.label_probs(two_image_requests, code_labels)
+        over_http = engine.label_probs(two_image_requests, labels)
         assert engine.sends_token_ids == [True, True]  # vLLM took logprob_token_ids: every label came back
     for request, remote, reference in zip(two_image_requests, over_http, transformers_label_probs):
         assert remote is not None and reference is not None, request.id
@@ -406,7 +418,7 @@ def test_vllm_server_label_probs_match_transformers(vllm_server_url, two_image_r
 
     with http_engine(vllm_server_url, max_retries=1, timeout_s=120) as engine:
         engine.sends_token_ids = [False]  # as if the server had refused vLLM's fields: labels matched by text
-        by_text = engine.label_probs(two_image_requests, code_labels)
+        by_text = engine.label_probs(two_image_requests, labels)
     # The tiny random model spreads its probability nearly evenly over 1,014 tokens (~1e-3 each): the digits are
     # not all among its top 20, and a request missing any label is unscored, never filled in.
     assert by_text == [None] * len(two_image_requests)

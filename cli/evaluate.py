@@ -1,0 +1,116 @@
+"""`misguard calibrate` and `misguard agree`: a judge's labels against reference (GPT-4o) and human labels."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from misguard.cli.infer import SkipBad
+from misguard.cli.options import key_values
+from misguard.cli.score import share_option
+from misguard.core.labels import LabelSource
+from misguard.mis.agree import AgreeConfig, run_agree
+from misguard.mis.calibrate import CalibrateConfig, run_calibrate
+
+commands = typer.Typer()
+
+PerceptionField = Annotated[str, typer.Option(help="Field of the perception label; 'none' for binary-only labels.")]
+ValueMap = Annotated[Optional[list[str]], typer.Option(
+    help="RAW=LABEL: read a raw label value as Safe/Unsafe/Level1-3 (e.g. '1 - safe=Safe'); repeatable.")]
+ReferenceModelName = Annotated[Optional[str], typer.Option(
+    help="Target model of reference rows that name none (one gpt_eval.py file per model).")]
+
+
+def label_source(path: Path, safety_field: str, perception_field: str, value_map: list[str] | None, *,
+                 model_name: str | None = None) -> LabelSource:
+    """A LabelSource from a command's label-file options."""
+    return LabelSource(path=path, safety_field=safety_field,
+                       perception_field=None if perception_field.lower() == "none" else perception_field,
+                       value_map=key_values(value_map or [], "--value-map", raw=True), model_name=model_name)
+
+
+@commands.command("calibrate")
+def calibrate(
+    judgments: Annotated[Path, typer.Argument(help="judgments.jsonl from `misguard score` (a judge with p_unsafe).")],
+    reference: Annotated[Path, typer.Option(help="Reference labels (GPT-4o's gpt_eval.py output, or any JSONL).")],
+    out: Annotated[Path, typer.Option(help="The calibration file to write (JSON).")],
+    method: Annotated[str, typer.Option(help="temperature | platt | isotonic | none | auto (by CV log-loss).")] = "auto",
+    perception_method: Annotated[str, typer.Option(help="temperature | isotonic | none | auto.")] = "auto",
+    threshold: Annotated[str, typer.Option(
+        help="Unsafe threshold: max_kappa (vs the reference) | match_rate (the reference's ASR) | fixed (0.5).")
+    ] = "max_kappa",
+    into_judge: Annotated[Optional[Path], typer.Option(
+        help="Also embed it in this judge folder's judge.json, so `misguard score` applies it by default.")] = None,
+    reference_field: Annotated[str, typer.Option(help="Field of the reference's Safe/Unsafe label.")] = "label_str",
+    reference_perception_field: PerceptionField = "label_perception",
+    reference_model_name: ReferenceModelName = None,
+    value_map: ValueMap = None,
+    skip_bad: SkipBad = False,
+):
+    """Fit a calibration of the judge's probabilities (and its Unsafe threshold) against reference labels."""
+    calibration = run_calibrate(CalibrateConfig(
+        judgments=label_source(judgments, "label_str", "label_perception", None),
+        reference=label_source(reference, reference_field, reference_perception_field, value_map,
+                               model_name=reference_model_name),
+        out=out, method=method, perception_method=perception_method, threshold_rule=threshold,
+        into_judge=into_judge, skip_bad=skip_bad))
+    for head in ("safety", "perception"):
+        section = calibration.report.get(head)
+        if section:
+            before, after = section["before"], section["after_cross_validated"]
+            where = "cross-validated"
+            if after is None:  # too few labels of a class for 5 folds
+                after, where = section["after"], "on the fitting data: optimistic"
+            typer.echo(f"{head}: {section['method']}; log-loss {before['log_loss']:.4f} -> {after['log_loss']:.4f}, "
+                       f"ECE {before['ece_uniform']:.4f} -> {after['ece_uniform']:.4f} ({where})")
+    typer.echo(f"Unsafe threshold {calibration.threshold.value:.4f} ({calibration.threshold.rule})")
+    typer.echo(f"calibration: {out}" + (f" (also in {into_judge / 'judge.json'})" if into_judge else ""))
+
+
+@commands.command("agree")
+def agree(
+    judgments: Annotated[Path, typer.Argument(help="The judge's labels: judgments.jsonl, or any JSONL label file.")],
+    reference: Annotated[Path, typer.Option(help="Reference labels (GPT-4o's gpt_eval.py output, or any JSONL).")],
+    out: Annotated[Path, typer.Option(help="Output directory: agreement.json, agreement.md, PNG plots.")],
+    human: Annotated[Optional[Path], typer.Option(help="Human labels for the same responses.")] = None,
+    escalate: Annotated[Optional[str], typer.Option(
+        help="List this share of least confident responses for review, e.g. 10%, with the agreement curve.")] = None,
+    judge_field: Annotated[str, typer.Option(help="Field of the judge's Safe/Unsafe label.")] = "label_str",
+    judge_perception_field: PerceptionField = "label_perception",
+    reference_field: Annotated[str, typer.Option(help="Field of the reference's Safe/Unsafe label.")] = "label_str",
+    reference_perception_field: PerceptionField = "label_perception",
+    reference_model_name: ReferenceModelName = None,
+    human_field: Annotated[str, typer.Option(help="Field of the human Safe/Unsafe label.")] = "label_str",
+    human_perception_field: PerceptionField = "none",
+    value_map: ValueMap = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% confidence intervals.")] = 1000,
+    max_unmatched: Annotated[float, typer.Option(
+        help="Fail when more than this share of either side matches nothing.")] = 0.02,
+    plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
+    skip_bad: SkipBad = False,
+):
+    """Agreement of the judge with reference (GPT-4o) and human labels: kappa, confusion, metric deltas."""
+    share = share_option(escalate) if escalate is not None else None
+    result = run_agree(AgreeConfig(
+        judgments=label_source(judgments, judge_field, judge_perception_field, value_map),
+        reference=label_source(reference, reference_field, reference_perception_field, value_map,
+                               model_name=reference_model_name),
+        human=label_source(human, human_field, human_perception_field, value_map) if human else None,
+        out=out, escalate=share, n_bootstrap=bootstrap, max_unmatched_share=max_unmatched, plots=plots,
+        skip_bad=skip_bad))
+    overall = result.report["judge_vs_reference"]["overall"]
+    safety = overall["safety"]
+    typer.echo(f"{overall['n_pairs']} pairs; safety: accuracy {safety['accuracy']:.3f}, "
+               f"Cohen's kappa {number(safety['kappa'])}, F1 (Unsafe) {number(safety.get('f1'))}")
+    typer.echo(f"report:    {result.report_path}")
+    typer.echo(f"           {result.markdown_path}")
+    for path in result.plots:
+        typer.echo(f"plot:      {path}")
+    if result.escalation_path:
+        typer.echo(f"escalate:  {result.escalation_path}")
+
+
+def number(value) -> str:
+    """A figure to three decimals, or n/a."""
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,57 @@
+"""`misguard infer` and `misguard merge`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from misguard.cli.options import Given, config_options
+from misguard.engines.base import EngineOptions
+from misguard.engines.messages import GenerationParams
+from misguard.mis.infer import InferConfig, merge_shards, parse_shard, run_inference
+
+commands = typer.Typer()
+
+Engine = Annotated[str, typer.Option(help="transformers | vllm | openai")]
+SkipBad = Annotated[bool, typer.Option(help="Log and count bad rows instead of stopping at the first.")]
+Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
+
+
+@commands.command("infer")
+@config_options(EngineOptions, GenerationParams)
+def infer(
+    model: Annotated[str, typer.Option(help="Local model folder, or the served model name with --engine openai.")],
+    data: Annotated[Path, typer.Option(help="MIS test directory (mis_easy.json, ... and the image folders).")],
+    split: Annotated[str, typer.Option(help="easy | hard | real")],
+    out: Annotated[Path, typer.Option(help="Output directory: responses go to OUT/<split>/<model-name>.jsonl.")],
+    engine: Engine = "transformers",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N items of the split.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: run items I, I+N, ... (join with `misguard merge`).")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Name in the output; default: the folder's name.")] = None,
+    skip_bad: SkipBad = False,
+    quiet: Quiet = False,
+    *,
+    given: Given,
+):
+    """Run a target VLM over an MIS split and write its responses (resumable: re-run to finish)."""
+    config = InferConfig(model=model, data=data, split=split, out=out, engine=engine,
+                         engine_options=given.build(EngineOptions), generation=given.build(GenerationParams),
+                         model_name=model_name, limit=limit, shard=parse_shard(shard) if shard else None,
+                         skip_bad=skip_bad)
+    result = run_inference(config, progress=not quiet)
+    typer.echo(f"{result.generated} new responses ({result.already_done} already there, "
+               f"{result.skipped_items} bad items skipped) in {result.seconds:.1f} s")
+    typer.echo(f"responses: {result.responses_path}")
+    typer.echo(f"manifest:  {result.manifest_path}")
+
+
+@commands.command("merge")
+def merge(
+    out: Annotated[Path, typer.Argument(help="The --out directory of the sharded runs.")],
+    split: Annotated[str, typer.Option(help="easy | hard | real")],
+    model_name: Annotated[str, typer.Option(help="The model name in the shard file names.")],
+):
+    """Join the shards of a `misguard infer --shard I/N` run into one responses file."""
+    typer.echo(f"merged: {merge_shards(out, split, model_name)}")
+

@@ -1,0 +1,90 @@
+"""`misguard score`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from misguard.calibration.escalation import parse_share
+from misguard.cli.infer import Engine, Quiet, SkipBad
+from misguard.cli.options import Given, config_options
+from misguard.core.errors import MisguardError
+from misguard.engines.base import EngineOptions
+from misguard.mis.agree import score_escalation
+from misguard.mis.score import ScoreConfig, run_score, score_reference_labels
+
+commands = typer.Typer()
+
+LiteJudgeOption = Annotated[Optional[Path], typer.Option(
+    help="A lite judge in front of --judge: it decides what it is confident about, --judge the rest.")]
+CascadeBandOption = Annotated[str, typer.Option(
+    help="LOW,HIGH on the lite judge's calibrated p_unsafe: it decides p >= HIGH, or p <= LOW (with a perception "
+         "level at >= HIGH where one is needed); the rest is escalated.")]
+ServedModel = Annotated[Optional[str], typer.Option(
+    help="openai: the judge's model name on the server (default: the judge folder's path).")]
+
+
+@commands.command("score")
+@config_options(EngineOptions)
+def score(
+    responses: Annotated[Optional[list[Path]], typer.Argument(
+        help="Responses files (JSON Lines from `misguard infer`), one or more target models.")] = None,
+    data: Annotated[Path, typer.Option(help="The MIS test directory the responses were made on.")] = ...,
+    out: Annotated[Path, typer.Option(help="Output directory: judgments.jsonl, metrics.json, metrics.md.")] = ...,
+    judge: Annotated[Optional[Path], typer.Option(
+        help="Judge folder (model + judge.json), or a plain instruct VLM folder (zero-shot JSON).")] = None,
+    from_labels: Annotated[Optional[list[Path]], typer.Option(
+        help="Instead of judging: GPT-4o verdict files as gpt_eval.py writes them (one per target model).")] = None,
+    label_model_name: Annotated[Optional[list[str]], typer.Option(
+        help="With --from-labels: the target model of each file, in order (default: file names).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        help="Calibration file from `misguard calibrate` (default: the one in the judge's judge.json).")] = None,
+    engine: Engine = "transformers",
+    served_model: ServedModel = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% confidence intervals.")] = 1000,
+    escalate: Annotated[Optional[str], typer.Option(
+        help="Also list this share of least confident judgments for GPT-4o or human review, e.g. 10%.")] = None,
+    lite_judge: LiteJudgeOption = None,
+    cascade_band: CascadeBandOption = "0.1,0.9",
+    skip_bad: SkipBad = False,
+    quiet: Quiet = False,
+    *,
+    given: Given,
+):
+    """Judge responses with a local judge (or read GPT-4o's labels) and write the MIS metrics (resumable)."""
+    share = share_option(escalate) if escalate is not None else None  # a bad value fails before any work
+    if from_labels:
+        if responses or judge:
+            raise MisguardError("--from-labels reads verdicts instead of judging: give no responses or --judge")
+        given.refuse_outside(why="only when judging (not with --from-labels)")
+        result = score_reference_labels(from_labels, data, out, model_names=label_model_name, skip_bad=skip_bad,
+                                        n_bootstrap=bootstrap)
+    else:
+        if not responses or judge is None:
+            raise MisguardError("give responses files and --judge (or --from-labels GPT_EVAL_FILES)")
+        result = run_score(ScoreConfig(responses=list(responses), judge=judge, data=data, out=out, engine=engine,
+                                       engine_options=given.build(EngineOptions), served_model=served_model,
+                                       calibration=calibration, skip_bad=skip_bad, n_bootstrap=bootstrap,
+                                       lite_judge=lite_judge, cascade_band=cascade_band), progress=not quiet)
+        typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in {result.seconds:.1f} s")
+        if result.cascade is not None and result.cascade["share_escalated"] is not None:
+            c = result.cascade
+            typer.echo(f"cascade:  {c['decided_by_lite']} decided by the lite judge ({c['lite_seconds']:.1f} s), "
+                       f"{c['escalated']} escalated ({c['share_escalated']:.0%}) to the VLM judge "
+                       f"({c['vlm_seconds']:.1f} s)")
+    typer.echo(f"{result.total} judgments, {result.unscored} unscored: {result.judgments_path}")
+    typer.echo(f"metrics:   {result.metrics_paths[0]}")
+    typer.echo(f"           {result.metrics_paths[1]}")
+    if result.skipped_rows:
+        typer.echo(f"skipped:   {len(result.skipped_rows)} bad rows (listed in the log above)")
+    if share is not None:
+        typer.echo(f"escalate:  {score_escalation(result.judgments_path, share, out)}")
+
+
+def share_option(text: str) -> float:
+    """--escalate's value ("10%" or "0.1") as a share; a bad value is a MisguardError naming the option."""
+    try:
+        return parse_share(text)
+    except ValueError as error:
+        raise MisguardError(f"--escalate: {error}") from None

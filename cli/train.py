@@ -1,0 +1,56 @@
+"""`misguard train`: a VLM judge (`--kind vlm`) or a lite judge (`--kind lite`) from responses and labels."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from misguard.cli.evaluate import number
+from misguard.cli.infer import Quiet
+from misguard.cli.options import Given, config_options
+from misguard.core.errors import MisguardError
+from misguard.judge_training.lite import LiteTrainConfig
+from misguard.judge_training.vlm import TrainConfig
+from misguard.mis.train import TrainData, run_train
+
+commands = typer.Typer()
+KINDS = {"vlm": TrainConfig, "lite": LiteTrainConfig}
+
+
+@commands.command("train")
+@config_options(TrainData, TrainConfig, LiteTrainConfig)
+def train(
+    kind: Annotated[str, typer.Option(
+        help="vlm: fine-tune a VLM (--base); lite: logistic heads on a frozen text encoder (all-MiniLM-L6-v2), "
+             "CPU only, reads question + response, never the images.")] = "vlm",
+    quiet: Quiet = False,
+    *,
+    given: Given,
+):
+    """Train a judge on GPT-4o's labels (a fine-tuned VLM, or with --kind lite a CPU text judge); writes a judge
+    folder that score/agree/calibrate/serve take."""
+    if kind not in KINDS:
+        raise MisguardError(f"--kind must be {' or '.join(KINDS)}, got {kind!r}")
+    other = next(k for k in KINDS if k != kind)
+    given.refuse_outside(TrainData, KINDS[kind], why=f"only for --kind {other}")
+    run = run_train(given.build(TrainData), given.build(KINDS[kind], context=f"for --kind {kind}"),
+                    progress=not quiet)
+    for side, counts in run.counts.items():
+        typer.echo(f"{side}: {counts['responses']} responses, {counts['items']} items; safety {counts['safety']}, "
+                   f"perception {counts['perception']}")
+    result = run.result
+    if kind == "lite":
+        cv = {row["C"]: row["log_loss"] for row in result.cv}
+        typer.echo(f"C {result.C:g}" + (f" (cross-validated log-loss {cv[result.C]:.4f})" if cv else "")
+                   + ("" if result.has_perception else "; Unsafe head only (one perception level in the labels)"))
+        if result.validation is not None:
+            safety, perception = result.validation["safety"], result.validation["perception"]
+            typer.echo(f"validation: safety kappa {number(safety['kappa'])}, accuracy {number(safety['accuracy'])}, "
+                       f"F1 (Unsafe) {number(safety['f1'])}"
+                       + (f"; perception accuracy {number(perception['accuracy'])}" if perception else ""))
+    elif result.validation is not None:
+        safety = result.validation["safety"]
+        typer.echo(f"best epoch {result.best_epoch}: validation safety kappa {number(safety['kappa'])}, "
+                   f"accuracy {number(safety['accuracy'])}")
+    typer.echo(f"judge:     {result.out} ({result.seconds:.0f} s)")
+    typer.echo(f"card:      {result.judge_card}")
