@@ -277,7 +277,8 @@ def main() -> None:
                                           "guarded_requests_per_s", "judge_mean_batch_size")} for level in levels],
         "goals": goals, "request_body_kib_mean": round(sum(map(len, bodies)) / len(bodies) / 1024, 1),
         "args": vars(args), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu": f"{cpu_name()} ({os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpu": f"{cpu_name()} ({os.cpu_count()} cores)",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }), flush=True)

@@ -3,7 +3,7 @@
 The judge prompt puts the two images, the rubric and the question first and the response last, so the K target
 models' responses to one item share a long prefix. With prefix reuse (the default) the transformers engine runs
 that prefix (vision tower + prefix tokens) once per item and only each response's tail after it
-(guard/engines/prefix.py). This times `run_score` end to end (data loading, the join of responses to items,
+(engines/prefix.py). This times `run_score` end to end (data loading, the join of responses to items,
 judging, writing judgments and metrics) on K responses files, one per target model:
   - K = 1 with reuse (nothing to share: the per-judgment baseline),
   - each K in --targets with reuse, and the largest K without it (on --plain-items items at most).

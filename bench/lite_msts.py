@@ -7,7 +7,7 @@ split is by case: 150 cases (300 prompts, 3,000 responses) train, 50 cases (100 
 and no case, prompt or image is on both sides. The images are not in the data: the image text is the case's
 `unsafe_image_description`; the text-only variant leaves it out.
 
-Per split: the lite features (guard.lite.heads.build_features: question, response, their product, image text)
+Per split: the lite features (judges.lite.heads.build_features: question, response, their product, image text)
 of every response; the Unsafe head (LiteHeads, a logistic regression) with C chosen by 5-fold cross-validation
 on the train cases only (folds grouped by case, lowest out-of-fold log-loss); a Calibration
 (calibration.fit_calibration, method "auto", threshold rule "max_kappa") fitted on the out-of-fold train

@@ -35,7 +35,8 @@ def calibrate(
     judgments: Annotated[Path, typer.Argument(help="judgments.jsonl from `misguard score` (a judge with p_unsafe).")],
     reference: Annotated[Path, typer.Option(help="Reference labels (GPT-4o's gpt_eval.py output, or any JSONL).")],
     out: Annotated[Path, typer.Option(help="The calibration file to write (JSON).")],
-    method: Annotated[str, typer.Option(help="temperature | platt | isotonic | none | auto (by CV log-loss).")] = "auto",
+    method: Annotated[str, typer.Option(
+        help="temperature | platt | isotonic | none | auto (by CV log-loss).")] = "auto",
     perception_method: Annotated[str, typer.Option(help="temperature | isotonic | none | auto.")] = "auto",
     threshold: Annotated[str, typer.Option(
         help="Unsafe threshold: max_kappa (vs the reference) | match_rate (the reference's ASR) | fixed (0.5).")

@@ -27,7 +27,8 @@ def infer(
     out: Annotated[Path, typer.Option(help="Output directory: responses go to OUT/<split>/<model-name>.jsonl.")],
     engine: Engine = "transformers",
     limit: Annotated[Optional[int], typer.Option(help="Only the first N items of the split.")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="I/N: run items I, I+N, ... (join with `misguard merge`).")] = None,
+    shard: Annotated[Optional[str], typer.Option(
+        help="I/N: run items I, I+N, ... (join with `misguard merge`).")] = None,
     model_name: Annotated[Optional[str], typer.Option(help="Name in the output; default: the folder's name.")] = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,

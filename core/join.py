@@ -248,29 +248,40 @@ def join_labels(judge: Sequence[LabelRecord], reference: Sequence[LabelRecord], 
 
 
 def labelled_responses(responses: Sequence[ItemResponse], labels: Sequence[LabelRecord], *,
-                       max_unmatched_share: float = 0.02,
+                       unplaced: Sequence[DataError] = (), max_unmatched_share: float = 0.02,
                        bad: BadRows | None = None) -> Joined[ItemResponse, LabelRecord]:
-    """Each response paired with its label row, by (model, split, id) (label rows resolved with `resolve_items`);
+    """Each response paired with its label row by (model, split, id) (label rows resolved with `resolve_items`);
     a label row whose response text differs from the response's counts as unmatched. Responses without a label
-    are expected (returned as unmatched); more than `max_unmatched_share` of the scored label rows matching no
-    response is a DataError (`pair`)."""
+    are expected (returned as unmatched). `unplaced` are the label rows that matched no MIS item (resolve_items'
+    skipped rows): they count as unmatched too.
+
+    Raises DataError when more than `max_unmatched_share` of the label rows (with `unplaced`) match no response,
+    quoting up to three of them with why, and naming the model mismatch when the labels' models are not the
+    responses' (a gpt_eval.py file's model is its file name unless named otherwise)."""
     joined = pair(responses, labels, key_left=lambda r: r.key, key_right=lambda r: (r.model, r.split, r.id),
                   key_fields=("model", "split", "id"), where_left=lambda r: (r.path, r.line),
                   where_right=_record_where, describe_left=lambda r: f"model {r.response.model!r}, {r.split} item "
                   f"{r.response.id}", describe_right=lambda r: r.describe(by_id=True), names=("response", "label"),
                   max_unmatched_share=1.0, bad=bad)
+    by_key = {response.key: response for response in responses}
     # The same item and model but another response text: the label is for another run of the target model.
     differs = [label for response, label in joined.pairs
                if label.response is not None and label.response != response.response.response]
     pairs = [(response, label) for response, label in joined.pairs if label not in differs]
     unmatched_right = [*joined.unmatched_right, *differs]
-    if len(unmatched_right) > max_unmatched_share * len(labels):
-        examples = "; ".join(f"{label.where} ({label.describe(by_id=True)}"
-                             + (": the response differs)" if label in differs else ": no such response)")
-                             for label in unmatched_right[:EXAMPLES_SHOWN])
-        message = (f"{len(unmatched_right)} of {len(labels)} label rows "
-                   f"({100.0 * len(unmatched_right) / len(labels):.1f}%) match no response, e.g. {examples} "
-                   f"(limit {100.0 * max_unmatched_share:.1f}%)")
+    total = len(labels) + len(unplaced)
+    unmatched = len(unmatched_right) + len(unplaced)
+    if unmatched > max_unmatched_share * total:
+        def why(label: LabelRecord) -> str:
+            response = by_key.get((label.model, label.split, label.id))
+            return (f"the response differs from the one at {response.where}" if response is not None
+                    else "no response by this model to this item")
+
+        examples = [str(error) for error in unplaced[:EXAMPLES_SHOWN]]
+        examples += [f"{label.where} ({label.describe()}: {why(label)})"
+                     for label in unmatched_right[:EXAMPLES_SHOWN - len(examples)]]
+        message = (f"{unmatched} of {total} label rows ({100.0 * unmatched / total:.1f}%) match no response, e.g. "
+                   f"{'; '.join(examples)} (limit {100.0 * max_unmatched_share:.1f}%)")
         label_models = {label.model for label in labels}
         response_models = {response.response.model for response in responses}
         if not label_models <= response_models:
@@ -278,6 +289,8 @@ def labelled_responses(responses: Sequence[ItemResponse], labels: Sequence[Label
                         f"{sorted(response_models)} (a gpt_eval.py file's target model is its file name's stem "
                         "unless named otherwise)")
         raise DataError(message)
+    if unmatched:
+        log.warning("%d of %d label row(s) match no response", unmatched, total)
     return Joined(pairs, joined.unmatched_left, unmatched_right, joined.key_fields, skipped=joined.skipped)
 
 

@@ -172,6 +172,35 @@ def json_type(value: Any) -> str:
     return type(value).__name__
 
 
+def read_json_record(path: str | Path, model: type[ModelT], *, version_field: str, supported: int,
+                     older: bool = True) -> ModelT:
+    """A JSON file holding one versioned `model` record (a manifest, judge.json, a judge card), its version checked
+    before its fields (a newer file may hold fields this misguard does not know; `older` False refuses older
+    versions too). Raises DataError naming the file (and line, and field) when it cannot be read, is not a JSON
+    object, has another version, or a field is missing, unknown or invalid."""
+    path = Path(path)
+    text = read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
+    if not isinstance(data, dict):
+        raise DataError(f"expected a JSON object, got {json_type(data)}", path=path)
+    version = data.get(version_field, supported)
+    if isinstance(version, bool) or not isinstance(version, int) or version > supported or (
+            not older and version != supported):
+        raise DataError(f"version {version!r}; this misguard reads {supported}" + (
+            ": upgrade misguard" if isinstance(version, int) and version > supported else
+            " (the file was written by another misguard version)"), path=path, field=version_field)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(x) for x in error["loc"]) or None
+        message = {"missing": "missing", "extra_forbidden": "unknown field"}.get(error["type"], error["msg"])
+        raise DataError(message, path=path, field=where) from None
+
+
 def read_text(path: Path) -> str:
     """Return a file's text (UTF-8, a leading BOM dropped), or raise DataError naming the file (and line)."""
     try:

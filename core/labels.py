@@ -30,14 +30,14 @@ logger = logging.getLogger("misguard")
 
 SAFETY_VALUES: tuple[str, ...] = ("Safe", "Unsafe")
 CONTENT_FIELDS: tuple[str, ...] = ("image_path1", "image_path2", "question", "response")
-"""The fields of `mis.records.content_key`, in its order: how id-less verdicts are matched."""
+"""The fields of `core.records.content_key`, in its order: how id-less verdicts are matched."""
 
 _PERCEPTION_PATTERN = re.compile(r"^(?:perception[\s_-]*)?(?:level[\s_-]*)?([123])$")
 _MISSING = object()
 
 
 class _Row(RootModel[dict[str, Any]]):
-    """One JSON line as a plain object (mis.io checks that it is valid JSON and an object)."""
+    """One JSON line as a plain object (core.jsonl checks that it is valid JSON and an object)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class LabelRecord:
 
     @property
     def content_key(self) -> tuple[str, str, str, str] | None:
-        """(image_path1, image_path2, question, response) as in mis.records.content_key; None unless all four
+        """(image_path1, image_path2, question, response) as in core.records.content_key; None unless all four
         are present."""
         values = tuple(getattr(self, name) for name in CONTENT_FIELDS)
         return None if any(value is None for value in values) else values  # type: ignore[return-value]
@@ -182,7 +182,7 @@ def read_labels(path: str | Path, *, safety_field: str = "label_str", perception
     label on a scored row, a missing perception label in a file that has them, an unrecognised label, bad
     probabilities, a row of another model than `model_name`, or a row with neither an id nor all content fields;
     with `bad` skipping, a bad row is left out and reported instead (lines that are not JSON objects too).
-    and left out by mis.io.
+    and left out by core.jsonl.
     """
     path = Path(path)
     bad = bad if bad is not None else BadRows()

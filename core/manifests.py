@@ -5,15 +5,13 @@ and the field. Written atomically, once when a run starts (complete: false) and 
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from misguard.core.errors import DataError
-from misguard.core.jsonl import write_text_atomic
+from misguard.core.jsonl import read_json_record, write_text_atomic
 from misguard.core.version import __version__
 
 MANIFEST_VERSION = 2
@@ -84,27 +82,5 @@ class ScoreManifest(RunManifest):
 
 def read_manifest(path: str | Path, kind: type[ManifestT]) -> ManifestT:
     """The manifest at `path` as `kind`. Raises DataError naming the file (and the field) when it cannot be read,
-    was written by another misguard version, or is malformed."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError("file not found", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read: {exc}", path=path) from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
-    if not isinstance(data, dict):
-        raise DataError("expected a JSON object", path=path)
-    version = data.get("manifest_version")
-    if version != MANIFEST_VERSION:
-        raise DataError(f"manifest version {version!r}, this misguard reads {MANIFEST_VERSION}: the run was made "
-                        "by another misguard version (delete the manifest and its results to start over)",
-                        path=path, field="manifest_version")
-    try:
-        return kind.model_validate(data)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(x) for x in error["loc"]) or None
-        message = {"missing": "missing", "extra_forbidden": "unknown field"}.get(error["type"], error["msg"])
-        raise DataError(message, path=path, field=where) from None
+    was written by another misguard version, or is malformed (delete it and its results to start over)."""
+    return read_json_record(path, kind, version_field="manifest_version", supported=MANIFEST_VERSION, older=False)

@@ -1,6 +1,6 @@
 """Typed records at every boundary: an MIS item, a target model's response, a reference (GPT-4o) verdict.
 
-Files on disk are JSON Lines of these records (see mis.io). Field names follow the published MIS data and
+Files on disk are JSON Lines of these records (see core.jsonl). Field names follow the published MIS data and
 the seed's gpt_eval.py, so files written here are read by the seed's scripts and the other way round.
 """
 from __future__ import annotations

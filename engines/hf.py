@@ -3,7 +3,7 @@
 Requests are taken a window of WINDOW_BATCHES batches at a time and sorted by size, so a batch holds prompts of
 similar length (less padding), padded on the left, and run in bfloat16 on GPU or float32 on CPU; results are
 handed back as each batch finishes. Label scoring runs a judge's K responses to one item against one computation
-of their shared prefix (guard/engines/prefix.py). With preprocessing workers (automatic on a GPU) images are
+of their shared prefix (engines/prefix.py). With preprocessing workers (automatic on a GPU) images are
 decoded and the processor's inputs built in a thread, batches ahead of the device and across windows, so the GPU
 does not wait on the CPU. The batch size is given or automatic; on a CUDA out-of-memory error the batch is
 halved and retried.

@@ -2,7 +2,7 @@
 against one computation of it.
 
 A judge's prompt puts the two images, the rubric and the question first and the target's response last
-(guard/judge/rubric.py), so the K responses to one item share everything up to the response. For such a group
+(judges/templates.py), so the K responses to one item share everything up to the response. For such a group
 the prefix (the vision tower and every prefix token) runs once; its KV cache is expanded over the K members and
 only each member's own tail runs after it. The tail's positions continue the prefix's (Qwen2-VL's 3-axis
 M-RoPE from the model's own `get_rope_index`; plain positions from the cache for the other families), so each

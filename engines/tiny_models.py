@@ -334,7 +334,8 @@ def _qwen_vl(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase, *, qwen2_5: bool
                       out_hidden_size=TEXT_SIZES["hidden_size"], window_size=112, fullatt_block_indexes=[1],
                       tokens_per_second=2)
         config_class, model_class, processor_class = (
-            transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLProcessor)
+            transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
+            transformers.Qwen2_5_VLProcessor)
     else:
         # Qwen2-VL names the tower's width embed_dim and the merger's output width hidden_size.
         vision.update(embed_dim=64, mlp_ratio=2, hidden_act="quick_gelu", hidden_size=TEXT_SIZES["hidden_size"])
@@ -421,7 +422,8 @@ def _internvl(vocab: _Vocab, tokenizer: PreTrainedTokenizerBase) -> _Built:
     )
     size = {"height": tile, "width": tile}
     processor = transformers.InternVLProcessor(
-        image_processor=transformers.GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=4),
+        image_processor=transformers.GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1,
+                                                           max_patches=4),
         video_processor=transformers.InternVLVideoProcessor(size=size),
         tokenizer=tokenizer, image_seq_length=image_seq_length, chat_template=vocab.scheme.chat_template,
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from misguard.core.errors import DataError, MisguardError
-from misguard.core.join import EXAMPLES_SHOWN, ItemIndex, item_responses, labelled_responses, resolve_items
+from misguard.core.join import ItemIndex, item_responses, labelled_responses, resolve_items
 from misguard.core.labels import LabelRecord, read_labels
 from misguard.core.records import CATEGORIES, PERCEPTION_LABELS, PERCEPTION_LEVELS, SAFETY_LABELS
 from misguard.core.rows import BadRows
@@ -122,33 +122,11 @@ def build_examples(responses: Sequence[str | Path], labels: Sequence[str | Path]
     if not records:
         raise DataError(f"no scored labels in {', '.join(str(p) for p in label_files) or '(no files)'}")
     # A label row that matches no MIS item counts as matching no response.
-    resolved_bad = BadRows(skip=True)
-    resolved = resolve_items(records, index, bad=resolved_bad)
-    no_item = len(resolved_bad.skipped)
-    joined = labelled_responses(matched_responses, resolved, bad=bad, max_unmatched_share=1.0)
-    unmatched = len(joined.unmatched_right) + no_item
-    if unmatched > max_unmatched_share * len(records):
-        by_key = {r.key: r for r in matched_responses}
-
-        def why(label: LabelRecord) -> str:
-            response = by_key.get((label.model, label.split, label.id))
-            return (f"the response differs from the one at {response.where}" if response is not None
-                    else "no response by this model to this item")
-
-        examples = [str(error) for error in resolved_bad.skipped[:EXAMPLES_SHOWN]]
-        examples += [f"{label.where} ({label.describe()}: {why(label)})"
-                     for label in joined.unmatched_right[:EXAMPLES_SHOWN - len(examples)]]
-        message = (f"{unmatched} of {len(records)} label rows ({100.0 * unmatched / len(records):.1f}%) match "
-                   f"no response, e.g. {'; '.join(examples)} (limit {100.0 * max_unmatched_share:.1f}%)")
-        label_models = {label.model for label in records}
-        response_models = {r.response.model for r in matched_responses}
-        if not label_models <= response_models:
-            message += (f"; label files are for models {sorted(map(str, label_models))}, responses are by "
-                        f"{sorted(response_models)} (a gpt_eval.py file's target model is its file name's stem "
-                        "unless named otherwise)")
-        raise DataError(message)
-    if unmatched:
-        logger.warning("%d of %d label row(s) match no response", unmatched, len(records))
+    placed = BadRows(skip=True)
+    resolved = resolve_items(records, index, bad=placed)
+    joined = labelled_responses(matched_responses, resolved, unplaced=placed.skipped, bad=bad,
+                                max_unmatched_share=max_unmatched_share)
+    unmatched = len(joined.unmatched_right) + len(placed.skipped)
 
     examples = [TrainingExample(
         item_key=f"{r.split}/{r.response.id}", split=r.split, id=r.response.id, model=r.response.model,
@@ -273,7 +251,7 @@ def label_counts(examples: Iterable[TrainingExample]) -> dict:
     Returns {"items": distinct MIS items, "responses": examples, "safety": {"Safe": n, "Unsafe": n},
     "perception": {"Level1": n, "Level2": n, "Level3": n}, "answer": {"1": n, ..., "6": n},
     "categories": {category: responses}}; every label and code appears, with 0 when absent; categories in
-    mis.records.CATEGORIES order, then any others sorted.
+    core.records.CATEGORIES order, then any others sorted.
     """
     examples = list(examples)
     safety = Counter(e.label_str for e in examples)

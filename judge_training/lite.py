@@ -78,7 +78,7 @@ class LiteTrainResult:
     """What a lite training run wrote and how well it agrees with the validation labels."""
 
     out: Path
-    """The lite judge folder (loadable by `guard.judge.load_judge`)."""
+    """The lite judge folder (loadable by `misguard.judges.load_judge`)."""
     judge_spec: Path
     """out/judge.json."""
     judge_card: Path
@@ -100,7 +100,7 @@ def train_lite_judge(config: LiteTrainConfig, train: Sequence[TrainingExample], 
                      data_hashes: dict[str, Any] | None = None, encoder=None) -> LiteTrainResult:
     """Fit a lite judge on `train`, measure it on `val` and write its folder at `config.out`.
 
-    `data_hashes` go into judge_card.json as given. `encoder` (a guard.lite TextEncoder) defaults to the bundled
+    `data_hashes` go into judge_card.json as given. `encoder` (a judges.lite TextEncoder) defaults to the bundled
     all-MiniLM-L6-v2. When the training labels have a single perception level, only the Unsafe head is fitted
     (the card says so; `misguard score` needs the level and refuses such a judge, the guard's output rail takes it).
 

@@ -123,7 +123,7 @@ class TrainResult:
     """What a training run wrote and how well its best epoch agrees with the validation labels."""
 
     out: Path
-    """The judge folder (loadable by transformers, vLLM and `guard.judge.Judge`)."""
+    """The judge folder (loadable by transformers, vLLM and `misguard.judges.load_judge`)."""
     adapter: Path | None
     """The LoRA adapter folder (peft), or None after full fine-tuning."""
     judge_spec: Path

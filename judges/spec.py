@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from misguard.calibration import Calibration, CalibrationFormatError
 from misguard.core.errors import DataError, MisguardError
-from misguard.core.jsonl import write_text_atomic
+from misguard.core.jsonl import read_json_record, write_text_atomic
 from misguard.engines.messages import LabelSet
+from misguard.judges.protocol import JudgeBase
 from misguard.judges.templates import CODES, DEFAULT_JSON_TEMPLATE, get_template
 
 JUDGE_FILE = "judge.json"
@@ -101,7 +102,7 @@ def read_judge_spec(folder: str | Path) -> JudgeSpec:
         if not (folder / "config.json").exists():
             raise MisguardError(f"{folder}: not a judge folder (no {JUDGE_FILE}) nor a model folder (no config.json)")
         return JudgeSpec(id=f"zero-shot:{folder.name}", template=DEFAULT_JSON_TEMPLATE)
-    spec = _validated(JudgeSpec, path, "format_version", JUDGE_FORMAT_VERSION)
+    spec = read_json_record(path, JudgeSpec, version_field="format_version", supported=JUDGE_FORMAT_VERSION)
     if spec.kind == "lite":
         if spec.heads is None:
             raise DataError("a lite judge needs its heads' settings", path=path, field="heads")
@@ -123,7 +124,7 @@ def write_spec(folder: str | Path, spec: JudgeSpec) -> Path:
 def read_judge_card(folder: str | Path) -> JudgeCard:
     """The folder's judge_card.json. Raises DataError naming the file (and the field) when it is missing or bad."""
     path = Path(folder) / CARD_FILE
-    return _validated(JudgeCard, path, "card_version", CARD_VERSION)
+    return read_json_record(path, JudgeCard, version_field="card_version", supported=CARD_VERSION)
 
 
 def embed_calibration(folder: str | Path, calibration: Calibration) -> Path:
@@ -157,27 +158,30 @@ def calibration_id(calibration: Calibration | None) -> str | None:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _validated(model: type[BaseModel], path: Path, version_field: str, supported: int):
-    """`path`'s JSON as `model`, its version checked first (a newer file may hold fields this misguard does not
-    know); DataError naming the file and the first bad field otherwise."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError("file not found", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read: {exc}", path=path) from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
-    if not isinstance(data, dict):
-        raise DataError("expected a JSON object", path=path)
-    version = data.get(version_field, supported)
-    if isinstance(version, int) and not isinstance(version, bool) and version > supported:
-        raise DataError(f"{version_field} {version} is newer than this misguard reads ({supported}); upgrade "
-                        "misguard", path=path, field=version_field)
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(x) for x in error["loc"]) or None
-        message = {"missing": "missing", "extra_forbidden": "unknown field"}.get(error["type"], error["msg"])
-        raise DataError(message, path=path, field=where) from None
+class FolderJudge(JudgeBase):
+    """What every judge read from a folder shares: its judge.json, its calibration (judge.json's, or `calibration`
+    in its place) and the Unsafe threshold that follows from them (the calibration's, else judge.json's)."""
+
+    def __init__(self, folder: str | Path, *, calibration: Calibration | None = None):
+        self.folder = Path(folder)
+        self.spec = read_judge_spec(self.folder)
+        self.calibration = calibration if calibration is not None else spec_calibration(self.spec, self.folder)
+        self._calibration_id = calibration_id(self.calibration)
+        self._threshold = (self.calibration.threshold.value if self.calibration is not None
+                           else self.spec.unsafe_threshold)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def template(self) -> str:
+        return self.spec.template
+
+    @property
+    def calibration_id(self) -> str | None:
+        return self._calibration_id
+
+    @property
+    def unsafe_threshold(self) -> float:
+        return self._threshold

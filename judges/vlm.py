@@ -19,8 +19,8 @@ from misguard.engines import Engine, EngineOptions, load_engine
 from misguard.engines.base import check_model_folder
 from misguard.engines.messages import Generation, GenerationParams, LabelProbs, Request
 from misguard.judges.parse import parse_json_safety, parse_json_verdict
-from misguard.judges.protocol import Assessment, Case, JudgeBase, assessments
-from misguard.judges.spec import JudgeSpec, calibration_id, read_judge_spec, spec_calibration, write_spec
+from misguard.judges.protocol import Assessment, Case, assessments
+from misguard.judges.spec import FolderJudge, JudgeSpec, write_spec
 from misguard.judges.templates import (
     CODES,
     DEFAULT_CODES_TEMPLATE,
@@ -35,7 +35,7 @@ JSON_VERDICT_TOKENS = 48
 NO_LABEL_TOKENS = "the engine did not return the label tokens' probabilities"
 
 
-class VLMJudge(JudgeBase):
+class VLMJudge(FolderJudge):
     """A judge folder run on an engine. `served_model` names the model on an OpenAI-compatible server when the
     engine is "openai" (the folder still supplies judge.json); `engine_instance` shares an engine already loaded
     (not closed by the judge). `calibration` replaces the one in judge.json. Raises DataError for a bad
@@ -47,33 +47,12 @@ class VLMJudge(JudgeBase):
     def __init__(self, folder: str | Path, engine: str = "transformers", options: EngineOptions | None = None, *,
                  served_model: str | None = None, engine_instance: Engine | None = None,
                  calibration: Calibration | None = None):
-        self.folder = Path(folder)
-        self.spec = read_judge_spec(self.folder)
+        super().__init__(folder, calibration=calibration)
         self.prompt = get_template(self.spec.template)
         self.request_prompt = request_template_for(self.prompt.mode)
-        self.calibration = calibration if calibration is not None else spec_calibration(self.spec, self.folder)
-        self._calibration_id = calibration_id(self.calibration)
-        self._threshold = self.calibration.threshold.value if self.calibration is not None \
-            else self.spec.unsafe_threshold
         self.engine = engine_instance or load_engine(engine, served_model or str(self.folder), options)
         self._owns_engine = engine_instance is None
         self.labels = self.spec.label_set() if self.prompt.mode == "codes" else None
-
-    @property
-    def id(self) -> str:
-        return self.spec.id
-
-    @property
-    def template(self) -> str:
-        return self.prompt.id
-
-    @property
-    def calibration_id(self) -> str | None:
-        return self._calibration_id
-
-    @property
-    def unsafe_threshold(self) -> float:
-        return self._threshold
 
     @property
     def chunk_size(self) -> int:

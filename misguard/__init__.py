@@ -37,7 +37,10 @@ _PUBLIC: dict[str, str] = {
     "Policy": "misguard.guard.policy",
 }
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = [  # the names of _PUBLIC, spelt out for tools that read __all__ without running the module
+    "__version__", "Assessment", "Calibration", "Case", "DataError", "EngineOptions", "Guard", "Item", "Judge",
+    "Judgment", "MisguardError", "Policy", "Response", "load_engine", "load_judge", "load_policy", "load_split",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports on first use
     from misguard.calibration import Calibration

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from misguard.guard.chat_input import ChatInput, InputError, parse_chat_messages
 from misguard.guard.rails import Guard, Rail, RailCheck, RailScore, Verdict
-from misguard.guard.server.audit import AuditLog
+from misguard.guard.server.audit import AuditLog, AuditRecord
 from misguard.guard.server.batching import MicroBatcher
 from misguard.guard.server.metrics import GuardMetrics
 from misguard.guard.server.protocol import (
@@ -100,41 +100,42 @@ class GuardService:
         """The reply to one POST /v1/chat/completions body; never raises."""
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
-        record: dict[str, Any] = {"request_id": request_id,
-                                  "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                                  "judge": self.guard.judge_id, "rails": {}, "latency_ms": {}}
+        record = AuditRecord(request_id=request_id, judge=self.guard.judge_id,
+                             time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
         self.requests_in_flight += 1
         try:
             reply = await self._chat_completion(raw, request_id, record)
         except GuardHTTPError as error:
             reply = Reply(error.status_code, error.body())
-            record.setdefault("decision", "error")
-            record["error"] = error.message
+            record.decision = record.decision or "error"
+            record.error = error.message
         except Exception as exc:  # a bug: logged with its traceback here, one line for the client
             log.exception("request %s failed", request_id)
             self.metrics.errors.labels("internal").inc()
             reply = Reply(500, GuardHTTPError(500, f"internal guard error ({exc.__class__.__name__}); see the "
                                               "guard's log", type="server_error").body())
-            record["decision"], record["error"] = "error", f"internal: {exc.__class__.__name__}: {exc}"
+            record.decision, record.error = "error", f"internal: {exc.__class__.__name__}: {exc}"
         finally:
             self.requests_in_flight -= 1
         seconds = time.perf_counter() - started
-        record["latency_ms"]["total"] = round(seconds * 1000, 3)
-        record["status_code"] = reply.status_code
+        record.latency_ms["total"] = round(seconds * 1000, 3)
+        record.status_code = reply.status_code
+        record.decision = record.decision or "error"
         reply.headers["x-request-id"] = request_id
-        outcome = {"allow": "allowed", "block": "blocked"}.get(record.get("decision", "error"), "error")
-        if record.get("invalid"):
+        outcome = {"allow": "allowed", "block": "blocked"}.get(record.decision, "error")
+        if record.invalid:
             outcome = "invalid"
         self.metrics.requests.labels(outcome).inc()
         self.metrics.request_latency.observe(seconds)
         self.audit.write(record)
         return reply
 
-    async def _chat_completion(self, raw: bytes, request_id: str, record: dict[str, Any]) -> Reply:
+    async def _chat_completion(self, raw: bytes, request_id: str, record: AuditRecord) -> Reply:
         # Decoding and checking images is CPU work: off the event loop, so other requests' I/O goes on.
         body, request, chat = await asyncio.to_thread(self._read_request, raw, record)
-        record.update(stream=request.stream, model=request.model, question=self.audit.text(chat.question),
-                      images=[info.to_dict() for info in chat.image_info])
+        record.stream, record.model = request.stream, request.model
+        record.question = self.audit.text(chat.question)
+        record.images = [info.to_dict() for info in chat.image_info]
         verdicts: dict[Rail, Verdict] = {}
 
         verdicts["input"] = await self.check(RailCheck("input", chat.images, chat.question, id=request_id))
@@ -146,9 +147,9 @@ class GuardService:
         upstream_started = time.perf_counter()
         upstream = await self._call_upstream(forward, request.stream, record)
         self.metrics.upstream_latency.observe(time.perf_counter() - upstream_started)
-        record["latency_ms"]["upstream"] = round((time.perf_counter() - upstream_started) * 1000, 3)
-        record["upstream_model"] = upstream.model
-        record["response"] = self.audit.text(upstream.text)
+        record.latency_ms["upstream"] = round((time.perf_counter() - upstream_started) * 1000, 3)
+        record.upstream_model = upstream.model
+        record.response = self.audit.text(upstream.text)
 
         verdicts["output"] = await self.check(RailCheck("output", chat.images, chat.question, upstream.text,
                                                         id=request_id))
@@ -156,7 +157,7 @@ class GuardService:
         if verdicts["output"].blocked:
             return self._blocked(request_id, request, verdicts, "output", record)
 
-        record["decision"] = "allow"
+        record.decision = "allow"
         extension = self._extension(request_id, verdicts, None)
         if not request.stream:
             return Reply(200, {**upstream.completion, EXTENSION_FIELD: extension})
@@ -165,7 +166,7 @@ class GuardService:
             chunks[-1] = {**chunks[-1], EXTENSION_FIELD: extension}
         return Reply(200, "".join(sse_event(c) for c in chunks) + SSE_DONE, media_type="text/event-stream")
 
-    def _read_request(self, raw: bytes, record: dict[str, Any]) -> tuple[dict[str, Any], ChatCompletionRequest,
+    def _read_request(self, raw: bytes, record: AuditRecord) -> tuple[dict[str, Any], ChatCompletionRequest,
                                                                           ChatInput]:
         """The body as JSON, its typed view and its checked messages; GuardHTTPError (4xx) otherwise."""
         try:
@@ -187,7 +188,7 @@ class GuardService:
             except InputError as exc:
                 raise GuardHTTPError(exc.status_code, exc.message, param=exc.param, code=exc.code) from None
         except GuardHTTPError:
-            record["invalid"] = True
+            record.invalid = True
             self.metrics.errors.labels("invalid_request").inc()
             raise
         return body, request, chat
@@ -218,11 +219,10 @@ class GuardService:
                 log.warning("fail-open pass on the %s rail: %s", check.rail, verdict.reason)
         return verdict
 
-    def _note(self, record: dict[str, Any], rail: Rail, verdict: Verdict) -> None:
-        record["rails"][rail] = {k: v for k, v in verdict.to_dict().items() if k not in ("rail", "judge")}
-        record["latency_ms"][f"{rail}_rail"] = verdict.latency_ms
-        if verdict.fail_open:
-            record["fail_open"] = True
+    def _note(self, record: AuditRecord, rail: Rail, verdict: Verdict) -> None:
+        record.rails[rail] = {k: v for k, v in verdict.to_dict().items() if k not in ("rail", "judge")}
+        record.latency_ms[f"{rail}_rail"] = verdict.latency_ms
+        record.fail_open = record.fail_open or verdict.fail_open
 
     def _extension(self, request_id: str, verdicts: dict[Rail, Verdict], blocked_by: Rail | None) -> dict[str, Any]:
         return {"request_id": request_id, "decision": "block" if blocked_by else "allow", "blocked_by": blocked_by,
@@ -231,17 +231,17 @@ class GuardService:
                           for rail, verdict in verdicts.items()}}
 
     def _blocked(self, request_id: str, request: ChatCompletionRequest, verdicts: dict[Rail, Verdict], rail: Rail,
-                 record: dict[str, Any]) -> Reply:
+                 record: AuditRecord) -> Reply:
         """A rail said block: a refusal (or the policy's error); a judge failure under fail-closed: HTTP 503."""
         verdict = verdicts[rail]
         extension = self._extension(request_id, verdicts, rail)
         if verdict.failed:
-            record["decision"] = "error"
+            record.decision = "error"
             raise GuardHTTPError(
                 503, f"the {rail} rail could not judge this request ({verdict.reason}); the guard fails closed",
                 type="guard_unavailable", code="judge_timeout" if verdict.status == "timeout" else "judge_error",
                 extension=extension)
-        record["decision"], record["blocked_by"] = "block", rail
+        record.decision, record.blocked_by = "block", rail
         self.metrics.blocks.labels(rail).inc()
         on_block = self.policy.on_block
         if on_block.action == "error":
@@ -254,7 +254,7 @@ class GuardService:
 
     # ---- upstream ----
 
-    async def _call_upstream(self, body: dict[str, Any], stream: bool, record: dict[str, Any]) -> _Upstream:
+    async def _call_upstream(self, body: dict[str, Any], stream: bool, record: AuditRecord) -> _Upstream:
         try:
             return await asyncio.wait_for(self._stream(body) if stream else self._complete(body),
                                           self.policy.timeouts.upstream_s)

@@ -11,7 +11,7 @@ block-diagonal attention mask, so no window sees another and each embeds as it w
 length then go through the model together, one forward pass per group, the groups chosen so that padding and
 per-pass overhead cost the least. At batch 1 this is one pass for a question and a response that fit one row
 together, where padding the question to the response's length would have doubled the work. On the CPU the
-linear layers run on oneDNN with weights packed at load (guard/lite/onednn.py), still in float32.
+linear layers run on oneDNN with weights packed at load (judges/lite/onednn.py), still in float32.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class TextEncoder:
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None  # BERT's [CLS] pooler: mean pooling never reads it
         self.packed_linears = 0
-        """How many linear layers run on oneDNN with prepacked weights (guard/lite/onednn.py); 0 off the CPU."""
+        """How many linear layers run on oneDNN with prepacked weights (judges/lite/onednn.py); 0 off the CPU."""
         if torch.device(device).type == "cpu":
             self.packed_linears = pack_linears(self.model)
         self.device = device

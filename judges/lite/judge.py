@@ -11,23 +11,15 @@ from misguard.calibration import Calibration
 from misguard.core.errors import DataError, MisguardError
 from misguard.judges.lite.encoder import ENCODER_NAME, ENCODER_PACKAGE, MAX_TOKENS, TextEncoder
 from misguard.judges.lite.heads import LiteHeads, build_features
-from misguard.judges.protocol import Assessment, Case, JudgeBase, assessments
-from misguard.judges.spec import (
-    JUDGE_FILE,
-    JudgeCard,
-    JudgeSpec,
-    calibration_id,
-    read_judge_spec,
-    spec_calibration,
-    write_spec,
-)
+from misguard.judges.protocol import Assessment, Case, assessments
+from misguard.judges.spec import JUDGE_FILE, FolderJudge, JudgeCard, JudgeSpec, write_spec
 
 LITE_TEMPLATE = "lite-minilm-v1"
 """Judgments by a lite judge carry this as their template id."""
 READS_RESPONSES_ONLY = "the lite judge reads responses only: it does not judge a request alone"
 
 
-class LiteJudge(JudgeBase):
+class LiteJudge(FolderJudge):
     """A lite judge folder, ready to judge responses (a request case, with no response, is unscored: the lite
     judge has no request head). Raises DataError for a malformed folder and MissingExtraError when the
     encoder's package is not installed."""
@@ -37,37 +29,16 @@ class LiteJudge(JudgeBase):
 
     def __init__(self, folder: str | Path, *, calibration: Calibration | None = None,
                  encoder: TextEncoder | None = None):
-        self.folder = Path(folder)
-        self.spec: JudgeSpec = read_judge_spec(self.folder)
+        super().__init__(folder, calibration=calibration)
         if self.spec.kind != "lite":
             raise MisguardError(f"{self.folder}: not a lite judge (judge.json kind is {self.spec.kind!r})")
         self.heads = LiteHeads.load(self.folder, self.spec.heads or {})
-        self.calibration = calibration if calibration is not None else spec_calibration(self.spec, self.folder)
-        self._calibration_id = calibration_id(self.calibration)
-        self._threshold = self.calibration.threshold.value if self.calibration is not None \
-            else self.spec.unsafe_threshold
         max_tokens = int((self.spec.encoder or {}).get("max_tokens", MAX_TOKENS))
         self.encoder = encoder or TextEncoder(max_tokens=max_tokens)
         features = 4 * self.encoder.dim + 1
         if self.heads.safety_coef_.shape[0] != features:
             raise DataError(f"the heads take {self.heads.safety_coef_.shape[0]} features; this encoder's layout has "
                             f"{features}", path=self.folder / JUDGE_FILE, field="heads.dim")
-
-    @property
-    def id(self) -> str:
-        return self.spec.id
-
-    @property
-    def template(self) -> str:
-        return LITE_TEMPLATE
-
-    @property
-    def calibration_id(self) -> str | None:
-        return self._calibration_id
-
-    @property
-    def unsafe_threshold(self) -> float:
-        return self._threshold
 
     @property
     def has_perception(self) -> bool:

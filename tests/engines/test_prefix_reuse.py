@@ -1,4 +1,4 @@
-"""Prefix reuse (guard/engines/prefix.py): a judge's K responses to one item share the image + rubric +
+"""Prefix reuse (engines/prefix.py): a judge's K responses to one item share the image + rubric +
 question prefix, computed once; every judgment must equal the one without reuse."""
 from __future__ import annotations
 

@@ -17,10 +17,12 @@ import openai
 import pytest
 from PIL import Image
 
+from misguard.core.errors import DataError
 from misguard.engines import EngineOptions
 from misguard.guard.policy import Audit, BlockPolicy, Limits, Policy, RailPolicy, Timeouts
 from misguard.guard.rails import Guard
 from misguard.guard.server.app import running_server
+from misguard.guard.server.audit import AuditRecord, read_audit_log
 from misguard.guard.server.loading import build_service
 from misguard.guard.server.replay import replay_app
 from misguard.judges import load_judge
@@ -185,7 +187,8 @@ def test_serve_command_guards_the_vllm_server(tiny_judge, vllm_server_url, tmp_p
     """The CLI as users run it: a separate process, the default policy, an audit log."""
     port = free_port()
     audit = tmp_path / "audit.jsonl"
-    command = [sys.executable, "-m", "misguard.cli.main", "serve", "--judge", str(tiny_judge), "--upstream", vllm_server_url,
+    command = [sys.executable, "-m", "misguard.cli.main", "serve", "--judge", str(tiny_judge),
+               "--upstream", vllm_server_url,
                "--port", str(port), "--audit-log", str(audit)]
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
@@ -294,8 +297,8 @@ def test_judge_failure_fails_closed(failing_judge, replay_url, stream, tmp_path)
     body = caught.value.body
     assert body["type"] == "guard_unavailable" and body["code"] == "judge_error"
     assert body["misguard"]["rails"]["input"]["status"] == "error"
-    record = json.loads((tmp_path / "audit.jsonl").read_text())
-    assert record["decision"] == "error" and record["status_code"] == 503 and "fail_open" not in record
+    [record] = read_audit_log(tmp_path / "audit.jsonl")
+    assert (record.decision, record.status_code, record.fail_open) == ("error", 503, False)
 
 
 def test_judge_failure_passes_with_a_fail_open_policy_logged_and_counted(failing_judge, replay_url, tmp_path):
@@ -451,6 +454,7 @@ def test_audit_log_has_one_record_per_request_and_no_image_bytes(judge, replay_u
         assert metric(service, "misguard_requests_total", outcome="invalid") == 1
         assert metric(service, "misguard_judge_latency_seconds_count", rail="output") == 3
     records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r.request_id for r in read_audit_log(audit)] == [r["request_id"] for r in records]
     assert [r["request_id"] for r in records[:3]] == ids and len(records) == 4
     assert records[3]["request_id"] == bad.headers["x-request-id"] and records[3]["status_code"] == 400
     first = records[0]
@@ -510,3 +514,13 @@ def test_allowed_stream_carries_the_verdicts_on_its_last_chunk(judge, replay_url
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
     assert chunks[-1].model_extra["misguard"]["decision"] == "allow"
     assert all("misguard" not in (c.model_extra or {}) for c in chunks[:-1])
+
+
+def test_a_bad_audit_record_is_one_error_naming_file_line_and_field(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    good = AuditRecord(request_id="r1", time="2026-12-01T00:00:00.000+00:00", judge="j", decision="allow")
+    path.write_text(good.model_dump_json() + "\n" + good.model_copy(update={"decision": "maybe"}).model_dump_json()
+                    + "\n")
+    with pytest.raises(DataError) as caught:
+        read_audit_log(path)
+    assert (caught.value.path, caught.value.line, caught.value.field) == (str(path), 2, "decision")

@@ -183,7 +183,8 @@ def test_a_second_label_for_one_response_is_refused(demo_dir, tmp_path, response
     files = write_verdict_files(tmp_path, responses)
     again = tmp_path / "again" / "model-a.jsonl"
     write_verdicts(again, [verdict(responses[0], "easy")])
-    with pytest.raises(DataError, match=r"duplicate: a second row for .*model 'model-a', split 'easy', id '1' \(first at .*:1, again"):
+    with pytest.raises(DataError, match=r"duplicate: a second row for .*model 'model-a', split 'easy', id '1' "
+                                         r"\(first at .*:1, again"):
         build_examples([path], [*files, again], demo_dir)
 
 

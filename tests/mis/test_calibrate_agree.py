@@ -142,7 +142,8 @@ def test_agree_writes_report_plots_and_the_review_list(scored, reference, tmp_pa
 def test_readme_worked_example_on_msts_reproduces_the_published_figures(tmp_path):
     # The README's worked example, as a user types it: GPT-4o's verdicts as the judge, the human label as the
     # reference (positive = Unsafe). Published: accuracy 0.820, Cohen's kappa 0.257, F1 0.312.
-    command = [sys.executable, "-m", "misguard.cli.main", "agree", str(MSTS), "--judge-field", "auto_eval.gpt-4o-2024-05-13",
+    command = [sys.executable, "-m", "misguard.cli.main", "agree", str(MSTS),
+               "--judge-field", "auto_eval.gpt-4o-2024-05-13",
                "--judge-perception-field", "none", "--reference", str(MSTS), "--reference-field", "human_label_str",
                "--reference-perception-field", "none", "--out", str(tmp_path), "--bootstrap", "200"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -145,7 +145,8 @@ def test_sigkill_mid_score_then_rerun_judges_each_response_once(tiny_model, judg
                          generation=GenerationParams(max_new_tokens=3))
     responses = run_inference(config, progress=False).responses_path
     out = tmp_path / "scored"
-    cmd = [sys.executable, "-m", "misguard.cli.main", "score", str(responses), "--judge", str(judge_dir), "--data", str(data),
+    cmd = [sys.executable, "-m", "misguard.cli.main", "score", str(responses), "--judge", str(judge_dir),
+           "--data", str(data),
            "--out", str(out), "--batch-size", "1", "--dtype", "float32", "--quiet", "--bootstrap", "100"]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     judgments = out / "judgments.jsonl"
