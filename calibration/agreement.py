@@ -145,8 +145,10 @@ def agreement_report(pairs: Joined | Sequence[tuple[LabelRecord, LabelRecord]], 
     """Agreement of a judge with a reference on joined (judge, reference) pairs, as a JSON-ready dict.
 
     Keys: agreement_version, orientation, positive_label, metric_order, definitions, n_bootstrap, seed, join
-    (how the pairs were joined and what stayed unmatched; None for plain pairs), and overall, by_category and
-    by_model, each group being {n_pairs, unscored: {judge, reference}, safety, perception, outcome, deltas}.
+    (how the pairs were joined and what stayed unmatched; None for plain pairs), and overall, by_category,
+    by_model and by_trust ({in_domain, out_of_domain}: the pairs whose judge verdict was flagged out of its
+    domain apart from the others; None when no judge row carries a trust score), each group being {n_pairs,
+    unscored: {judge, reference}, safety, perception, outcome, deltas}.
     safety/perception/outcome are `head_agreement` dicts (perception and outcome None when either side has no
     perception labels in the group); deltas is `paired_bootstrap_delta` over the group's pairs (only ASR for
     binary-only labels). A group's category and model are the judge row's, else the reference row's; rows
@@ -164,6 +166,7 @@ def agreement_report(pairs: Joined | Sequence[tuple[LabelRecord, LabelRecord]], 
     pairs = list(pairs)
     by_category: dict[str, list] = {}
     by_model: dict[str, list] = {}
+    by_trust: dict[str, list] = {"in_domain": [], "out_of_domain": []}
     for pair in pairs:
         judge, reference = pair
         category = judge.category if judge.category is not None else reference.category
@@ -172,6 +175,8 @@ def agreement_report(pairs: Joined | Sequence[tuple[LabelRecord, LabelRecord]], 
             by_category.setdefault(category, []).append(pair)
         if model is not None:
             by_model.setdefault(model, []).append(pair)
+        by_trust["out_of_domain" if judge.out_of_domain else "in_domain"].append(pair)
+    measured = any(judge.trust is not None or judge.out_of_domain for judge, _ in pairs)
 
     def group(scope: str, name: str, members: list) -> dict[str, Any]:
         return _group(members, n_bootstrap, _rng(seed, scope, name))
@@ -184,6 +189,8 @@ def agreement_report(pairs: Joined | Sequence[tuple[LabelRecord, LabelRecord]], 
         "by_category": {name: group("category", name, by_category[name])
                         for name in sorted(by_category, key=_category_rank)},
         "by_model": {name: group("model", name, by_model[name]) for name in sorted(by_model)},
+        "by_trust": {name: group("trust", name, members) for name, members in by_trust.items()} if measured
+        else None,
     }
 
 
@@ -256,7 +263,8 @@ def agreement_markdown(report: dict[str, Any], title: str = "Judge agreement wit
         lines += ["", f"## {title}", "", "| Group | N | Accuracy | Kappa | Macro-F1 |"
                   + (" F1 (Unsafe) |" if head == "safety" else ""),
                   "|---|---:|---:|---:|---:|" + ("---:|" if head == "safety" else "")]
-        groups = [("overall", overall), *((f"model: {name}", g) for name, g in report["by_model"].items()),
+        groups = [("overall", overall), *_trust_groups(report),
+                  *((f"model: {name}", g) for name, g in report["by_model"].items()),
                   *((f"category: {name}", g) for name, g in report["by_category"].items())]
         for name, group in groups:
             stats = group[head]
@@ -289,6 +297,11 @@ def agreement_markdown(report: dict[str, Any], title: str = "Judge agreement wit
         cells = [_cell_text(name), str(deltas["ASR"]["n"])] + [_delta_cell(deltas.get(metric)) for metric in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _trust_groups(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    by_trust = report.get("by_trust") or {}
+    return [(f"judge {name.replace('_', ' ')}", group) for name, group in by_trust.items()]
 
 
 def _number(value: float | None) -> str:

@@ -6,8 +6,11 @@ calibrator, the Unsafe decision threshold, what it was fitted on, and a before/a
     p_unsafe_cal, p_perception_cal = Calibration.load("calibration.json").apply(p_unsafe, p_perception)
     unsafe = calibration.threshold.is_unsafe(p_unsafe_cal)
 
-The file ({"format": "misguard-calibration", "version": 1, ...}) is plain JSON, never a pickle; loading it
-gives bit-identical predictions.
+A VLM judge's calibration may also hold its trust score (`trust`, calibration/trust.py: fitted by `misguard
+calibrate` on the same rows), under which a verdict is flagged out of domain.
+
+The file ({"format": "misguard-calibration", "version": 2, ...}) is plain JSON, never a pickle; loading it
+gives bit-identical predictions. Version 1 files (no trust) are read as they are.
 """
 from __future__ import annotations
 
@@ -29,13 +32,14 @@ from misguard.calibration.calibrators import (
 )
 from misguard.calibration.scores import calibration_report
 from misguard.calibration.thresholds import DEFAULT_THRESHOLD, Threshold, fit_threshold
+from misguard.calibration.trust import ConformalTrust
 from misguard.core.errors import DataError
 from misguard.core.jsonl import write_text_atomic
 from misguard.core.records import PERCEPTION_LEVELS, SAFETY_LABELS
 
 FORMAT = "misguard-calibration"
-VERSION = 1
-_FIELDS = ("format", "version", "safety", "perception", "threshold", "fitted_on", "report")
+VERSION = 2
+_FIELDS = ("format", "version", "safety", "perception", "threshold", "trust", "fitted_on", "report")
 MISSING_LABEL = -1
 """What encode_perception returns for a reference without a perception label (a binary-only reference)."""
 
@@ -98,6 +102,8 @@ class Calibration:
     """Fitted on the perception head ([n, 3]), or None: perception probabilities pass through unchanged."""
     threshold: Threshold = field(default_factory=lambda: Threshold(DEFAULT_THRESHOLD, "fixed"))
     """Applies to the calibrated p_unsafe."""
+    trust: ConformalTrust | None = None
+    """A VLM judge's trust score (on the calibrated probabilities and the answer codes' mass), or None."""
     fitted_on: dict[str, Any] = field(default_factory=dict)
     """Free-form JSON metadata: the judge, reference files, sample counts."""
     report: dict[str, Any] = field(default_factory=dict)
@@ -144,6 +150,7 @@ class Calibration:
             "safety": self.safety.to_dict(),
             "perception": None if self.perception is None else self.perception.to_dict(),
             "threshold": self.threshold.to_dict(),
+            "trust": None if self.trust is None else self.trust.to_dict(),
             "fitted_on": self.fitted_on,
             "report": self.report,
         }
@@ -180,13 +187,14 @@ class Calibration:
                 raise CalibrationFormatError("perception.head", "the perception calibrator must be 'multiclass'")
         threshold = (_nested(Threshold.from_dict, data["threshold"], "threshold") if "threshold" in data
                      else Threshold(DEFAULT_THRESHOLD, "fixed"))
+        trust = None if data.get("trust") is None else _nested(ConformalTrust.from_dict, data["trust"], "trust")
         metadata = {}
         for key in ("fitted_on", "report"):
             value = data.get(key, {})
             if not isinstance(value, dict):
                 raise CalibrationFormatError(key, "expected an object")
             metadata[key] = value
-        return cls(safety=safety, perception=perception, threshold=threshold, **metadata)
+        return cls(safety=safety, perception=perception, threshold=threshold, trust=trust, **metadata)
 
     def save(self, path: str | Path) -> None:
         """Write the calibration as JSON, atomically (a crash leaves the old file or the new one).

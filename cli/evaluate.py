@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,9 +16,9 @@ from misguard.mis.calibrate import CalibrateConfig, run_calibrate
 commands = typer.Typer()
 
 PerceptionField = Annotated[str, typer.Option(help="Field of the perception label; 'none' for binary-only labels.")]
-ValueMap = Annotated[Optional[list[str]], typer.Option(
+ValueMap = Annotated[list[str] | None, typer.Option(
     help="RAW=LABEL: read a raw label value as Safe/Unsafe/Level1-3 (e.g. '1 - safe=Safe'); repeatable.")]
-ReferenceModelName = Annotated[Optional[str], typer.Option(
+ReferenceModelName = Annotated[str | None, typer.Option(
     help="Target model of reference rows that name none (one gpt_eval.py file per model).")]
 
 
@@ -41,21 +41,25 @@ def calibrate(
     threshold: Annotated[str, typer.Option(
         help="Unsafe threshold: max_kappa (vs the reference) | match_rate (the reference's ASR) | fixed (0.5).")
     ] = "max_kappa",
-    into_judge: Annotated[Optional[Path], typer.Option(
+    into_judge: Annotated[Path | None, typer.Option(
         help="Also embed it in this judge folder's judge.json, so `misguard score` applies it by default.")] = None,
     reference_field: Annotated[str, typer.Option(help="Field of the reference's Safe/Unsafe label.")] = "label_str",
     reference_perception_field: PerceptionField = "label_perception",
     reference_model_name: ReferenceModelName = None,
     value_map: ValueMap = None,
     skip_bad: SkipBad = False,
+    flag_share: Annotated[float, typer.Option(
+        help="A VLM judge's trust score: flag this share of the calibration rows as out of domain (0: none).")
+    ] = 0.05,
 ):
-    """Fit a calibration of the judge's probabilities (and its Unsafe threshold) against reference labels."""
+    """Fit a calibration of the judge's probabilities (and its Unsafe threshold, and a VLM judge's trust score)
+    against reference labels."""
     calibration = run_calibrate(CalibrateConfig(
         judgments=label_source(judgments, "label_str", "label_perception", None),
         reference=label_source(reference, reference_field, reference_perception_field, value_map,
                                model_name=reference_model_name),
         out=out, method=method, perception_method=perception_method, threshold_rule=threshold,
-        into_judge=into_judge, skip_bad=skip_bad))
+        into_judge=into_judge, skip_bad=skip_bad, flag_share=flag_share or None))
     for head in ("safety", "perception"):
         section = calibration.report.get(head)
         if section:
@@ -66,6 +70,12 @@ def calibrate(
             typer.echo(f"{head}: {section['method']}; log-loss {before['log_loss']:.4f} -> {after['log_loss']:.4f}, "
                        f"ECE {before['ece_uniform']:.4f} -> {after['ece_uniform']:.4f} ({where})")
     typer.echo(f"Unsafe threshold {calibration.threshold.value:.4f} ({calibration.threshold.rule})")
+    trust = calibration.report.get("trust")
+    if trust and trust["fitted"]:
+        typer.echo(f"trust score on {', '.join(trust['signals'])}: threshold {trust['threshold']:.4f}, flags "
+                   f"{trust['flagged_in_sample']:.1%} of these rows")
+    elif trust:
+        typer.echo(f"no trust score: {trust['why']}")
     typer.echo(f"calibration: {out}" + (f" (also in {into_judge / 'judge.json'})" if into_judge else ""))
 
 
@@ -74,8 +84,8 @@ def agree(
     judgments: Annotated[Path, typer.Argument(help="The judge's labels: judgments.jsonl, or any JSONL label file.")],
     reference: Annotated[Path, typer.Option(help="Reference labels (GPT-4o's gpt_eval.py output, or any JSONL).")],
     out: Annotated[Path, typer.Option(help="Output directory: agreement.json, agreement.md, PNG plots.")],
-    human: Annotated[Optional[Path], typer.Option(help="Human labels for the same responses.")] = None,
-    escalate: Annotated[Optional[str], typer.Option(
+    human: Annotated[Path | None, typer.Option(help="Human labels for the same responses.")] = None,
+    escalate: Annotated[str | None, typer.Option(
         help="List this share of least confident responses for review, e.g. 10%, with the agreement curve.")] = None,
     judge_field: Annotated[str, typer.Option(help="Field of the judge's Safe/Unsafe label.")] = "label_str",
     judge_perception_field: PerceptionField = "label_perception",
@@ -104,6 +114,12 @@ def agree(
     safety = overall["safety"]
     typer.echo(f"{overall['n_pairs']} pairs; safety: accuracy {safety['accuracy']:.3f}, "
                f"Cohen's kappa {number(safety['kappa'])}, F1 (Unsafe) {number(safety.get('f1'))}")
+    by_trust = result.report["judge_vs_reference"].get("by_trust")
+    if by_trust:
+        for name, group in by_trust.items():
+            stats = group["safety"]
+            typer.echo(f"  judge {name.replace('_', ' ')}: {group['n_pairs']} pairs, accuracy "
+                       f"{number(stats['accuracy'])}, kappa {number(stats['kappa'])}")
     typer.echo(f"report:    {result.report_path}")
     typer.echo(f"           {result.markdown_path}")
     for path in result.plots:

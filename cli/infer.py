@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,10 +26,10 @@ def infer(
     split: Annotated[str, typer.Option(help="easy | hard | real")],
     out: Annotated[Path, typer.Option(help="Output directory: responses go to OUT/<split>/<model-name>.jsonl.")],
     engine: Engine = "transformers",
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N items of the split.")] = None,
-    shard: Annotated[Optional[str], typer.Option(
+    limit: Annotated[int | None, typer.Option(help="Only the first N items of the split.")] = None,
+    shard: Annotated[str | None, typer.Option(
         help="I/N: run items I, I+N, ... (join with `misguard merge`).")] = None,
-    model_name: Annotated[Optional[str], typer.Option(help="Name in the output; default: the folder's name.")] = None,
+    model_name: Annotated[str | None, typer.Option(help="Name in the output; default: the folder's name.")] = None,
     skip_bad: SkipBad = False,
     quiet: Quiet = False,
     *,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,37 +13,43 @@ from misguard.core.errors import MisguardError
 from misguard.engines.base import EngineOptions
 from misguard.mis.agree import score_escalation
 from misguard.mis.score import ScoreConfig, run_score, score_reference_labels
+from misguard.mis.score_rows import RowsFields, run_score_rows
 
 commands = typer.Typer()
 
-LiteJudgeOption = Annotated[Optional[Path], typer.Option(
+LiteJudgeOption = Annotated[Path | None, typer.Option(
     help="A lite judge in front of --judge: it decides what it is confident about, --judge the rest.")]
 CascadeBandOption = Annotated[str, typer.Option(
     help="LOW,HIGH on the lite judge's calibrated p_unsafe: it decides p >= HIGH, or p <= LOW (with a perception "
          "level at >= HIGH where one is needed); the rest is escalated.")]
-ServedModel = Annotated[Optional[str], typer.Option(
+ServedModel = Annotated[str | None, typer.Option(
     help="openai: the judge's model name on the server (default: the judge folder's path).")]
 
 
 @commands.command("score")
-@config_options(EngineOptions)
+@config_options(EngineOptions, RowsFields)
 def score(
-    responses: Annotated[Optional[list[Path]], typer.Argument(
-        help="Responses files (JSON Lines from `misguard infer`), one or more target models.")] = None,
-    data: Annotated[Path, typer.Option(help="The MIS test directory the responses were made on.")] = ...,
+    responses: Annotated[list[Path] | None, typer.Argument(
+        help="Responses files (JSON Lines from `misguard infer`), one or more target models; with --rows, "
+             "JSON Lines of plain (question, response) rows.")] = None,
+    data: Annotated[Path | None, typer.Option(help="The MIS test directory the responses were made on.")] = None,
+    rows: Annotated[bool, typer.Option(
+        "--rows", help="The files are plain (question, response[, label]) rows, e.g. a labelled safety set, not "
+                       "MIS responses: judgments and per-source counts (agreement with --label-field), no MIS "
+                       "metrics and no --data.")] = False,
     out: Annotated[Path, typer.Option(help="Output directory: judgments.jsonl, metrics.json, metrics.md.")] = ...,
-    judge: Annotated[Optional[Path], typer.Option(
+    judge: Annotated[Path | None, typer.Option(
         help="Judge folder (model + judge.json), or a plain instruct VLM folder (zero-shot JSON).")] = None,
-    from_labels: Annotated[Optional[list[Path]], typer.Option(
+    from_labels: Annotated[list[Path] | None, typer.Option(
         help="Instead of judging: GPT-4o verdict files as gpt_eval.py writes them (one per target model).")] = None,
-    label_model_name: Annotated[Optional[list[str]], typer.Option(
+    label_model_name: Annotated[list[str] | None, typer.Option(
         help="With --from-labels: the target model of each file, in order (default: file names).")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(
+    calibration: Annotated[Path | None, typer.Option(
         help="Calibration file from `misguard calibrate` (default: the one in the judge's judge.json).")] = None,
     engine: Engine = "transformers",
     served_model: ServedModel = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% confidence intervals.")] = 1000,
-    escalate: Annotated[Optional[str], typer.Option(
+    escalate: Annotated[str | None, typer.Option(
         help="Also list this share of least confident judgments for GPT-4o or human review, e.g. 10%.")] = None,
     lite_judge: LiteJudgeOption = None,
     cascade_band: CascadeBandOption = "0.1,0.9",
@@ -54,7 +60,18 @@ def score(
 ):
     """Judge responses with a local judge (or read GPT-4o's labels) and write the MIS metrics (resumable)."""
     share = share_option(escalate) if escalate is not None else None  # a bad value fails before any work
-    if from_labels:
+    if rows:
+        if from_labels or data is not None or lite_judge is not None or share is not None:
+            raise MisguardError("--rows judges plain rows: give no --from-labels, --data, --lite-judge or --escalate")
+        if not responses or judge is None:
+            raise MisguardError("give the rows files and --judge")
+        result = run_score_rows(list(responses), judge, out, given.build(RowsFields), engine=engine,
+                                engine_options=given.build(EngineOptions), served_model=served_model,
+                                calibration_path=calibration, skip_bad=skip_bad, progress=not quiet)
+        typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in {result.seconds:.1f} s")
+    elif data is None:
+        raise MisguardError("--data (the MIS test directory) is required; or --rows for plain rows files")
+    elif from_labels:
         if responses or judge:
             raise MisguardError("--from-labels reads verdicts instead of judging: give no responses or --judge")
         given.refuse_outside(why="only when judging (not with --from-labels)")
@@ -63,6 +80,7 @@ def score(
     else:
         if not responses or judge is None:
             raise MisguardError("give responses files and --judge (or --from-labels GPT_EVAL_FILES)")
+        given.refuse_outside(EngineOptions, why="only with --rows")
         result = run_score(ScoreConfig(responses=list(responses), judge=judge, data=data, out=out, engine=engine,
                                        engine_options=given.build(EngineOptions), served_model=served_model,
                                        calibration=calibration, skip_bad=skip_bad, n_bootstrap=bootstrap,
@@ -73,7 +91,10 @@ def score(
             typer.echo(f"cascade:  {c['decided_by_lite']} decided by the lite judge ({c['lite_seconds']:.1f} s), "
                        f"{c['escalated']} escalated ({c['share_escalated']:.0%}) to the VLM judge "
                        f"({c['vlm_seconds']:.1f} s)")
-    typer.echo(f"{result.total} judgments, {result.unscored} unscored: {result.judgments_path}")
+    flagged = f", {result.out_of_domain} out of the judge's domain" if result.out_of_domain else ""
+    typer.echo(f"{result.total} judgments, {result.unscored} unscored{flagged}: {result.judgments_path}")
+    for warning in result.warnings:
+        typer.echo(f"warning:   {warning}", err=True)
     typer.echo(f"metrics:   {result.metrics_paths[0]}")
     typer.echo(f"           {result.metrics_paths[1]}")
     if result.skipped_rows:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,14 +26,14 @@ def serve(
     upstream: Annotated[str, typer.Option(help="The guarded VLM's OpenAI-compatible URL ending in /v1.")],
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the guard.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    policy: Annotated[Optional[Path], typer.Option(help="Policy YAML (rails, thresholds, failure mode, limits, "
+    policy: Annotated[Path | None, typer.Option(help="Policy YAML (rails, thresholds, failure mode, limits, "
                                                         "audit log); default: the built-in policy.")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(
+    calibration: Annotated[Path | None, typer.Option(
         help="Calibration file for the output rail (default: the one in the judge's judge.json).")] = None,
-    audit_log: Annotated[Optional[Path], typer.Option(help="JSON Lines audit log (overrides the policy's).")] = None,
-    client_api_key: Annotated[Optional[str], typer.Option(
+    audit_log: Annotated[Path | None, typer.Option(help="JSON Lines audit log (overrides the policy's).")] = None,
+    client_api_key: Annotated[str | None, typer.Option(
         envvar="MISGUARD_SERVE_API_KEY", help="Clients must send 'Authorization: Bearer KEY'.")] = None,
-    upstream_api_key: Annotated[Optional[str], typer.Option(
+    upstream_api_key: Annotated[str | None, typer.Option(
         envvar="MISGUARD_UPSTREAM_API_KEY", help="API key the guard sends to the upstream.")] = None,
     lite_judge: LiteJudgeOption = None,
     cascade_band: CascadeBandOption = "0.1,0.9",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -37,7 +37,7 @@ def make_demo_data(
 @commands.command("make-judge")
 def make_judge(
     folder: Annotated[Path, typer.Argument(help="A model folder saved with save_pretrained.")],
-    judge_id: Annotated[Optional[str], typer.Option(help="The judge's id in judgments; default: folder name.")] = None,
+    judge_id: Annotated[str | None, typer.Option(help="The judge's id in judgments; default: folder name.")] = None,
     template: Annotated[str, typer.Option(help="Prompt template id.")] = DEFAULT_CODES_TEMPLATE,
 ):
     """Make a model folder a judge folder: write its judge.json (template and answer-label token ids)."""

@@ -21,8 +21,8 @@ KINDS = {"vlm": TrainConfig, "lite": LiteTrainConfig}
 @config_options(TrainData, TrainConfig, LiteTrainConfig)
 def train(
     kind: Annotated[str, typer.Option(
-        help="vlm: fine-tune a VLM (--base); lite: logistic heads on a frozen text encoder (all-MiniLM-L6-v2), "
-             "CPU only, reads question + response, never the images.")] = "vlm",
+        help="vlm: fine-tune a VLM (--base); lite: fine-tune a text cross-encoder (all-MiniLM-L6-v2) on the CPU; "
+             "it reads question (+ image description) and response, never the images.")] = "vlm",
     quiet: Quiet = False,
     *,
     given: Given,
@@ -40,14 +40,12 @@ def train(
                    f"perception {counts['perception']}")
     result = run.result
     if kind == "lite":
-        cv = {row["C"]: row["log_loss"] for row in result.cv}
-        typer.echo(f"C {result.C:g}" + (f" (cross-validated log-loss {cv[result.C]:.4f})" if cv else "")
-                   + ("" if result.has_perception else "; Unsafe head only (one perception level in the labels)"))
-        if result.validation is not None:
-            safety, perception = result.validation["safety"], result.validation["perception"]
-            typer.echo(f"validation: safety kappa {number(safety['kappa'])}, accuracy {number(safety['accuracy'])}, "
-                       f"F1 (Unsafe) {number(safety['f1'])}"
-                       + (f"; perception accuracy {number(perception['accuracy'])}" if perception else ""))
+        typer.echo(f"best epoch {result.best_epoch}; Unsafe threshold {result.unsafe_threshold:.4f}"
+                   + ("" if result.has_perception else "; no perception labels: Unsafe head only"))
+        for name, figures in [("all", result.validation["all"]), *result.validation["sources"].items()]:
+            typer.echo(f"validation {name}: {figures['n']} rows, kappa {number(figures['kappa'])}, accuracy "
+                       f"{number(figures['accuracy'])}, F1 (Unsafe) {number(figures['f1'])}, "
+                       f"{figures['flagged']:.1%} flagged out of domain")
     elif result.validation is not None:
         safety = result.validation["safety"]
         typer.echo(f"best epoch {result.best_epoch}: validation safety kappa {number(safety['kappa'])}, "

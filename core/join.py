@@ -18,9 +18,10 @@ the other are counted; more than `max_unmatched_share` of a side is an error tha
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Generic, Hashable, Iterable, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 from misguard.core.errors import DataError
 from misguard.core.jsonl import read_jsonl_numbered

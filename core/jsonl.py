@@ -11,10 +11,11 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, RootModel, ValidationError
 
 from misguard.core.errors import DataError
 from misguard.core.records import Response, Verdict
@@ -23,6 +24,10 @@ from misguard.core.rows import BadRows, first_of_each
 logger = logging.getLogger("misguard")
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class JsonObject(RootModel[dict[str, Any]]):
+    """One JSON line as a plain object, for rows whose fields are named by the user (a dotted path per field)."""
 
 # Exactly what the seed's gpt_eval.py writes per line (no id: it joins by content), in its order.
 GPT_EVAL_FIELDS: tuple[str, ...] = (

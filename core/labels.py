@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import RootModel
-
 from misguard.core.errors import DataError
-from misguard.core.jsonl import read_jsonl_numbered
+from misguard.core.jsonl import JsonObject, read_jsonl_numbered
 from misguard.core.records import PERCEPTION_LEVELS
 from misguard.core.rows import BadRows
 
@@ -33,11 +31,8 @@ CONTENT_FIELDS: tuple[str, ...] = ("image_path1", "image_path2", "question", "re
 """The fields of `core.records.content_key`, in its order: how id-less verdicts are matched."""
 
 _PERCEPTION_PATTERN = re.compile(r"^(?:perception[\s_-]*)?(?:level[\s_-]*)?([123])$")
-_MISSING = object()
-
-
-class _Row(RootModel[dict[str, Any]]):
-    """One JSON line as a plain object (core.jsonl checks that it is valid JSON and an object)."""
+MISSING = object()
+"""What `resolve_field` returns for a path that leads nowhere (a field may hold null, which is not missing)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +63,13 @@ class LabelRecord:
     sub_category: str | None = None
     judge: str | None = None
     """Which judge gave the labels (misguard judgments name it)."""
+    trust: float | None = None
+    """The judge's trust in the verdict, where the judge measures it (misguard judgments carry it)."""
+    label_mass: float | None = None
+    """A VLM judge's answer codes' share of the next-token distribution, where the judgment carries it."""
+    out_of_domain: bool = False
+    """The judge flagged the verdict as out of its domain (a judgment with status out_of_domain): labelled, but
+    under the judge's trust threshold."""
     path: str | None = None
     """The file the row was read from."""
 
@@ -113,14 +115,14 @@ def resolve_field(row: dict[str, Any], dotted: str) -> Any:
     start = 0
     while start < len(parts):
         if not isinstance(value, dict):
-            return _MISSING
+            return MISSING
         for end in range(len(parts), start, -1):
             name = ".".join(parts[start:end])
             if name in value:
                 value, start = value[name], end
                 break
         else:
-            return _MISSING
+            return MISSING
     return value
 
 
@@ -186,9 +188,9 @@ def read_labels(path: str | Path, *, safety_field: str = "label_str", perception
     """
     path = Path(path)
     bad = bad if bad is not None else BadRows()
-    rows = [(line, row.root) for line, row in read_jsonl_numbered(path, _Row, bad=bad)]
+    rows = [(line, row.root) for line, row in read_jsonl_numbered(path, JsonObject, bad=bad)]
     has_perception = perception_field is not None and any(
-        resolve_field(row, perception_field) is not _MISSING for _, row in rows)
+        resolve_field(row, perception_field) is not MISSING for _, row in rows)
     records: list[LabelRecord] = []
     for line, row in rows:
         try:
@@ -210,7 +212,7 @@ def _record(row: dict[str, Any], path: Path, line: int, *, safety_field: str, pe
             split_field: str, model_name: str | None, raw_probabilities: bool = False) -> LabelRecord:
     def text(name: str) -> str | None:
         value = resolve_field(row, name)
-        if value is _MISSING or value is None:
+        if value is MISSING or value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise DataError(f"must be a string (got {json.dumps(value)})", path=path, line=line, field=name)
@@ -218,8 +220,8 @@ def _record(row: dict[str, Any], path: Path, line: int, *, safety_field: str, pe
 
     def label(name: str, normalise) -> str:
         value = resolve_field(row, name)
-        if value is _MISSING or value is None:
-            raise DataError("missing" if value is _MISSING else "is null", path=path, line=line, field=name)
+        if value is MISSING or value is None:
+            raise DataError("missing" if value is MISSING else "is null", path=path, line=line, field=name)
         try:
             return normalise(value, value_map)
         except ValueError as exc:
@@ -251,11 +253,12 @@ def _record(row: dict[str, Any], path: Path, line: int, *, safety_field: str, pe
         p_unsafe=None if unscored else _probability(row, path, line, raw_probabilities),
         p_perception=None if unscored else _perception_probabilities(row, path, line, raw_probabilities),
         model=model or model_name, category=text(category_field), line=line, id=row_id, split=text(split_field),
-        sub_category=text("sub_category"), judge=text("judge"), path=str(path), **content)
+        sub_category=text("sub_category"), judge=text("judge"), trust=_share(row, "trust", path, line),
+        label_mass=_share(row, "label_mass", path, line),
+        out_of_domain=row.get("status") == "out_of_domain", path=str(path), **content)
 
 
-def _probability(row: dict[str, Any], path: Path, line: int, raw: bool = False) -> float | None:
-    name = "p_unsafe_raw" if raw and row.get("p_unsafe_raw") is not None else "p_unsafe"
+def _share(row: dict[str, Any], name: str, path: Path, line: int) -> float | None:
     value = row.get(name)
     if value is None:
         return None
@@ -263,6 +266,10 @@ def _probability(row: dict[str, Any], path: Path, line: int, raw: bool = False) 
         raise DataError(f"must be a number from 0 to 1 (got {json.dumps(value)})", path=path, line=line,
                         field=name)
     return float(value)
+
+
+def _probability(row: dict[str, Any], path: Path, line: int, raw: bool = False) -> float | None:
+    return _share(row, "p_unsafe_raw" if raw and row.get("p_unsafe_raw") is not None else "p_unsafe", path, line)
 
 
 def _perception_probabilities(row: dict[str, Any], path: Path, line: int,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import Self
 
 from misguard.core.jsonl import read_json_record, write_text_atomic
 from misguard.core.version import __version__
@@ -43,7 +44,7 @@ class RunManifest(BaseModel):
     skipped_rows: list[str] = Field(default_factory=list)
     """Bad input rows left out with --skip-bad, one line each: file:line: field: why."""
 
-    def finished(self: ManifestT) -> ManifestT:
+    def finished(self) -> Self:
         """This manifest marked complete, now."""
         return self.model_copy(update={"complete": True, "finished_at": utc_now()})
 

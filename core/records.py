@@ -112,15 +112,49 @@ class Judgment(BaseModel):
     """Which judge produced it: a judge folder's id, or "reference:<file>" for labels read from gpt_eval.py."""
     template: str
     """The judge prompt template id ("" for reference labels)."""
-    status: Literal["scored", "unscored"] = "scored"
+    status: Literal["scored", "unscored", "out_of_domain"] = "scored"
+    """out_of_domain: labelled, but the judge's trust in the verdict is under its threshold (see `trust`)."""
     reason: str | None = None
-    """Why a judgment is unscored."""
+    """Why a judgment is unscored or out of domain."""
     calibration: str | None = None
     """The calibration applied to p_unsafe / p_perception (its id, "sha256:..."), or None for raw probabilities."""
     p_unsafe_raw: float | None = None
     """With a calibration: the judge's own p_unsafe before it (what `misguard calibrate` fits on)."""
     p_perception_raw: dict[str, float] | None = None
+    trust: float | None = None
+    """The judge's trust in the verdict, in [0, 1], where the judge measures it."""
+    label_mass: float | None = None
+    """A VLM judge's answer codes' share of the next-token distribution (what `misguard calibrate` fits the
+    VLM judge's trust score on, beside the probabilities)."""
 
     @property
     def key(self) -> tuple[str, str, str, str]:
         return content_key(self)
+
+
+class RowJudgment(BaseModel):
+    """A judge's verdict on one plain (question, response) row, as `misguard score --rows` writes it: any
+    labelled or unlabelled safety set, not MIS items. `reference` is the row's own label where the run read one
+    (`--label-field`); status and trust as in Judgment."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    source: str
+    question: str
+    response: str
+    image_description: str | None = None
+    reference: Literal["Safe", "Unsafe"] | None = None
+    label_str: Literal["Safe", "Unsafe"] | None
+    p_unsafe: float | None = None
+    p_unsafe_raw: float | None = None
+    judge: str
+    template: str
+    status: Literal["scored", "unscored", "out_of_domain"] = "scored"
+    reason: str | None = None
+    calibration: str | None = None
+    trust: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.source, self.id)

@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Hashable, Iterable, TypeVar
+from collections.abc import Callable, Hashable, Iterable
+from typing import TypeVar
 
 from misguard.core.errors import DataError
 

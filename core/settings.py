@@ -4,7 +4,8 @@ config. Each option is therefore declared once, beside what it sets."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, envvar: str | None = None,

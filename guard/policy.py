@@ -83,6 +83,11 @@ class Policy(_Section):
     on_failure: Literal["closed", "open"] = "closed"
     """closed: a judge error or timeout is an error for the client (HTTP 503). open: the request passes, and the
     pass is logged, counted (misguard_fail_open_total) and marked in the response."""
+    on_out_of_domain: Literal["escalate", "block", "allow"] | None = None
+    """What a verdict the judge flags out of domain (its trust under the judge's threshold) leads to: escalate
+    (to the VLM judge behind a lite judge; where there is none, block), block (reason out_of_domain), or allow
+    (the verdict decides as usual). Always counted (misguard_out_of_domain_total) and marked. None: escalate when
+    a VLM judge is configured behind a lite judge, else block."""
     timeouts: Timeouts = Field(default_factory=Timeouts)
     batching: Batching = Field(default_factory=Batching)
     limits: Limits = Field(default_factory=Limits)

@@ -53,17 +53,21 @@ class RailScore:
     """Which judge decided (in a cascade, the stage that did)."""
     calibration: str | None = None
     """The id of the calibration behind p_unsafe."""
+    out_of_domain: bool = False
+    """The judge flagged its verdict: its trust fell under the judge's threshold."""
+    trust: float | None = None
 
 
 @dataclass(frozen=True)
 class Verdict:
     """A rail's decision (LlamaFirewall's ScanResult): allow or block, the score and threshold it came from, and
     the status of the check itself ("ok"; "error" or "timeout" when the judge failed; "skipped" for a rail the
-    policy turns off). `fail_open` is True when the judge failed and the policy let the request pass."""
+    policy turns off; "out_of_domain" when the judge flagged its own verdict, decided by the policy's
+    on_out_of_domain). `fail_open` is True when the judge failed and the policy let the request pass."""
 
     rail: Rail
     decision: Literal["allow", "block"]
-    status: Literal["ok", "error", "timeout", "skipped"]
+    status: Literal["ok", "error", "timeout", "skipped", "out_of_domain"]
     score: float | None
     threshold: float
     reason: str
@@ -72,6 +76,7 @@ class Verdict:
     latency_ms: float | None = None
     judge: str | None = None
     calibration: str | None = None
+    trust: float | None = None
 
     @property
     def blocked(self) -> bool:
@@ -111,9 +116,12 @@ class Guard:
         self.judge: Judge = main
         if lite_judge is not None:
             # The guard needs Safe / Unsafe only: the lite judge decides without a perception level.
-            self.judge = CascadeJudge(self._load(lite_judge), main, cascade_band, needs_perception=False)
+            self.judge = CascadeJudge(self._load(lite_judge), main, cascade_band, needs_perception=False,
+                                      escalate_out_of_domain=self.policy.on_out_of_domain in (None, "escalate"))
         self.main_judge_id = main.id
         self.template = main.template
+        self.out_of_domain_action = self.policy.on_out_of_domain or (
+            "escalate" if isinstance(self.judge, CascadeJudge) else "block")
         self.cascade_band = self.judge.band if isinstance(self.judge, CascadeJudge) else None
         preloaded_calibration = calibration if not isinstance(judge, (str, Path)) else None
         rails = {}
@@ -191,18 +199,19 @@ class Guard:
     def _rail_score(self, rail: Rail, assessment: Assessment) -> RailScore:
         """A rail's score from the judge's assessment: its calibrated p_unsafe, or the rail's own calibration
         (the policy's) applied to the main judge's raw one; a label alone (a zero-shot JSON judge) scores 1 or 0."""
-        if not assessment.scored:
+        if assessment.label is None:
             return RailScore(error=assessment.reason or "the judge could not score this", judge=assessment.judge)
+        flags = dict(judge=assessment.judge, out_of_domain=assessment.out_of_domain, trust=assessment.trust)
         if assessment.p_unsafe is None:
             p = 1.0 if assessment.label == "Unsafe" else 0.0
-            return RailScore(p_unsafe=p, p_unsafe_raw=p, judge=assessment.judge)
+            return RailScore(p_unsafe=p, p_unsafe_raw=p, **flags)
         own = self._rails[rail].calibration
         if own is not None and assessment.judge == self.main_judge_id and assessment.p_unsafe_raw is not None:
             p = float(own.apply(np.array([assessment.p_unsafe_raw]))[0][0])
-            return RailScore(p_unsafe=p, p_unsafe_raw=assessment.p_unsafe_raw, judge=assessment.judge,
-                             calibration=calibration_id(own))
-        return RailScore(p_unsafe=assessment.p_unsafe, p_unsafe_raw=assessment.p_unsafe_raw, judge=assessment.judge,
-                         calibration=assessment.calibration)
+            return RailScore(p_unsafe=p, p_unsafe_raw=assessment.p_unsafe_raw, calibration=calibration_id(own),
+                             **flags)
+        return RailScore(p_unsafe=assessment.p_unsafe, p_unsafe_raw=assessment.p_unsafe_raw,
+                         calibration=assessment.calibration, **flags)
 
     def verdict(self, rail: Rail, score: RailScore, *, latency_ms: float | None = None,
                 timed_out: bool = False) -> Verdict:
@@ -218,8 +227,17 @@ class Guard:
                            score=None, reason=reason, fail_open=fail_open, **common)
         blocked = score.p_unsafe >= setup.threshold
         reason = (f"p_unsafe {score.p_unsafe:.4f} {'>=' if blocked else '<'} threshold {setup.threshold:g}")
-        return Verdict(decision="block" if blocked else "allow", status="ok", score=score.p_unsafe,
-                       score_raw=score.p_unsafe_raw, reason=reason, **common)
+        status = "ok"
+        if score.out_of_domain:
+            status = "out_of_domain"
+            trust = "" if score.trust is None else f" (trust {score.trust:.4f})"
+            if self.out_of_domain_action == "allow":
+                reason = f"out_of_domain{trust}, allowed by the policy: {reason}"
+            else:  # block; or escalate with no judge left to escalate to
+                blocked = True
+                reason = f"out_of_domain: the judge does not trust its verdict{trust}; {reason}"
+        return Verdict(decision="block" if blocked else "allow", status=status, score=score.p_unsafe,
+                       score_raw=score.p_unsafe_raw, reason=reason, trust=score.trust, **common)
 
     def skipped(self, rail: Rail) -> Verdict:
         reason = (f"the {rail} rail is off in the policy" if self.judge.reads_requests or rail == "output"

@@ -26,10 +26,18 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from misguard.core.errors import DataError, MisguardError
 from misguard.core.join import ItemIndex, item_responses, labelled_responses, resolve_items
-from misguard.core.labels import LabelRecord, read_labels
+from misguard.core.jsonl import JsonObject, read_jsonl_numbered
+from misguard.core.labels import (
+    MISSING,
+    LabelRecord,
+    normalise_perception,
+    normalise_safety,
+    read_labels,
+    resolve_field,
+)
 from misguard.core.records import CATEGORIES, PERCEPTION_LABELS, PERCEPTION_LEVELS, SAFETY_LABELS
-from misguard.core.rows import BadRows
-from misguard.judge_training.examples import TrainingExample
+from misguard.core.rows import BadRows, first_of_each
+from misguard.judge_training.examples import TextExample, TrainingExample
 from misguard.judges.templates import CODES
 
 if TYPE_CHECKING:  # the `train` extra: imported where a Dataset is built
@@ -348,3 +356,109 @@ def _file_sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
+
+# --------------------------------------------------------------------------------------------------------
+# Generic labelled text: any JSONL of (question, response, label)
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextSource:
+    """How to read one JSON Lines file of labelled (question, response) rows. Every field is a dotted path into
+    the row (the spelling `agree --judge-field` uses), e.g. MSTS's `auto_eval.gpt-4o-2024-05-13`."""
+
+    path: Path
+    label_field: str | None = "label_str"
+    """Safe / Unsafe, in any case (safe, UNSAFE, ...); None for unlabelled rows (to be judged, not trained on)."""
+    question_field: str = "question"
+    response_field: str = "response"
+    image_description_field: str | None = "image_description"
+    """Text about the images; a row without it has none."""
+    group_field: str | None = None
+    """Rows with the same value are never split between training and validation; default: the question."""
+    source: str | None = None
+    """The source's name in figures; default: each row's `source` field, else the file name's stem."""
+    perception_field: str | None = None
+    """A perception level (Level1..3), where the file has one."""
+    id_field: str = "id"
+
+
+def read_text_examples(source: TextSource, *, bad: BadRows | None = None) -> list[TextExample]:
+    """The labelled rows of one file as TextExamples, in file order. Raises DataError (file, line, field) for a
+    row without a question, response or readable label, or a second row with the same id; with `bad` skipping,
+    such rows are left out and reported."""
+    bad = bad if bad is not None else BadRows()
+    path = Path(source.path)
+    examples = []
+    for line, row in read_jsonl_numbered(path, JsonObject, bad=bad):
+        values = row.root
+        try:
+            examples.append(_text_example(values, source, path, line))
+        except DataError as error:
+            bad.reject(error)
+    kept = first_of_each(examples, lambda e: e.id, where=lambda e: (str(path), int(e.where.rsplit(":", 1)[1])),
+                         describe=lambda e: f"id {e.id!r}", bad=bad, field_name=source.id_field)
+    return list(kept.values())
+
+
+def _text_example(row: dict, source: TextSource, path: Path, line: int) -> TextExample:
+    def text(name: str | None, *, required: bool) -> str | None:
+        value = resolve_field(row, name) if name else MISSING
+        if value is MISSING or value is None:
+            if required:
+                raise DataError("missing" if value is MISSING else "is null", path=path, line=line, field=name)
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise DataError(f"must be a string (got {json.dumps(value)})", path=path, line=line, field=name)
+        return str(value)
+
+    question = text(source.question_field, required=True)
+    label = text(source.label_field, required=True) if source.label_field else None
+    try:
+        unsafe = None if label is None else int(normalise_safety(label) == "Unsafe")
+        perception_text = text(source.perception_field, required=False)
+        perception = normalise_perception(perception_text) if perception_text else None
+    except ValueError as exc:
+        raise DataError(str(exc), path=path, line=line, field=source.label_field) from None
+    row_id = text(source.id_field, required=False) or f"{path.stem}:{line}"
+    return TextExample(id=row_id, source=source.source or text("source", required=False) or path.stem,
+                       group=text(source.group_field, required=True) if source.group_field else question,
+                       question=question, response=text(source.response_field, required=True) or "",
+                       unsafe=unsafe, perception=perception,
+                       image_description=text(source.image_description_field, required=False),
+                       where=f"{path}:{line}")
+
+
+def split_by_group(examples: Sequence[TextExample], val_frac: float, seed: int = 0
+                   ) -> tuple[list[TextExample], list[TextExample]]:
+    """(train, validation): in every source, round(val_frac x its groups) groups drawn by `seed` go to
+    validation (at least one where the source has two or more), every row of a group on one side. Both lists keep
+    the input order; the result does not depend on it. Raises ValueError for val_frac outside [0, 1)."""
+    if isinstance(val_frac, bool) or not isinstance(val_frac, (int, float)) or not 0.0 <= val_frac < 1.0:
+        raise ValueError(f"val_frac must be a number from 0 to less than 1, got {val_frac!r}")
+    groups: dict[str, list[str]] = {}
+    for example in examples:
+        groups.setdefault(example.source, [])
+        if example.group not in groups[example.source]:
+            groups[example.source].append(example.group)
+    held_out: set[tuple[str, str]] = set()
+    rng = random.Random(seed)
+    for name in sorted(groups):
+        names = sorted(groups[name])
+        rng.shuffle(names)
+        n_val = min(len(names) - 1, max(1 if val_frac > 0 and len(names) > 1 else 0,
+                                        math.floor(val_frac * len(names) + 0.5)))
+        held_out.update((name, group) for group in names[:n_val])
+    train = [e for e in examples if (e.source, e.group) not in held_out]
+    val = [e for e in examples if (e.source, e.group) in held_out]
+    return train, val
+
+
+def text_counts(examples: Sequence[TextExample]) -> dict:
+    """What text examples hold, for logs and the CLI: {"responses": n, "items": groups, "safety": {"Safe": n,
+    "Unsafe": n}, "perception": {level: n}, "sources": {source: n}}."""
+    perception = Counter(e.perception for e in examples if e.perception)
+    return {"responses": len(examples), "items": len({(e.source, e.group) for e in examples}),
+            "safety": {"Safe": sum(not e.unsafe for e in examples), "Unsafe": sum(e.unsafe for e in examples)},
+            "perception": {level: perception[level] for level in PERCEPTION_LEVELS},
+            "sources": dict(sorted(Counter(e.source for e in examples).items()))}

@@ -28,11 +28,9 @@ from typing import Any, Sequence
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME, _is_peft_model
-from transformers.trainer_utils import get_last_checkpoint
 
 from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
 from misguard.core.errors import MisguardError
-from misguard.core.jsonl import write_text_atomic
 from misguard.core.manifests import utc_now
 from misguard.core.records import PERCEPTION_LEVELS
 from misguard.core.settings import setting
@@ -48,6 +46,7 @@ from misguard.engines.hf import (
     resolve_device_dtype,
 )
 from misguard.engines.messages import LabelProbs, label_probs_from_logprobs
+from misguard.judge_training.checkpoints import resume_point
 from misguard.judge_training.data import label_counts, split_sizes
 from misguard.judge_training.examples import TrainingExample
 from misguard.judges.spec import CARD_FILE, JUDGE_FILE, JudgeCard
@@ -58,8 +57,6 @@ log = logging.getLogger("misguard")
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
-RUN_FILE = "misguard_run.json"
-"""In out/checkpoints: the settings and data the checkpoints were trained with, checked before a resume."""
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The language model's attention and MLP projections: the default LoRA targets (Qwen2, Llama, InternLM2-hf...)."""
 SELECTION_METRIC = "selection_score"
@@ -379,7 +376,7 @@ def train_judge(config: TrainConfig, train: list[TrainingExample], val: list[Tra
     collator = AnswerCodeCollator(processor, family, config.template, code_ids)
 
     checkpoints = out / CHECKPOINTS
-    resumed_from = _resume_point(config, checkpoints, train, val, get_last_checkpoint)
+    resumed_from = resume_point(checkpoints, _fingerprint(config, train, val), resume=config.resume)
     on_gpu = torch.cuda.is_available()
     checkpointing = on_gpu if config.gradient_checkpointing is None else config.gradient_checkpointing
     args = TrainingArguments(
@@ -453,28 +450,6 @@ def _fingerprint(config: TrainConfig, train: Sequence[TrainingExample], val: Seq
             digest.update(json.dumps([name, e.item_key, e.model, e.answer, e.images, e.question, e.response],
                                      ensure_ascii=False).encode())
     return {"settings": settings, "examples_sha256": digest.hexdigest()}
-
-
-def _resume_point(config: TrainConfig, checkpoints: Path, train, val, get_last_checkpoint) -> str | None:
-    """The checkpoint to continue from (None for a fresh run), after checking it comes from the same settings
-    and examples; records this run's fingerprint for the next resume."""
-    fingerprint = _fingerprint(config, train, val)
-    run_file = checkpoints / RUN_FILE
-    last = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
-    if last is not None:
-        recorded = json.loads(run_file.read_text()) if run_file.exists() else None
-        if recorded != fingerprint:
-            changed = sorted(k for k in fingerprint["settings"]
-                             if (recorded or {}).get("settings", {}).get(k) != fingerprint["settings"][k])
-            what = f"settings {', '.join(changed)}" if changed else "training or validation examples"
-            raise MisguardError(f"{checkpoints}: its checkpoints come from other {what}; "
-                                "train with resume off or into another folder")
-        log.info("resuming from %s", last)
-    elif checkpoints.is_dir():
-        shutil.rmtree(checkpoints)  # a fresh run: old checkpoints would be mistaken for this run's
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_file, json.dumps(fingerprint, indent=2) + "\n")
-    return last
 
 
 def _history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:

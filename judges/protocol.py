@@ -12,8 +12,9 @@ unreadable verdict, label tokens the engine did not return, a probability that i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from misguard.engines.messages import image_key
 
 Label = Literal["Safe", "Unsafe"]
 Level = Literal["Level1", "Level2", "Level3"]
-Status = Literal["scored", "unscored"]
+Status = Literal["scored", "unscored", "out_of_domain"]
 DEFAULT_CHUNK = 256
 """Cases a judge without an engine of its own hands back at a time from `judge_stream`."""
 
@@ -52,7 +53,8 @@ class Assessment:
     is then its own value before it; without one both are the same); the perception fields are None for a judge
     without a perception head and for request cases. `label` is Unsafe when p_unsafe reaches the judge's
     threshold (a zero-shot JSON judge gives the label alone, with no probability). An unscored assessment has no
-    label and no probabilities, and says why in `reason`."""
+    label and no probabilities, and says why in `reason`. An out-of-domain one keeps its label and probabilities,
+    but its trust score fell under the judge's trust threshold: the judge says it may not know (`reason`)."""
 
     judge: str
     """The id of the judge that decided (in a cascade: the stage that did)."""
@@ -67,10 +69,28 @@ class Assessment:
     calibration: str | None = None
     """The id of the calibration applied ("sha256:..."), or None for raw probabilities."""
     reason: str | None = None
+    trust: float | None = None
+    """How far the judge trusts this verdict, in [0, 1] (calibration/trust.py), where the judge measures it."""
+    label_mass: float | None = None
+    """A VLM judge reading answer-code probabilities: the codes' share of the next-token distribution (near 1
+    when the model answers in the judge's format)."""
 
     @property
     def scored(self) -> bool:
+        """A verdict the judge stands by."""
         return self.status == "scored"
+
+    @property
+    def out_of_domain(self) -> bool:
+        return self.status == "out_of_domain"
+
+    def with_trust(self, trust: float, flagged: bool, threshold: float,
+                   unlike: str = "the data the judge was trained and checked on") -> Assessment:
+        """This assessment with its trust score; flagged: status out_of_domain, with the reason."""
+        if not flagged:
+            return replace(self, trust=trust)
+        return replace(self, trust=trust, status="out_of_domain",
+                       reason=f"trust {trust:.4f} < {threshold:.4f}: unlike {unlike}")
 
     @classmethod
     def unscored(cls, judge: str, template: str, reason: str, calibration: str | None = None) -> Assessment:

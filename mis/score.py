@@ -74,6 +74,22 @@ class ScoreResult:
     cascade: dict | None = None
     """With a lite judge in front: decided_by_lite, escalated, share_escalated, seconds per stage (this run)."""
     skipped_rows: list[str] = field(default_factory=list)
+    out_of_domain: int = 0
+    """Judgments the judge flagged as outside its domain (status out_of_domain): labelled, counted apart."""
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should hear about the run: more than OUT_OF_DOMAIN_WARN of it flagged out of domain."""
+        if self.total and self.out_of_domain / self.total > OUT_OF_DOMAIN_WARN:
+            return [f"{self.out_of_domain} of {self.total} judgments ({self.out_of_domain / self.total:.0%}) are "
+                    f"out of the judge's domain (status out_of_domain): the judge was not trained on data like "
+                    f"these, so its verdicts on them are not to be trusted; have them judged by a VLM judge "
+                    f"(--lite-judge in front of one) or by people, or train the judge on similar labelled data"]
+        return []
+
+
+OUT_OF_DOMAIN_WARN = 0.10
+"""The share of a run flagged out of domain above which score warns."""
 
 
 def judgment_key(j: Judgment) -> tuple[str, str, str]:
@@ -92,7 +108,8 @@ def judgment_of(response: ItemResponse, assessment: Assessment) -> Judgment:
         image_path2=r.image_path2, id=r.id, split=response.split, sub_category=r.sub_category, model=r.model,
         p_unsafe=a.p_unsafe, p_perception=a.p_perception, judge=a.judge, template=a.template, status=a.status,
         reason=a.reason, calibration=a.calibration, p_unsafe_raw=a.p_unsafe_raw if calibrated else None,
-        p_perception_raw=a.p_perception_raw if calibrated else None)
+        p_perception_raw=a.p_perception_raw if calibrated else None, trust=a.trust,
+        label_mass=a.label_mass)
 
 
 def case_of(response: ItemResponse) -> Case:
@@ -178,12 +195,13 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
             if owned:
                 judge.close()
 
-    metrics_paths, unscored = _write_metrics(judgments_path, {r.key for r in responses}, out, config.n_bootstrap)
+    metrics_paths, counts = _write_metrics(judgments_path, {r.key for r in responses}, out, config.n_bootstrap)
     if cascade is not None:
         manifest.cascade["this_run"] = cascade.stats.to_dict()
     manifest.finished().save(manifest_path)
     return ScoreResult(judgments_path, metrics_paths, total=len(responses), already_done=len(responses) - len(todo),
-                       judged=judged, unscored=unscored, seconds=time.time() - started,
+                       judged=judged, unscored=counts["unscored"], out_of_domain=counts["out_of_domain"],
+                       seconds=time.time() - started,
                        cascade=cascade.stats.to_dict() if cascade is not None else None, skipped_rows=bad.report())
 
 
@@ -192,7 +210,8 @@ def _write_metrics(judgments_path: Path, keys: set | None, out: Path, n_bootstra
     if keys is not None:  # only this run's responses, if the folder also holds judgments of other files
         judgments = [j for j in judgments if judgment_key(j) in keys]
     report = compute_metrics(judgments, n_bootstrap=n_bootstrap)
-    return write_metrics(report, out), sum(j.status == "unscored" for j in judgments)
+    counts = {status: sum(j.status == status for j in judgments) for status in ("unscored", "out_of_domain")}
+    return write_metrics(report, out), counts
 
 
 def reference_judgments(verdict_files: Iterable[Path], data: Path, *, model_names: Sequence[str] | None = None,
@@ -235,7 +254,7 @@ def score_reference_labels(verdict_files: list[Path], data: Path, out: Path, *,
         raise DataError(f"no verdicts in {', '.join(map(str, verdict_files))}")
     path = out / JUDGMENTS_FILE
     write_jsonl_atomic(path, judgments)
-    metrics_paths, unscored = _write_metrics(path, None, out, n_bootstrap)
+    metrics_paths, counts = _write_metrics(path, None, out, n_bootstrap)
     return ScoreResult(path, metrics_paths, total=len(judgments), already_done=0, judged=len(judgments),
-                       unscored=unscored, seconds=time.time() - started, skipped_rows=bad.report())
+                       unscored=counts["unscored"], seconds=time.time() - started, skipped_rows=bad.report())
 

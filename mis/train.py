@@ -7,11 +7,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from misguard.core.errors import MisguardError
 from misguard.core.jsonl import write_jsonl_atomic
 from misguard.core.rows import BadRows
 from misguard.core.settings import setting
-from misguard.judge_training.data import build_examples, data_hashes, label_counts, split_by_item
-from misguard.judge_training.examples import TrainingExample
+from misguard.judge_training.data import (
+    TextSource,
+    build_examples,
+    data_hashes,
+    label_counts,
+    read_text_examples,
+    split_by_group,
+    split_by_item,
+    text_counts,
+)
+from misguard.judge_training.examples import TextExample, TrainingExample
 from misguard.judge_training.lite import LiteTrainConfig, LiteTrainResult, train_lite_judge
 from misguard.judge_training.vlm import TrainConfig, TrainResult, train_judge
 
@@ -26,54 +36,133 @@ judge never trained on them) and `misguard agree`."""
 class TrainData:
     """Where the training data comes from. Each field is one CLI option."""
 
-    responses: list[Path] = setting(help="Responses files from `misguard infer` (the target models' answers); "
-                                         "repeatable.")
-    labels: list[Path] = setting(help="GPT-4o's verdicts on them: gpt_eval.py files (one per target model) or "
-                                      "misguard judgments.jsonl files; repeatable.")
-    data: Path = setting(help="The MIS test directory the responses were made on.")
+    data: list[Path] = setting(
+        default_factory=list, help="The MIS test directory the --responses were made on; and, for --kind lite, "
+                                   "JSON Lines files of labelled (question, response) rows; repeatable.")
+    responses: list[Path] = setting(default_factory=list, help="Responses files from `misguard infer` (the "
+                                                               "target models' answers); repeatable.")
+    labels: list[Path] = setting(default_factory=list, help="GPT-4o's verdicts on them: gpt_eval.py files (one per "
+                                                            "target model) or judgments.jsonl files; repeatable.")
     label_model_names: Sequence[str] | None = setting(
         None, flag="--label-model-name", help="The target model of each --labels file, in order (default: the "
                                               "file names).")
-    val_frac: float = setting(0.1, help="Share of MIS items held out for validation (all responses to an item on "
-                                        "one side).")
+    label_field: list[str] = setting(
+        default_factory=list, help="lite, --data JSONL: the Safe/Unsafe label's field, a dotted path (e.g. "
+                                   "auto_eval.gpt-4o-2024-05-13); once for every file or once per file, in order "
+                                   "[default: label_str].")
+    question_field: list[str] = setting(default_factory=list, help="lite, --data JSONL: the question's field, as "
+                                                                   "--label-field [default: question].")
+    response_field: list[str] = setting(default_factory=list, help="lite, --data JSONL: the response's field, as "
+                                                                   "--label-field [default: response].")
+    image_description_field: list[str] = setting(
+        default_factory=list, help="lite, --data JSONL: a field with text about the images, as --label-field; "
+                                   "'none' for none [default: image_description where present].")
+    group_field: list[str] = setting(
+        default_factory=list, help="lite, --data JSONL: rows with the same value never split between training and "
+                                   "validation (e.g. case_id), as --label-field [default: the question].")
+    source_name: list[str] = setting(
+        default_factory=list, flag="--source", help="lite, --data JSONL: the source's name in figures, as "
+                                                    "--label-field [default: each row's source field, else the "
+                                                    "file name].")
+    val_frac: float = setting(0.1, help="Share of MIS items (of each source's groups, for --kind lite) held out "
+                                        "for validation.")
     split_seed: int = setting(0, help="Seed of the train / validation split.")
     skip_bad: bool = setting(False, help="Log and count bad rows instead of stopping at the first.")
+
+    def mis_dir(self) -> Path | None:
+        """The MIS directory among --data (a folder), or None. Raises MisguardError for more than one."""
+        folders = [Path(p) for p in self.data if Path(p).is_dir()]
+        if len(folders) > 1:
+            raise MisguardError(f"--data names {len(folders)} folders; give one MIS directory")
+        return folders[0] if folders else None
+
+    def text_sources(self) -> list[TextSource]:
+        """The --data JSONL files with how to read each. Raises MisguardError when a per-file option is given
+        neither once nor once per file."""
+        files = [Path(p) for p in self.data if not Path(p).is_dir()]
+
+        def per_file(values: Sequence[str], flag: str) -> list[str | None]:
+            if not values:
+                return [None] * len(files)
+            if len(values) == 1:
+                return list(values) * len(files)
+            if len(values) != len(files):
+                raise MisguardError(f"{flag} is given {len(values)} times for {len(files)} --data JSONL files: give "
+                                    "it once for all, or once per file in order")
+            return list(values)
+
+        options = zip(files, per_file(self.label_field, "--label-field"),
+                      per_file(self.question_field, "--question-field"),
+                      per_file(self.response_field, "--response-field"),
+                      per_file(self.image_description_field, "--image-description-field"),
+                      per_file(self.group_field, "--group-field"), per_file(self.source_name, "--source"))
+        sources = []
+        for path, label, question, response, image, group, name in options:
+            sources.append(TextSource(
+                path=path, label_field=label or "label_str", question_field=question or "question",
+                response_field=response or "response", group_field=group, source=name,
+                image_description_field=None if (image or "").lower() == "none" else image or "image_description"))
+        return sources
 
 
 @dataclass(frozen=True)
 class TrainRun:
     result: TrainResult | LiteTrainResult
     counts: dict
-    """label_counts of the train and validation sides: {"train": ..., "validation": ...}."""
+    """What each side holds: {"train": ..., "validation": ...} (MIS label counts; for the lite judge, rows per
+    source and label too)."""
     left_out: dict
-    """Responses without a verdict and verdicts without a response (counted, not trained on)."""
+    """Responses without a verdict and verdicts without a response (counted, not trained on), bad rows skipped."""
 
 
 def run_train(data: TrainData, config: TrainConfig | LiteTrainConfig, *, progress: bool = True) -> TrainRun:
-    """Build the examples, split them by MIS item, and train the judge the config is for (a TrainConfig: the VLM
-    judge; a LiteTrainConfig: the lite judge), then write the held-out labels beside it. Returns the TrainRun.
+    """Build the examples, split them into train and validation (by MIS item; by group within each source for the
+    lite judge's JSONL rows), and train the judge the config is for (a TrainConfig: the VLM judge; a
+    LiteTrainConfig: the lite judge), then write the held-out MIS labels beside it. Returns the TrainRun.
     Raises DataError for bad or unmatched inputs (before any training), MisguardError for bad settings."""
-    built = build_examples(data.responses, data.labels, data.data, label_model_names=data.label_model_names,
-                           bad=BadRows(skip=data.skip_bad))
-    train, val = split_by_item(built.examples, val_frac=data.val_frac, seed=data.split_seed)
-    counts = {"train": label_counts(train), "validation": label_counts(val)}
-    log.info("training on %d responses (%d items), validating on %d (%d items)", len(train),
-             counts["train"]["items"], len(val), counts["validation"]["items"])
-    hashes = data_hashes([*data.responses, *data.labels])
-    if isinstance(config, LiteTrainConfig):
-        result = train_lite_judge(config, train, val, data_hashes=hashes)
+    bad = BadRows(skip=data.skip_bad)
+    mis_dir, sources = data.mis_dir(), data.text_sources()
+    lite = isinstance(config, LiteTrainConfig)
+    if sources and not lite:
+        raise MisguardError("--data JSONL files train the lite judge only (--kind lite): the VLM judge learns from "
+                            "MIS responses and their images")
+    if (data.responses or data.labels) and mis_dir is None:
+        raise MisguardError("--responses and --labels need --data MIS_DIR (the MIS directory they were made on)")
+    if not data.responses and not sources:
+        raise MisguardError("nothing to train on: give --responses, --labels and --data MIS_DIR, or (--kind lite) "
+                            "--data JSONL files")
+    built = None
+    mis_train: list[TrainingExample] = []
+    mis_val: list[TrainingExample] = []
+    if data.responses:
+        built = build_examples(data.responses, data.labels, mis_dir, label_model_names=data.label_model_names,
+                               bad=bad)
+        mis_train, mis_val = split_by_item(built.examples, val_frac=data.val_frac, seed=data.split_seed)
+    hashes = data_hashes([*data.responses, *data.labels, *(s.path for s in sources)])
+    counts = {"train": label_counts(mis_train), "validation": label_counts(mis_val)}
+    if lite:
+        texts = [example for source in sources for example in read_text_examples(source, bad=bad)]
+        text_train, text_val = split_by_group(texts, val_frac=data.val_frac, seed=data.split_seed)
+        train = [TextExample.from_mis(e) for e in mis_train] + text_train
+        val = [TextExample.from_mis(e) for e in mis_val] + text_val
+        counts = {"train": text_counts(train), "validation": text_counts(val)}
+        log.info("training on %d rows, validating on %d", len(train), len(val))
+        result = train_lite_judge(config, train, val, data_hashes=hashes, progress=progress)
     else:
-        result = train_judge(config, train, val, data_hashes=hashes, progress=progress)
+        log.info("training on %d responses (%d items), validating on %d (%d items)", len(mis_train),
+                 counts["train"]["items"], len(mis_val), counts["validation"]["items"])
+        result = train_judge(config, mis_train, mis_val, data_hashes=hashes, progress=progress)
     reference = Path(config.out).expanduser() / VALIDATION_REFERENCE
-    if val:
-        write_validation_reference(val, reference)
+    if mis_val:
+        write_validation_reference(mis_val, reference)
     elif reference.exists():
         # From an earlier run with another split: calibrating on it would calibrate on training data.
         reference.unlink()
-    return TrainRun(result=result, counts=counts,
-                    left_out={"responses_without_label": built.responses_without_label,
-                              "labels_without_response": built.labels_without_response,
-                              "unscored_labels": built.unscored_labels, "skipped_rows": built.skipped_rows})
+    left_out = {"skipped_rows": bad.report()}
+    if built is not None:
+        left_out.update(responses_without_label=built.responses_without_label,
+                        labels_without_response=built.labels_without_response, unscored_labels=built.unscored_labels)
+    return TrainRun(result=result, counts=counts, left_out=left_out)
 
 
 def write_validation_reference(examples: Sequence[TrainingExample], path: Path) -> Path:

@@ -45,8 +45,8 @@ __all__ = [  # the names of _PUBLIC, spelt out for tools that read __all__ witho
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports on first use
     from misguard.calibration import Calibration
     from misguard.core.errors import DataError, MisguardError
-    from misguard.core.splits import load_split
     from misguard.core.records import Item, Judgment, Response
+    from misguard.core.splits import load_split
     from misguard.engines import load_engine
     from misguard.engines.base import EngineOptions
     from misguard.guard.policy import Policy, load_policy

@@ -15,6 +15,8 @@ class GuardMetrics:
     - misguard_requests_total{outcome}: answered requests; outcome = allowed | blocked | error | invalid
     - misguard_blocks_total{rail}: requests blocked by each rail (input | output)
     - misguard_fail_open_total{rail}: judge failures the policy let pass
+    - misguard_out_of_domain_total{rail, decision}: verdicts the judge flagged out of domain, and what the policy
+      made of them (allow | block)
     - misguard_errors_total{kind}: judge_error | judge_timeout | upstream_error | upstream_timeout |
       invalid_request | internal
     - misguard_judge_latency_seconds{rail}: from a check's submission to its verdict, queueing included
@@ -30,6 +32,8 @@ class GuardMetrics:
         self.blocks = Counter("misguard_blocks", "Requests blocked, by rail.", ["rail"], registry=r)
         self.fail_open = Counter("misguard_fail_open", "Judge failures passed by a fail-open policy, by rail.",
                                  ["rail"], registry=r)
+        self.out_of_domain = Counter("misguard_out_of_domain", "Verdicts the judge flagged out of domain, by rail "
+                                     "and the decision the policy made.", ["rail", "decision"], registry=r)
         self.errors = Counter("misguard_errors", "Errors, by kind.", ["kind"], registry=r)
         self.judge_latency = Histogram("misguard_judge_latency_seconds", "Rail check latency, queueing included.",
                                        ["rail"], buckets=LATENCY_BUCKETS, registry=r)
@@ -46,6 +50,8 @@ class GuardMetrics:
         for rail in ("input", "output"):
             self.blocks.labels(rail)
             self.fail_open.labels(rail)
+            for decision in ("allow", "block"):
+                self.out_of_domain.labels(rail, decision)
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

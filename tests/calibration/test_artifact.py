@@ -77,7 +77,7 @@ def test_save_load_gives_identical_predictions(fitted, tmp_path):
     fitted.save(path)
     assert [item.name for item in tmp_path.iterdir()] == ["calibration.json"]  # no temporary file left behind
     data = json.loads(path.read_text())
-    assert (data["format"], data["version"]) == (FORMAT, VERSION) == ("misguard-calibration", 1)
+    assert (data["format"], data["version"]) == (FORMAT, VERSION) == ("misguard-calibration", 2)
     loaded = Calibration.load(path)
     p_unsafe, _, p_perception, _ = reference_data(seed=2)
     p_unsafe = np.concatenate([p_unsafe, [0.0, 1.0]])
@@ -151,7 +151,7 @@ def _edit(data: dict, dotted: str, value) -> None:
 
 @pytest.mark.parametrize("dotted,value,field,reason", [
     ("format", "something-else", "format", "not a misguard calibration file"),
-    ("version", 2, "version", "version 2 was written by a newer misguard; this one reads version 1"),
+    ("version", 3, "version", "version 3 was written by a newer misguard; this one reads version 2"),
     ("version", 0, "version", "unknown version 0"),
     ("version", "1", "version", "expected an integer"),
     ("safety", KeyError, "safety", "missing"),
@@ -163,6 +163,9 @@ def _edit(data: dict, dotted: str, value) -> None:
     ("threshold.rule", "youden", "threshold.rule", "unknown rule 'youden'"),
     ("threshold.value", None, "threshold.value", "finite number"),
     ("report", [], "report", "expected an object"),
+    ("trust", {"signals": ["margin"], "reference": [[0.2], [0.1]], "threshold": 0.1, "flag_share": 0.05},
+     "trust.reference", "sorted along each column"),
+    ("trust", {"signals": ["margin"], "reference": [[0.1]], "flag_share": 0.05}, "trust.threshold", "missing"),
     ("extra", 1, "extra", "unknown field"),
 ])
 def test_load_names_the_file_and_the_field_of_a_bad_file(tmp_path, dotted, value, field, reason):

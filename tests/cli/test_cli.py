@@ -76,10 +76,17 @@ def test_demo_runs_with_outbound_network_blocked(tmp_path):
     assert "responses" in result.stdout
     # infer -> score: one judgment per response (2 targets x 3 splits x 4 items), metrics per model and split.
     judgments = [json.loads(line) for line in (tmp_path / "demo" / "scores" / "judgments.jsonl").open()]
-    assert len(judgments) == 24 and {j["status"] for j in judgments} == {"scored"}
+    # The calibration fits a trust threshold on its own rows (5% flagged by default), so a few verdicts may be
+    # out_of_domain: labelled, and counted apart from the metrics.
+    statuses = [j["status"] for j in judgments]
+    assert len(judgments) == 24 and set(statuses) <= {"scored", "out_of_domain"}
+    assert statuses.count("out_of_domain") <= 6
     assert all(abs(sum(j["p_perception"].values()) - 1) < 1e-6 for j in judgments)
     groups = json.loads((tmp_path / "demo" / "scores" / "metrics.json").read_text())["groups"]
     assert {(g["split"]) for g in groups} == {"easy", "hard", "real", "all"}
+    pooled = [g for g in groups if g["split"] == "all"]
+    assert sum(g["out_of_domain"] for g in pooled) == statuses.count("out_of_domain")
+    assert sum(g["scored"] for g in pooled) == statuses.count("scored")
     assert "metrics.md" in result.stdout
     # ... and train -> calibrate -> score with the calibration -> agree, every stage's files where it says.
     demo = tmp_path / "demo"

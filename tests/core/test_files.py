@@ -1,4 +1,5 @@
-"""core.splits and core.jsonl: loading the published split files (with precise errors) and the JSON Lines every stage reads and writes."""
+"""core.splits and core.jsonl: loading the published split files (with precise errors) and the JSON Lines every
+stage reads and writes."""
 from __future__ import annotations
 
 import json

@@ -15,6 +15,7 @@ FULL = {
     "output_rail": {"enabled": True, "threshold": 0.75, "calibration": None},
     "on_block": {"action": "error", "refusal_text": "No.", "error_status": 451, "error_message": "Blocked."},
     "on_failure": "open",
+    "on_out_of_domain": "allow",
     "timeouts": {"judge_s": 2.5, "upstream_s": 60.0},
     "batching": {"max_batch_size": 4, "max_wait_ms": 0.0},
     "limits": {"max_images": 2, "max_image_bytes": 1000, "max_image_pixels": 640 * 480, "max_request_bytes": 5000,
@@ -59,6 +60,7 @@ def test_full_yaml_round_trip(tmp_path):
     ("timeouts:\n  judge_s: 1\nbatching:\n  max_wait_ms: 1\n  max_batch_size: 0\n", 5, "batching.max_batch_size"),
     ("limits:\n  allowed_image_roots:\n    - images\n    - {not: a path}\n", 4, "limits.allowed_image_roots.1"),
     ("on_block:\n  action: refusal\non_failure: sometimes\n", 3, "on_failure"),
+    ("on_failure: closed\non_out_of_domain: ignore\n", 2, "on_out_of_domain"),
     ("output_rail:\n  threshold: 0.5\n  enabled:\n    - yes\n", 3, "output_rail.enabled"),  # a block value
 ])
 def test_bad_field_names_file_line_and_field(tmp_path, text, line, field):

@@ -1,5 +1,7 @@
 """The cascade: the lite judge decides what it is confident about, the VLM judge the rest, in `misguard score`
-and in the guard's output rail."""
+and in the guard's output rail. The lite judge here flags nothing (tests/conftest.py `trusting_lite`), so that the
+band alone decides; what a flag does is tested where it is escalated (tests/guard/test_out_of_domain.py) and
+below."""
 from __future__ import annotations
 
 import json
@@ -54,29 +56,33 @@ def test_band_rules():
 
 
 @pytest.mark.parametrize("band", ["0.1,0.9", "0.45,0.55", "0.0,1.0"])
-def test_score_takes_the_lite_judgment_exactly_where_it_is_confident(band, tiny_judge, lite_judge_folder,
+def test_score_takes_the_lite_judgment_exactly_where_it_is_confident(band, tiny_judge, trusting_lite,
                                                                       responses_file, demo_dir, tmp_path):
     alone = {}
-    for name, folder in (("vlm", tiny_judge), ("lite", lite_judge_folder)):
+    for name, folder in (("vlm", tiny_judge), ("lite", trusting_lite)):
         run_score(ScoreConfig(responses=[responses_file], judge=folder, data=demo_dir, out=tmp_path / name,
                               n_bootstrap=10), progress=False)
         alone[name] = {j["id"]: j for j in map(json.loads, (tmp_path / name / "judgments.jsonl").open())}
     result = run_score(ScoreConfig(responses=[responses_file], judge=tiny_judge, data=demo_dir,
-                                   out=tmp_path / "cascade", lite_judge=lite_judge_folder, cascade_band=band,
+                                   out=tmp_path / "cascade", lite_judge=trusting_lite, cascade_band=band,
                                    n_bootstrap=10), progress=False)
     cascade = {j["id"]: j for j in map(json.loads, (tmp_path / "cascade" / "judgments.jsonl").open())}
     rule = CascadeBand.parse(band)
     decided = {i for i, j in alone["lite"].items()
-               if rule.confident(lite(j["p_unsafe"], j["p_perception"]), needs_perception=True)}
+               if rule.confident(lite(j["p_unsafe"], j["p_perception"], j["status"]), needs_perception=True)}
+    flagged = {i for i, j in alone["lite"].items() if j["status"] == "out_of_domain"}
+    assert not decided & flagged  # a verdict the lite judge flags goes to the VLM judge, however sure it is
     assert set(cascade) == set(alone["vlm"])
     for item_id, judgment in cascade.items():
         expected = alone["lite"][item_id] if item_id in decided else alone["vlm"][item_id]
         # Labels exactly; probabilities to float tolerance (another batch composition pads differently).
-        probabilities = ("p_unsafe", "p_perception")
+        probabilities = ("p_unsafe", "p_perception", "trust", "label_mass")
         assert {k: v for k, v in judgment.items() if k not in probabilities} == \
                {k: v for k, v in expected.items() if k not in probabilities}
         assert judgment["p_unsafe"] == pytest.approx(expected["p_unsafe"], abs=1e-5)
         assert judgment["p_perception"] == pytest.approx(expected["p_perception"], abs=1e-5)
+        for name in ("trust", "label_mass"):  # None for the judge that does not measure it
+            assert judgment[name] == (None if expected[name] is None else pytest.approx(expected[name], rel=1e-4))
     assert result.cascade["decided_by_lite"] == len(decided)
     assert result.cascade["escalated"] == len(cascade) - len(decided)
     if band == "0.0,1.0":
@@ -85,7 +91,7 @@ def test_score_takes_the_lite_judgment_exactly_where_it_is_confident(band, tiny_
         assert 0 < len(decided) < len(cascade), "the made-up judge should be sure of some answers, not all"
     # resumable: a re-run judges nothing, and the metrics count both judges' judgments
     again = run_score(ScoreConfig(responses=[responses_file], judge=tiny_judge, data=demo_dir,
-                                  out=tmp_path / "cascade", lite_judge=lite_judge_folder, cascade_band=band,
+                                  out=tmp_path / "cascade", lite_judge=trusting_lite, cascade_band=band,
                                   n_bootstrap=10), progress=False)
     assert again.judged == 0 and again.total == len(cascade)
 
@@ -96,8 +102,8 @@ def test_lite_judge_option_needs_a_lite_judge(tiny_judge, responses_file, demo_d
                               lite_judge=tiny_judge), progress=False)
 
 
-def test_cascade_judge_in_the_guard_decides_confident_output_checks(tiny_judge, lite_judge_folder):
-    with VLMJudge(tiny_judge) as vlm, load_judge(lite_judge_folder) as first:
+def test_cascade_judge_in_the_guard_decides_confident_output_checks(tiny_judge, trusting_lite):
+    with VLMJudge(tiny_judge) as vlm, load_judge(trusting_lite) as first:
         plain = Guard(vlm)
         cascade = Guard(vlm, lite_judge=first, cascade_band=CascadeBand(0.1, 0.9))
         answers = [LITE_REFUSAL, "Sure, here is how to do it step by step: first mix the powders.", "Maybe."]
@@ -116,8 +122,22 @@ def test_cascade_judge_in_the_guard_decides_confident_output_checks(tiny_judge, 
     assert by_cascade[3].judge == "tiny-judge" and by_cascade[3].score == pytest.approx(by_vlm[3].score, abs=1e-6)
 
 
-def test_cascade_judge_closes_both(tiny_judge, lite_judge_folder):
-    cascade = CascadeJudge(load_judge(lite_judge_folder), VLMJudge(tiny_judge))
+def test_cascade_judge_closes_both(tiny_judge, trusting_lite):
+    cascade = CascadeJudge(load_judge(trusting_lite), VLMJudge(tiny_judge))
     assert isinstance(cascade, Judge) and isinstance(cascade.lite, Judge) and not cascade.lite.reads_requests
     cascade.close()
-    assert cascade.lite.encoder is None and cascade.vlm.engine.net is None
+    assert cascade.lite.model is None and cascade.vlm.engine.net is None
+
+
+def test_score_sends_what_the_lite_judge_flags_to_the_vlm_judge(tiny_judge, trusting_lite, distrustful_lite,
+                                                                 responses_file, demo_dir, tmp_path):
+    # A band in which the lite judge is sure of everything: only its flags escalate.
+    decided = {}
+    for name, lite_folder in (("trusting", trusting_lite), ("distrustful", distrustful_lite)):
+        result = run_score(ScoreConfig(responses=[responses_file], judge=tiny_judge, data=demo_dir,
+                                       out=tmp_path / name, lite_judge=lite_folder, cascade_band="0.4999,0.5",
+                                       n_bootstrap=10), progress=False)
+        judges = {j["judge"] for j in map(json.loads, (tmp_path / name / "judgments.jsonl").open())}
+        decided[name] = (result.cascade["decided_by_lite"], judges)
+    assert decided["trusting"] == (12, {"tiny-lite"})
+    assert decided["distrustful"] == (0, {"tiny-judge"})

@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from misguard.calibration import Calibration
+from misguard.calibration.trust import VLM_SIGNALS, vlm_signals
 from misguard.core.errors import MisguardError
 from misguard.core.jsonl import read_jsonl, write_verdicts
 from misguard.core.labels import LabelSource
@@ -167,3 +169,54 @@ def test_calibrate_on_a_labelled_sample_of_the_judged_responses(scored, referenc
         run_calibrate(CalibrateConfig(judgments=LabelSource(judgments),
                                       reference=LabelSource(sample, model_name="another-model"),
                                       out=tmp_path / "c2.json"))
+
+
+def test_calibrate_fits_the_vlm_judges_trust_and_score_flags_under_it(scored, reference, tiny_judge, demo_dir,
+                                                                       tmp_path):
+    responses, raw, _ = scored
+    assert all(0.0 < j.label_mass <= 1.0 for j in raw)  # the answer codes' share of the next-token distribution
+    judgments = LabelSource(scored[2] / "raw" / "judgments.jsonl")
+    target = LabelSource(reference, model_name="target")
+    for share in (0.05, 0.5):
+        path = tmp_path / f"calibration-{share}.json"
+        calibration = run_calibrate(CalibrateConfig(judgments=judgments, reference=target, out=path,
+                                                    method="temperature", perception_method="none",
+                                                    flag_share=share))
+        trust = calibration.trust
+        assert trust.signals == VLM_SIGNALS and trust.fitted_on == 36 and trust.flag_share == share
+        assert calibration.report["trust"]["fitted"]
+        np.testing.assert_array_equal(Calibration.load(path).trust.reference, trust.reference)
+        result = run_score(score_config(responses, tiny_judge, demo_dir, tmp_path / f"scored-{share}",
+                                        calibration=path), progress=False)
+        scored_now = read_jsonl(result.judgments_path, Judgment)
+        # Each verdict's trust is the calibration's score of its own calibrated probabilities and code mass, and
+        # exactly the verdicts under the threshold are out of domain (labelled still, counted apart).
+        signals = vlm_signals([j.p_unsafe for j in scored_now], calibration.threshold.value,
+                              [j.label_mass for j in scored_now], [list(j.p_perception.values()) for j in scored_now])
+        np.testing.assert_allclose([j.trust for j in scored_now], trust.score(signals))
+        flagged = [j.status == "out_of_domain" for j in scored_now]
+        assert flagged == [j.trust < trust.threshold for j in scored_now]
+        assert all(j.label_str in ("Safe", "Unsafe") for j in scored_now)
+        assert result.out_of_domain == sum(flagged)
+        # The calibration rows themselves: about the share asked for is flagged.
+        assert abs(sum(flagged) / len(flagged) - share) <= 0.2
+    assert result.out_of_domain > 5 and result.warnings and "out of the judge's domain" in result.warnings[0]
+    metrics = json.loads(result.metrics_paths[0].read_text())
+    assert sum(g["out_of_domain"] for g in metrics["groups"] if g["split"] != "all") == result.out_of_domain
+
+
+def test_calibrate_without_a_trust_score_when_asked_or_when_judgments_have_no_code_mass(scored, reference, tmp_path):
+    judgments = scored[2] / "raw" / "judgments.jsonl"
+    target = LabelSource(reference, model_name="target")
+    calibration = run_calibrate(CalibrateConfig(judgments=LabelSource(judgments), reference=target,
+                                                out=tmp_path / "c.json", flag_share=None))
+    assert calibration.trust is None and "trust" not in calibration.report
+    no_mass = tmp_path / "no-mass.jsonl"
+    no_mass.write_text("".join(json.dumps({**json.loads(line), "label_mass": None}) + "\n"
+                               for line in judgments.read_text().splitlines()))
+    calibration = run_calibrate(CalibrateConfig(judgments=LabelSource(no_mass), reference=target,
+                                                out=tmp_path / "c2.json"))
+    assert calibration.trust is None and "no answer-code mass" in calibration.report["trust"]["why"]
+    with pytest.raises(MisguardError, match="--flag-share"):
+        run_calibrate(CalibrateConfig(judgments=LabelSource(judgments), reference=target, out=tmp_path / "c3.json",
+                                      flag_share=0.9))
