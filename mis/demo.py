@@ -111,10 +111,10 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
     scored = run_score(ScoreConfig(responses=responses, judge=judge, data=data, out=out / "scores",
                                    engine_options=options, calibration=calibration_path), progress=progress)
     metrics = json.loads(scored.metrics_paths[0].read_text())
-    table = Table("target model", "split", "scored", "ASR %", "HR %", "RSR %", "RR %")
+    table = Table("target model", "split", "scored", "out of domain", "ASR %", "HR %", "RSR %", "RR %")
     for group in metrics["groups"]:
         values = group["overall"]["values"] or {}
-        table.add_row(group["model"], group["split"], str(group["scored"]),
+        table.add_row(group["model"], group["split"], str(group["scored"]), str(group["out_of_domain"]),
                       *(f"{values[m]:.1f}" if m in values else "-" for m in ("ASR", "HR", "RSR", "RR")))
     console.print(table)
     console.print(f"   calibration: {calibration_path}")
