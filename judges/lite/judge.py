@@ -84,11 +84,10 @@ class LiteJudge(FolderJudge):
                              raw_perception if self.has_perception else None, calibration=self.calibration,
                              calibration_id=self.calibration_id, threshold=self.unsafe_threshold)
         trust = self.trust.score(readings) if self.trust is not None else None
+        flagged = self.trust.flagged(trust) if self.trust is not None else None
         for row, (i, assessment) in enumerate(zip(responses, judged)):
             if trust is not None and assessment.scored:
-                score = float(trust[row])
-                flagged = bool(self.trust.flagged(trust[row:row + 1])[0])
-                assessment = assessment.with_trust(score, flagged, self.trust.threshold_)
+                assessment = assessment.with_trust(float(trust[row]), bool(flagged[row]), self.trust.threshold_)
             out[i] = assessment
         return out
 
