@@ -148,7 +148,8 @@ def agreement_report(pairs: Joined | Sequence[tuple[LabelRecord, LabelRecord]], 
     (how the pairs were joined and what stayed unmatched; None for plain pairs), and overall, by_category,
     by_model and by_trust ({in_domain, out_of_domain}: the pairs whose judge verdict was flagged out of its
     domain apart from the others; None when no judge row carries a trust score), each group being {n_pairs,
-    unscored: {judge, reference}, safety, perception, outcome, deltas}.
+    unscored: {judge, reference}, error: {judge, reference}, safety, perception, outcome, deltas} (unscored: rows
+    without labels because the judge's output could not be read; error: because the judge failed on them).
     safety/perception/outcome are `head_agreement` dicts (perception and outcome None when either side has no
     perception labels in the group); deltas is `paired_bootstrap_delta` over the group's pairs (only ASR for
     binary-only labels). A group's category and model are the judge row's, else the reference row's; rows
@@ -200,8 +201,10 @@ def _group(pairs: list[tuple[LabelRecord, LabelRecord]], n_bootstrap: int, rng: 
                        if judge.perception is not None and reference.perception is not None]
     result: dict[str, Any] = {
         "n_pairs": len(pairs),
-        "unscored": {"judge": sum(1 for judge, _ in pairs if not judge.scored),
-                     "reference": sum(1 for _, reference in pairs if not reference.scored)},
+        "unscored": {"judge": sum(1 for judge, _ in pairs if not judge.scored and not judge.error),
+                     "reference": sum(1 for _, reference in pairs if not reference.scored and not reference.error)},
+        "error": {"judge": sum(1 for judge, _ in pairs if judge.error),
+                  "reference": sum(1 for _, reference in pairs if reference.error)},
         "safety": head_agreement([r.safety for _, r in scored], [j.safety for j, _ in scored], SAFETY_LABELS,
                                  positive=POSITIVE_LABEL),
         "perception": None, "outcome": None, "deltas": None,
@@ -253,7 +256,8 @@ def agreement_markdown(report: dict[str, Any], title: str = "Judge agreement wit
         lines.append(f"Joined by {' + '.join(join['key_fields'])}: {join['matched']} pairs; unmatched: "
                      f"{join['unmatched_judge']} judge rows, {join['unmatched_reference']} reference rows.")
     lines.append(f"{overall['n_pairs']} pairs; unscored and left out of every figure: {overall['unscored']['judge']} "
-                 f"judge rows, {overall['unscored']['reference']} reference rows.")
+                 f"judge rows, {overall['unscored']['reference']} reference rows; judge errors, also left out: "
+                 f"{overall['error']['judge']} judge rows, {overall['error']['reference']} reference rows.")
     lines += ["", (f"Confusion matrices: rows = reference, columns = judge. Kappa is Cohen's; F1 is for the "
                    f"positive class {report['positive_label']}; macro-F1 averages the labels seen on either side.")]
     for head, title in _HEAD_TITLES.items():

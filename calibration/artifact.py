@@ -34,7 +34,7 @@ from misguard.calibration.scores import calibration_report
 from misguard.calibration.thresholds import DEFAULT_THRESHOLD, Threshold, fit_threshold
 from misguard.calibration.trust import ConformalTrust
 from misguard.core.errors import DataError
-from misguard.core.jsonl import write_text_atomic
+from misguard.core.jsonl import unreadable_json, write_text_atomic
 from misguard.core.records import PERCEPTION_LEVELS, SAFETY_LABELS
 
 FORMAT = "misguard-calibration"
@@ -221,6 +221,8 @@ class Calibration:
         except json.JSONDecodeError as error:
             raise CalibrationFileError(f"not valid JSON: {error.msg} (column {error.colno})", path=path,
                                        line=error.lineno) from None
+        except (ValueError, RecursionError) as error:
+            raise CalibrationFileError(f"not valid JSON: {unreadable_json(error)}", path=path) from None
         try:
             return cls.from_dict(data)
         except CalibrationFormatError as error:

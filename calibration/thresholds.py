@@ -7,6 +7,10 @@ Two rules fit one from reference labels:
   attack success rate comes out right even where individual labels differ.
 "fixed" keeps 0.5. Candidate cut points lie halfway between consecutive distinct p_unsafe values, so a
 threshold never sits on a score it was fitted on.
+
+A threshold lies in [0, NEVER_UNSAFE]: 0 calls everything Unsafe, NEVER_UNSAFE (the float just above 1, what
+"match_rate" fits for a reference that calls nothing Unsafe when some p_unsafe is 1) calls nothing Unsafe. Anything
+else (2.0, a negative number, NaN) is refused: a guard reading such a file would silently never, or always, block.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from misguard.calibration._checks import CalibrationFormatError, check_labels, c
 
 THRESHOLD_RULES: tuple[str, ...] = ("fixed", "max_kappa", "match_rate")
 DEFAULT_THRESHOLD = 0.5
+NEVER_UNSAFE = math.nextafter(1.0, math.inf)
+"""The highest threshold: no probability reaches it, so nothing is Unsafe (a reference that calls nothing Unsafe)."""
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,9 @@ class Threshold:
     def __post_init__(self):
         if self.rule not in THRESHOLD_RULES:
             raise ValueError(f"unknown threshold rule {self.rule!r}; expected one of: {', '.join(THRESHOLD_RULES)}")
-        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
-            raise ValueError(f"threshold value must be a finite number, got {self.value!r}")
+        problem = _value_problem(self.value)
+        if problem:
+            raise ValueError(f"threshold value {problem}")
 
     def is_unsafe(self, p_unsafe) -> np.ndarray:
         """Return a boolean array: True where p_unsafe >= value. Raises ValueError for malformed p_unsafe."""
@@ -54,12 +61,23 @@ class Threshold:
             if key not in data:
                 raise CalibrationFormatError(key, "missing")
         value, rule = data["value"], data["rule"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise CalibrationFormatError("value", f"expected a finite number, got {value!r}")
+        problem = _value_problem(value)
+        if problem:
+            raise CalibrationFormatError("value", problem)
         if rule not in THRESHOLD_RULES:
             raise CalibrationFormatError("rule", f"unknown rule {rule!r}; expected one of: "
                                                  f"{', '.join(THRESHOLD_RULES)}")
         return cls(float(value), rule)
+
+
+def _value_problem(value: Any) -> str | None:
+    """What is wrong with a threshold value, or None: it must be a finite number in [0, NEVER_UNSAFE]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if not 0.0 <= value <= NEVER_UNSAFE:
+        return (f"must be in [0, 1] (a probability; or {NEVER_UNSAFE!r}, the float just above 1: nothing is Unsafe), "
+                f"got {value!r}")
+    return None
 
 
 def _p_unsafe(p_unsafe) -> np.ndarray:

@@ -1,15 +1,17 @@
 """`misguard calibrate` and `misguard agree`: a judge's labels against reference (GPT-4o) and human labels."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from misguard.cli.infer import SkipBad
-from misguard.cli.options import key_values
+from misguard.cli.options import key_values, number_option
 from misguard.cli.score import share_option
 from misguard.core.labels import LabelSource
+from misguard.core.locking import exclusive_output
 from misguard.mis.agree import AgreeConfig, run_agree
 from misguard.mis.calibrate import CalibrateConfig, run_calibrate
 
@@ -48,18 +50,21 @@ def calibrate(
     reference_model_name: ReferenceModelName = None,
     value_map: ValueMap = None,
     skip_bad: SkipBad = False,
-    flag_share: Annotated[float, typer.Option(
-        help="A VLM judge's trust score: flag this share of the calibration rows as out of domain (0: none).")
-    ] = 0.05,
+    flag_share: Annotated[float, number_option(
+        "A VLM judge's trust score: flag this share of the calibration rows as out of domain (0: none).",
+        at_least=0.0, at_most=0.5)] = 0.05,
 ):
     """Fit a calibration of the judge's probabilities (and its Unsafe threshold, and a VLM judge's trust score)
     against reference labels."""
-    calibration = run_calibrate(CalibrateConfig(
+    config = CalibrateConfig(
         judgments=label_source(judgments, "label_str", "label_perception", None),
         reference=label_source(reference, reference_field, reference_perception_field, value_map,
                                model_name=reference_model_name),
         out=out, method=method, perception_method=perception_method, threshold_rule=threshold,
-        into_judge=into_judge, skip_bad=skip_bad, flag_share=flag_share or None))
+        into_judge=into_judge, skip_bad=skip_bad, flag_share=flag_share or None)
+    # One writer per output: the calibration file, and the judge folder whose judge.json gets it.
+    with exclusive_output(out, folder=False), _judge_folder_lock(into_judge):
+        calibration = run_calibrate(config)
     for head in ("safety", "perception"):
         section = calibration.report.get(head)
         if section:
@@ -95,21 +100,24 @@ def agree(
     human_field: Annotated[str, typer.Option(help="Field of the human Safe/Unsafe label.")] = "label_str",
     human_perception_field: PerceptionField = "none",
     value_map: ValueMap = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% confidence intervals.")] = 1000,
-    max_unmatched: Annotated[float, typer.Option(
-        help="Fail when more than this share of either side matches nothing.")] = 0.02,
+    bootstrap: Annotated[int, number_option("Bootstrap resamples for the 95% confidence intervals.",
+                                            at_least=0)] = 1000,
+    max_unmatched: Annotated[float, number_option(
+        "Fail when more than this share of either side matches nothing.", at_least=0.0, at_most=1.0)] = 0.02,
     plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
     skip_bad: SkipBad = False,
 ):
     """Agreement of the judge with reference (GPT-4o) and human labels: kappa, confusion, metric deltas."""
     share = share_option(escalate) if escalate is not None else None
-    result = run_agree(AgreeConfig(
+    config = AgreeConfig(
         judgments=label_source(judgments, judge_field, judge_perception_field, value_map),
         reference=label_source(reference, reference_field, reference_perception_field, value_map,
                                model_name=reference_model_name),
         human=label_source(human, human_field, human_perception_field, value_map) if human else None,
         out=out, escalate=share, n_bootstrap=bootstrap, max_unmatched_share=max_unmatched, plots=plots,
-        skip_bad=skip_bad))
+        skip_bad=skip_bad)
+    with exclusive_output(out, folder=True):
+        result = run_agree(config)
     overall = result.report["judge_vs_reference"]["overall"]
     safety = overall["safety"]
     typer.echo(f"{overall['n_pairs']} pairs; safety: accuracy {safety['accuracy']:.3f}, "
@@ -126,6 +134,11 @@ def agree(
         typer.echo(f"plot:      {path}")
     if result.escalation_path:
         typer.echo(f"escalate:  {result.escalation_path}")
+
+
+def _judge_folder_lock(folder: Path | None):
+    """The lock of an existing judge folder that a command writes into, or nothing without one."""
+    return exclusive_output(folder, folder=True, create=False) if folder is not None else contextlib.nullcontext()
 
 
 def number(value) -> str:

@@ -6,16 +6,21 @@ from typing import Annotated
 
 import typer
 
-from misguard.cli.options import Given, config_options
+from misguard.cli.options import Given, config_options, number_option
+from misguard.core.locking import exclusive_output
 from misguard.engines.base import EngineOptions
 from misguard.engines.messages import GenerationParams
-from misguard.mis.infer import InferConfig, merge_shards, parse_shard, run_inference
+from misguard.mis.infer import InferConfig, merge_shards, output_paths, parse_shard, run_inference
 
 commands = typer.Typer()
 
 Engine = Annotated[str, typer.Option(help="transformers | vllm | openai")]
 SkipBad = Annotated[bool, typer.Option(help="Log and count bad rows instead of stopping at the first.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
+CheckImages = Annotated[bool, typer.Option(
+    help="Decode every image before the run, so one that does not decode (a truncated file) is a bad row found up "
+         "front; without it only the images' headers are checked first, and such an image is found when its item "
+         "runs, with the same effect.")]
 
 
 @commands.command("infer")
@@ -26,11 +31,12 @@ def infer(
     split: Annotated[str, typer.Option(help="easy | hard | real")],
     out: Annotated[Path, typer.Option(help="Output directory: responses go to OUT/<split>/<model-name>.jsonl.")],
     engine: Engine = "transformers",
-    limit: Annotated[int | None, typer.Option(help="Only the first N items of the split.")] = None,
+    limit: Annotated[int | None, number_option("Only the first N items of the split.", at_least=1)] = None,
     shard: Annotated[str | None, typer.Option(
         help="I/N: run items I, I+N, ... (join with `misguard merge`).")] = None,
     model_name: Annotated[str | None, typer.Option(help="Name in the output; default: the folder's name.")] = None,
     skip_bad: SkipBad = False,
+    check_images: CheckImages = False,
     quiet: Quiet = False,
     *,
     given: Given,
@@ -39,8 +45,10 @@ def infer(
     config = InferConfig(model=model, data=data, split=split, out=out, engine=engine,
                          engine_options=given.build(EngineOptions), generation=given.build(GenerationParams),
                          model_name=model_name, limit=limit, shard=parse_shard(shard) if shard else None,
-                         skip_bad=skip_bad)
-    result = run_inference(config, progress=not quiet)
+                         skip_bad=skip_bad, check_images=check_images)
+    # One writer per responses file (each shard has its own, so the shards of one --out run side by side).
+    with exclusive_output(output_paths(config)[0], folder=False):
+        result = run_inference(config, progress=not quiet)
     typer.echo(f"{result.generated} new responses ({result.already_done} already there, "
                f"{result.skipped_items} bad items skipped) in {result.seconds:.1f} s")
     typer.echo(f"responses: {result.responses_path}")
@@ -54,5 +62,7 @@ def merge(
     model_name: Annotated[str, typer.Option(help="The model name in the shard file names.")],
 ):
     """Join the shards of a `misguard infer --shard I/N` run into one responses file."""
-    typer.echo(f"merged: {merge_shards(out, split, model_name)}")
+    with exclusive_output(Path(out) / split / f"{model_name}.jsonl", folder=False):
+        merged = merge_shards(out, split, model_name)
+    typer.echo(f"merged: {merged}")
 

@@ -3,7 +3,9 @@
 The commands live in the modules beside this one and each imports what it runs at the top. This module lists
 them without importing them (click's lazy-loading pattern, `COMMANDS`), so `misguard --help` starts in a fraction
 of a second and never loads torch; a command's module is imported when it runs or shows its own help.
-MisguardError (bad input, a missing model or extra) becomes a one-line message and exit code 1, here only.
+MisguardError (bad input, a missing model or extra) becomes a one-line message and exit code 1, here only; a bad
+option value (out of its range, not a number) is refused while the options are parsed, before any work, with one
+line naming the option and exit code 2.
 """
 from __future__ import annotations
 
@@ -65,16 +67,35 @@ def misguard() -> None:
 
 
 def main() -> None:
-    """Console-script entry point: run the app; a MisguardError becomes one line on stderr and exit code 1."""
+    """Console-script entry point: run the app. Exits 0 when the command succeeds; a MisguardError becomes one line
+    on stderr and exit code 1; a usage error (a bad or missing option) one line naming the option and exit code 2;
+    Ctrl-C exit code 130."""
     logging.basicConfig(level=logging.WARNING, format="misguard: %(levelname)s: %(message)s")
     try:
-        app()
+        # Not standalone: click would print a usage error as a framed block; here it is one line, as ours are.
+        code = app(standalone_mode=False)
     except MisguardError as exc:
-        typer.secho(f"misguard: error: {exc}", err=True, fg=typer.colors.RED)
+        _error(str(exc))
+        sys.exit(1)
+    except typer.TyperException as exc:  # click's usage errors: a bad option value, a missing option
+        if type(exc).__name__ == "NoArgsIsHelpError":  # no command given: its message is the help (typer's test)
+            typer.echo(exc.format_message(), err=True)
+        else:
+            ctx = getattr(exc, "ctx", None)
+            _error(exc.format_message().rstrip(".") + (f"; see '{ctx.command_path} --help'" if ctx else ""))
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _error("aborted")
         sys.exit(1)
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:  # typer turns Ctrl-C inside a command into exit code 130
         typer.echo("misguard: interrupted; re-run the same command to resume", err=True)
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str) -> None:
+    typer.secho(f"misguard: error: {message}", err=True, fg=typer.colors.RED)
 
 
 if __name__ == "__main__":

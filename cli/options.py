@@ -21,7 +21,7 @@ from typing import Annotated, Any, Optional, Union
 import typer
 
 from misguard.core.errors import MisguardError
-from misguard.core.settings import is_setting
+from misguard.core.settings import Range, is_setting, number_range, setting_range
 
 
 class Given(dict):
@@ -123,9 +123,29 @@ def _option(name: str, f: dataclasses.Field, hint: Any, defaults: list[Any]) -> 
     help_text = f.metadata["help"]
     if shown and len({repr(d) for d in shown}) == 1:
         help_text += f" [default: {_show(shown[0])}]"
+    bounds = _bounds(setting_range(f)) if base in (int, float) else {}
     option = typer.Option(*flag.split("/") if "/" in flag else (flag,), help=help_text,
-                          envvar=f.metadata.get("envvar"), show_default=False)
+                          envvar=f.metadata.get("envvar"), show_default=False, **bounds)
     return flag, Annotated[cli_type, option]
+
+
+def number_option(help: str, **bounds: float | None) -> Any:
+    """A typer Option for a number in a range (`number_range`'s keywords: at_least / above, at_most / below), so a
+    value outside it, NaN or an infinity is refused at parse time with one line naming the option."""
+    return typer.Option(help=help, **_bounds(number_range(**bounds)))
+
+
+def _bounds(allowed: Range) -> dict[str, Any]:
+    """typer.Option's min / max for a range's closed bounds, and a callback for the rest: open bounds, and NaN
+    and infinities (NaN passes a lone typer min or max; inf passes a lone min)."""
+    def check(value: Any) -> Any:
+        complaint = None if value is None else allowed.complaint(value)
+        if complaint:
+            raise typer.BadParameter(complaint)
+        return value
+
+    return {"min": None if allowed.low_open else allowed.low, "max": None if allowed.high_open else allowed.high,
+            "callback": check}
 
 
 def _strip_optional(hint: Any) -> Any:

@@ -7,9 +7,10 @@ from typing import Annotated
 import typer
 
 from misguard.calibration.escalation import parse_share
-from misguard.cli.infer import Engine, Quiet, SkipBad
-from misguard.cli.options import Given, config_options
+from misguard.cli.infer import CheckImages, Engine, Quiet, SkipBad
+from misguard.cli.options import Given, config_options, number_option
 from misguard.core.errors import MisguardError
+from misguard.core.locking import exclusive_output
 from misguard.engines.base import EngineOptions
 from misguard.mis.agree import score_escalation
 from misguard.mis.score import ScoreConfig, run_score, score_reference_labels
@@ -48,59 +49,78 @@ def score(
         help="Calibration file from `misguard calibrate` (default: the one in the judge's judge.json).")] = None,
     engine: Engine = "transformers",
     served_model: ServedModel = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% confidence intervals.")] = 1000,
+    bootstrap: Annotated[int, number_option("Bootstrap resamples for the 95% confidence intervals.",
+                                            at_least=0)] = 1000,
     escalate: Annotated[str | None, typer.Option(
         help="Also list this share of least confident judgments for GPT-4o or human review, e.g. 10%.")] = None,
     lite_judge: LiteJudgeOption = None,
     cascade_band: CascadeBandOption = "0.1,0.9",
     skip_bad: SkipBad = False,
+    check_images: CheckImages = False,
     quiet: Quiet = False,
     *,
     given: Given,
 ):
     """Judge responses with a local judge (or read GPT-4o's labels) and write the MIS metrics (resumable)."""
     share = share_option(escalate) if escalate is not None else None  # a bad value fails before any work
+    _check_inputs(responses, data, rows, judge, from_labels, lite_judge, share, given)
+    with exclusive_output(out, folder=True):  # one writer per --out: two would duplicate judgments
+        if rows:
+            result = run_score_rows(list(responses), judge, out, given.build(RowsFields), engine=engine,
+                                    engine_options=given.build(EngineOptions), served_model=served_model,
+                                    calibration_path=calibration, skip_bad=skip_bad, progress=not quiet)
+            typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in "
+                       f"{result.seconds:.1f} s")
+        elif from_labels:
+            result = score_reference_labels(from_labels, data, out, model_names=label_model_name,
+                                            skip_bad=skip_bad, n_bootstrap=bootstrap)
+        else:
+            result = run_score(ScoreConfig(responses=list(responses), judge=judge, data=data, out=out,
+                                           engine=engine, engine_options=given.build(EngineOptions),
+                                           served_model=served_model, calibration=calibration, skip_bad=skip_bad,
+                                           n_bootstrap=bootstrap, lite_judge=lite_judge,
+                                           cascade_band=cascade_band, check_images=check_images),
+                               progress=not quiet)
+            typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in "
+                       f"{result.seconds:.1f} s")
+            if result.cascade is not None and result.cascade["share_escalated"] is not None:
+                c = result.cascade
+                typer.echo(f"cascade:  {c['decided_by_lite']} decided by the lite judge ({c['lite_seconds']:.1f} "
+                           f"s), {c['escalated']} escalated ({c['share_escalated']:.0%}) to the VLM judge "
+                           f"({c['vlm_seconds']:.1f} s)")
+        flagged = f", {result.out_of_domain} out of the judge's domain" if result.out_of_domain else ""
+        errors = f", {result.errors} judge errors (status error)" if result.errors else ""
+        typer.echo(f"{result.total} judgments, {result.unscored} unscored{errors}{flagged}: {result.judgments_path}")
+        if result.input_cut:
+            typer.echo(f"cut:       {result.input_cut} questions or responses cut to fit the judge's context "
+                       "(input_cut in judgments.jsonl; logged above)")
+        for warning in result.warnings:
+            typer.echo(f"warning:   {warning}", err=True)
+        typer.echo(f"metrics:   {result.metrics_paths[0]}")
+        typer.echo(f"           {result.metrics_paths[1]}")
+        if result.skipped_rows:
+            typer.echo(f"skipped:   {len(result.skipped_rows)} bad rows (listed in the log above)")
+        if share is not None:
+            typer.echo(f"escalate:  {score_escalation(result.judgments_path, share, out)}")
+
+
+def _check_inputs(responses, data, rows, judge, from_labels, lite_judge, share, given: Given) -> None:
+    """Raise MisguardError for a combination of inputs that `score` cannot run, before OUT is touched."""
     if rows:
         if from_labels or data is not None or lite_judge is not None or share is not None:
             raise MisguardError("--rows judges plain rows: give no --from-labels, --data, --lite-judge or --escalate")
         if not responses or judge is None:
             raise MisguardError("give the rows files and --judge")
-        result = run_score_rows(list(responses), judge, out, given.build(RowsFields), engine=engine,
-                                engine_options=given.build(EngineOptions), served_model=served_model,
-                                calibration_path=calibration, skip_bad=skip_bad, progress=not quiet)
-        typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in {result.seconds:.1f} s")
     elif data is None:
         raise MisguardError("--data (the MIS test directory) is required; or --rows for plain rows files")
     elif from_labels:
         if responses or judge:
             raise MisguardError("--from-labels reads verdicts instead of judging: give no responses or --judge")
         given.refuse_outside(why="only when judging (not with --from-labels)")
-        result = score_reference_labels(from_labels, data, out, model_names=label_model_name, skip_bad=skip_bad,
-                                        n_bootstrap=bootstrap)
     else:
         if not responses or judge is None:
             raise MisguardError("give responses files and --judge (or --from-labels GPT_EVAL_FILES)")
         given.refuse_outside(EngineOptions, why="only with --rows")
-        result = run_score(ScoreConfig(responses=list(responses), judge=judge, data=data, out=out, engine=engine,
-                                       engine_options=given.build(EngineOptions), served_model=served_model,
-                                       calibration=calibration, skip_bad=skip_bad, n_bootstrap=bootstrap,
-                                       lite_judge=lite_judge, cascade_band=cascade_band), progress=not quiet)
-        typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in {result.seconds:.1f} s")
-        if result.cascade is not None and result.cascade["share_escalated"] is not None:
-            c = result.cascade
-            typer.echo(f"cascade:  {c['decided_by_lite']} decided by the lite judge ({c['lite_seconds']:.1f} s), "
-                       f"{c['escalated']} escalated ({c['share_escalated']:.0%}) to the VLM judge "
-                       f"({c['vlm_seconds']:.1f} s)")
-    flagged = f", {result.out_of_domain} out of the judge's domain" if result.out_of_domain else ""
-    typer.echo(f"{result.total} judgments, {result.unscored} unscored{flagged}: {result.judgments_path}")
-    for warning in result.warnings:
-        typer.echo(f"warning:   {warning}", err=True)
-    typer.echo(f"metrics:   {result.metrics_paths[0]}")
-    typer.echo(f"           {result.metrics_paths[1]}")
-    if result.skipped_rows:
-        typer.echo(f"skipped:   {len(result.skipped_rows)} bad rows (listed in the log above)")
-    if share is not None:
-        typer.echo(f"escalate:  {score_escalation(result.judgments_path, share, out)}")
 
 
 def share_option(text: str) -> float:

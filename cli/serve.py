@@ -1,6 +1,14 @@
-"""`misguard serve`: the guard as an OpenAI-compatible server in front of a deployed VLM (the `guard` extra)."""
+"""`misguard serve`: the guard as an OpenAI-compatible server in front of a deployed VLM (the `guard` extra).
+
+API keys never come from argv (any user sees argv in `ps`): the client key from MISGUARD_SERVE_API_KEY or
+--client-api-key-file, the upstream's from MISGUARD_UPSTREAM_API_KEY or --upstream-api-key-file (a file wins over
+its variable). Binding an address other than loopback without a client key is refused, unless
+--insecure-no-auth says that is meant.
+"""
 from __future__ import annotations
 
+import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -9,16 +17,19 @@ import typer
 from misguard.cli.infer import Engine
 from misguard.cli.options import Given, config_options
 from misguard.cli.score import CascadeBandOption, LiteJudgeOption, ServedModel
+from misguard.core.errors import MisguardError
 from misguard.engines.base import EngineOptions
 from misguard.guard.server.app import create_app, run_server
 from misguard.guard.server.loading import build_service
 
 commands = typer.Typer()
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+CLIENT_KEY_ENV = "MISGUARD_SERVE_API_KEY"
+UPSTREAM_KEY_ENV = "MISGUARD_UPSTREAM_API_KEY"
 
 
 @commands.command("serve")
-@config_options(EngineOptions)
+# The guard's image limits are the policy's (limits.max_image_*): the engine never opens a file for it.
+@config_options(EngineOptions, exclude=("max_image_bytes", "max_image_pixels"))
 def serve(
     judge: Annotated[Path, typer.Option(
         help="Judge folder: a VLM judge (model + judge.json), a plain instruct VLM folder, or a lite judge "
@@ -31,10 +42,15 @@ def serve(
     calibration: Annotated[Path | None, typer.Option(
         help="Calibration file for the output rail (default: the one in the judge's judge.json).")] = None,
     audit_log: Annotated[Path | None, typer.Option(help="JSON Lines audit log (overrides the policy's).")] = None,
-    client_api_key: Annotated[str | None, typer.Option(
-        envvar="MISGUARD_SERVE_API_KEY", help="Clients must send 'Authorization: Bearer KEY'.")] = None,
-    upstream_api_key: Annotated[str | None, typer.Option(
-        envvar="MISGUARD_UPSTREAM_API_KEY", help="API key the guard sends to the upstream.")] = None,
+    client_api_key_file: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True,
+        help=f"File holding the key clients must send as 'Authorization: Bearer KEY' (or set {CLIENT_KEY_ENV}).",
+    )] = None,
+    upstream_api_key_file: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True,
+        help=f"File holding the API key the guard sends to the upstream (or set {UPSTREAM_KEY_ENV}).")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="Serve an address other than loopback without a client key.")] = False,
     lite_judge: LiteJudgeOption = None,
     cascade_band: CascadeBandOption = "0.1,0.9",
     engine: Engine = "transformers",
@@ -43,11 +59,41 @@ def serve(
     given: Given,
 ):
     """Put the judge in front of a deployed VLM as an OpenAI-compatible guardrail (input and output rails)."""
+    client_api_key = _api_key(client_api_key_file, CLIENT_KEY_ENV, "--client-api-key-file")
+    upstream_api_key = _api_key(upstream_api_key_file, UPSTREAM_KEY_ENV, "--upstream-api-key-file")
+    if not is_loopback(host):
+        if client_api_key is None and not insecure_no_auth:
+            raise MisguardError(f"--host {host} lets other machines use the guard: give clients a key "
+                                f"({CLIENT_KEY_ENV} or --client-api-key-file), or pass --insecure-no-auth")
+        typer.secho(f"warning: binding {host}: the guard is reachable from other machines"
+                    + (" without a key" if client_api_key is None else " over plain HTTP (put TLS in front)"),
+                    err=True, fg=typer.colors.YELLOW)
     service = build_service(judge, upstream, policy_path=policy, calibration_path=calibration, audit_log=audit_log,
                             engine=engine, options=given.build(EngineOptions), served_model=served_model,
                             upstream_api_key=upstream_api_key, lite_judge=lite_judge, cascade_band=cascade_band)
-    if host not in LOOPBACK:
-        typer.secho(f"warning: binding {host}: the guard is reachable from other machines", err=True,
-                    fg=typer.colors.YELLOW)
     typer.echo(f"misguard guard: judge {service.guard.judge_id} -> upstream {upstream}, on http://{host}:{port}/v1")
     run_server(create_app(service, api_key=client_api_key), host, port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (127.0.0.0/8, ::1) or "localhost"; any other name counts as exposed."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _api_key(file: Path | None, envvar: str, option: str) -> str | None:
+    """The key in `file` (surrounding whitespace stripped), else in the environment variable `envvar`; None when
+    neither has one. Raises MisguardError for a file that cannot be read, is empty or holds more than one word."""
+    if file is None:
+        return os.environ.get(envvar, "").strip() or None
+    try:
+        key = file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MisguardError(f"{option}: cannot read {file} ({exc})") from None
+    if not key or len(key.split()) != 1:
+        raise MisguardError(f"{option}: {file} must hold the key alone, on one line")
+    return key

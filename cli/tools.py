@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from misguard.cli.options import number_option
+from misguard.core.locking import exclusive_output
 from misguard.engines.tiny_models import make_tiny_model as make_model
 from misguard.judges.templates import DEFAULT_CODES_TEMPLATE
 from misguard.judges.vlm import make_judge_folder
@@ -18,20 +20,23 @@ commands = typer.Typer()
 @commands.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path("misguard-demo"),
-    items: Annotated[int, typer.Option(help="Items per split.")] = 12,
+    items: Annotated[int, number_option("Items per split.", at_least=1)] = 12,
 ):
     """Run misguard end to end on generated data and tiny models (no GPU, no downloads)."""
-    run_demo(out, n_items=items)
+    with exclusive_output(out, folder=True):
+        run_demo(out, n_items=items)
 
 
 @commands.command("make-demo-data")
 def make_demo_data(
     out: Annotated[Path, typer.Argument(help="Directory to create.")],
-    items: Annotated[int, typer.Option(help="Items per split.")] = 24,
-    seed: Annotated[int, typer.Option()] = 0,
+    items: Annotated[int, number_option("Items per split.", at_least=1)] = 24,
+    seed: Annotated[int, number_option("Seed of the generated items and images.", at_least=0)] = 0,
 ):
     """Write a small, clearly synthetic MIS-shaped test directory (published layout, generated images)."""
-    typer.echo(f"synthetic MIS data: {make_data(out, n_items=items, seed=seed)}")
+    with exclusive_output(out, folder=True):
+        data = make_data(out, n_items=items, seed=seed)
+    typer.echo(f"synthetic MIS data: {data}")
 
 
 @commands.command("make-judge")
@@ -41,7 +46,8 @@ def make_judge(
     template: Annotated[str, typer.Option(help="Prompt template id.")] = DEFAULT_CODES_TEMPLATE,
 ):
     """Make a model folder a judge folder: write its judge.json (template and answer-label token ids)."""
-    spec = make_judge_folder(folder, judge_id=judge_id, template=template)
+    with exclusive_output(folder, folder=True, create=False):
+        spec = make_judge_folder(folder, judge_id=judge_id, template=template)
     typer.echo(f"judge '{spec.id}' ({spec.template}): {folder / 'judge.json'}")
 
 
@@ -49,7 +55,9 @@ def make_judge(
 def make_tiny_model(
     out: Annotated[Path, typer.Argument(help="Directory to create.")],
     arch: Annotated[str, typer.Option(help="Architecture, e.g. qwen2_vl, qwen2_5_vl.")] = "qwen2_vl",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, number_option("Seed of the random weights.", at_least=0)] = 0,
 ):
     """Build a tiny random-weight model of a real VLM architecture (for tests and the demo), offline."""
-    typer.echo(f"tiny {arch} model: {make_model(out, arch=arch, seed=seed)}")
+    with exclusive_output(out, folder=True):
+        folder = make_model(out, arch=arch, seed=seed)
+    typer.echo(f"tiny {arch} model: {folder}")

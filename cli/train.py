@@ -9,6 +9,7 @@ from misguard.cli.evaluate import number
 from misguard.cli.infer import Quiet
 from misguard.cli.options import Given, config_options
 from misguard.core.errors import MisguardError
+from misguard.core.locking import exclusive_output
 from misguard.judge_training.lite import LiteTrainConfig
 from misguard.judge_training.vlm import TrainConfig
 from misguard.mis.train import TrainData, run_train
@@ -33,8 +34,9 @@ def train(
         raise MisguardError(f"--kind must be {' or '.join(KINDS)}, got {kind!r}")
     other = next(k for k in KINDS if k != kind)
     given.refuse_outside(TrainData, KINDS[kind], why=f"only for --kind {other}")
-    run = run_train(given.build(TrainData), given.build(KINDS[kind], context=f"for --kind {kind}"),
-                    progress=not quiet)
+    data, config = given.build(TrainData), given.build(KINDS[kind], context=f"for --kind {kind}")
+    with exclusive_output(config.out, folder=True):  # one writer per judge folder and its checkpoints
+        run = run_train(data, config, progress=not quiet)
     for side, counts in run.counts.items():
         typer.echo(f"{side}: {counts['responses']} responses, {counts['items']} items; safety {counts['safety']}, "
                    f"perception {counts['perception']}")

@@ -4,9 +4,11 @@ The guard (data URLs, allowed files), `infer` and `score` (the data directory's 
 `open_image`. Its limits are checked in this order, each before the work it protects:
 1. the encoded size (`max_bytes`), from the file's size or the bytes' length, before reading anything;
 2. the header's width x height (`max_pixels`), before any pixel is decoded (a decompression bomb stops here);
-3. decoding straight to `target_pixels` where the format allows it (JPEG's DCT scaling via `Image.draft`), then
-   `Image.reduce` by a whole factor in the image's own mode (a 1-bit PNG is reduced at 1 byte a pixel, not after
-   it became 3), and only then conversion to RGB.
+3. decoding straight to about `target_pixels` where the format allows it (JPEG's DCT scaling via `Image.draft`),
+   then `Image.reduce` by a whole factor in the image's own mode (a 1-bit PNG is reduced at 1 byte a pixel, not
+   after it became 3), and only then conversion to RGB. The result is never smaller than the target (the
+   consumer's own resize still sets the final size, so the model sees what it would without the cap) and less
+   than 4x the target.
 A file that is missing, truncated or not an image raises `ImageError` with a short `code` and a reason; callers
 add where it came from (the request field, or the data file's line).
 """
@@ -52,7 +54,8 @@ class ImageHeader:
 @dataclass(frozen=True)
 class ImageLimits:
     """Bounds on one image. `target_pixels`: the most pixels the consumer will use (a judge's processor resizes
-    larger images down anyway); None decodes at full size."""
+    larger images down anyway): a larger image is decoded to between that and 4x that; None decodes at full
+    size."""
 
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -74,7 +77,8 @@ def read_header(source: bytes | str | Path, limits: ImageLimits | None = None) -
 
 
 def open_image(source: bytes | str | Path, limits: ImageLimits | None = None) -> tuple[Image.Image, ImageHeader]:
-    """(the image as RGB, decoded at most to about `limits.target_pixels`; its header as the file says it). Raises
+    """(the image as RGB, decoded to [target, 4 x target) pixels when it is larger than `limits.target_pixels`; its
+    header as the file says it). Raises
     ImageError for a missing, oversized or unreadable (also truncated) image; nothing is decoded past a limit."""
     limits = limits or ImageLimits()
     try:
@@ -84,10 +88,11 @@ def open_image(source: bytes | str | Path, limits: ImageLimits | None = None) ->
             if target is not None and header.pixels > target and image.format == "JPEG":
                 scale = math.sqrt(target / header.pixels)
                 # draft picks the smallest DCT scale (1/2, 1/4, 1/8) that is still at least this size.
-                image.draft("RGB", (max(1, int(header.width * scale)), max(1, int(header.height * scale))))
+                image.draft("RGB", (math.ceil(header.width * scale), math.ceil(header.height * scale)))
             image.load()
             if target is not None and image.width * image.height > target:
-                image = _reduced(image, math.ceil(math.sqrt(image.width * image.height / target)))
+                # The largest whole factor that stays at or above the target: the consumer resizes the rest.
+                image = _reduced(image, math.isqrt(image.width * image.height // target))
             return image.convert("RGB"), header
     except ImageError:
         raise
@@ -136,6 +141,8 @@ class _open:
             raise ImageError(f"image is {size} bytes, over the limit of {limit}", code="image_too_large")
         try:
             self.image = Image.open(stream)
+        except Image.DecompressionBombError as exc:  # Pillow's header check at over twice its MAX_IMAGE_PIXELS
+            raise ImageError(f"image is too large to decode: {exc}", code="image_too_large") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageError(f"not a readable image ({_reason(exc)})") from None
         return self.image

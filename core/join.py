@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from misguard.core.errors import DataError
+from misguard.core.images import ImageLimits
 from misguard.core.jsonl import read_jsonl_numbered
 from misguard.core.labels import LabelRecord
 from misguard.core.records import SPLITS, Item, Response
@@ -41,9 +42,11 @@ EXAMPLES_SHOWN = 3
 class ItemIndex:
     """Every item of an MIS directory (all the splits it holds), findable by content: how responses and id-less
     label rows are matched back to their item and split. Raises DataError when the directory holds no split
-    file, or for a bad item (see core.io.load_split; with `bad` skipping, bad items are left out)."""
+    file, or for a bad item (see core.splits.load_split, which checks the images within `limits` and, with
+    `decode_images`, decodes them; with `bad` skipping, bad items are left out)."""
 
-    def __init__(self, data: str | Path, *, bad: BadRows | None = None):
+    def __init__(self, data: str | Path, *, bad: BadRows | None = None, limits: ImageLimits | None = None,
+                 decode_images: bool = False):
         self.data = Path(data)
         self.root: dict[str, Path] = {}
         self._by_content: dict[tuple[str, str, str], tuple[str, Item]] = {}
@@ -52,7 +55,7 @@ class ItemIndex:
                 find_split_file(self.data, split)
             except DataError:
                 continue  # a directory may hold only some splits
-            loaded = load_split(self.data, split, bad=bad)
+            loaded = load_split(self.data, split, bad=bad, limits=limits, decode_images=decode_images)
             self.root[split] = loaded.root
             for item in loaded.items:
                 self._by_content[(item.image_path1, item.image_path2, item.question)] = (split, item)

@@ -137,7 +137,18 @@ def iter_jsonl_text(text: str, path: Path, *, allow_torn_tail: bool) -> Iterator
                 return
             yield line, DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line)
             continue
+        except (ValueError, RecursionError) as exc:
+            yield line, DataError(f"invalid JSON: {unreadable_json(exc)}", path=path, line=line)
+            continue
         yield line, value
+
+
+def unreadable_json(exc: ValueError | RecursionError) -> str:
+    """Why json.loads refused text that is valid JSON syntax: nesting deeper than Python's recursion limit, or an
+    integer longer than Python converts (sys.get_int_max_str_digits). Both would otherwise escape as tracebacks."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(":")[0]
 
 
 def validate_record(model: type[ModelT], value: Any, path: Path, line: int) -> ModelT:
@@ -189,6 +200,8 @@ def read_json_record(path: str | Path, model: type[ModelT], *, version_field: st
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"not valid JSON: {unreadable_json(exc)}", path=path) from None
     if not isinstance(data, dict):
         raise DataError(f"expected a JSON object, got {json_type(data)}", path=path)
     version = data.get(version_field, supported)

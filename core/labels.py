@@ -21,7 +21,7 @@ from typing import Any
 
 from misguard.core.errors import DataError
 from misguard.core.jsonl import JsonObject, read_jsonl_numbered
-from misguard.core.records import PERCEPTION_LEVELS
+from misguard.core.records import PERCEPTION_LEVELS, UNJUDGED
 from misguard.core.rows import BadRows
 
 logger = logging.getLogger("misguard")
@@ -70,6 +70,8 @@ class LabelRecord:
     out_of_domain: bool = False
     """The judge flagged the verdict as out of its domain (a judgment with status out_of_domain): labelled, but
     under the judge's trust threshold."""
+    error: bool = False
+    """The judge failed on the row (a judgment with status error): no labels, counted apart from unscored."""
     path: str | None = None
     """The file the row was read from."""
 
@@ -172,10 +174,11 @@ def read_labels(path: str | Path, *, safety_field: str = "label_str", perception
     Every field name may be a dotted path into nested objects (see `resolve_field`). Label values go through
     `value_map` (exact key first, then case-insensitively), then are normalised: safe/unsafe in any case →
     Safe/Unsafe; "Perception Level1", "Level1", "1" → Level1 (see `normalise_perception`).
-    A row with `"status": "unscored"` (a misguard judgment the judge could not read) is kept with safety and
-    perception None. When no row has `perception_field` (or it is None), the file is binary-only and every
-    perception is None. A row without an id is keyed by its content (CONTENT_FIELDS). `model_name` names the
-    target model of rows that have no `model_field` (gpt_eval.py writes one file per target model).
+    A row with `"status": "unscored"` or `"error"` (a misguard judgment the judge could not read, or failed on) is
+    kept with safety and perception None. When no row has `perception_field` (or it is None), the file is
+    binary-only and every perception is None. A row without an id is keyed by its content (CONTENT_FIELDS).
+    `model_name` names the target model of rows that have no `model_field` (gpt_eval.py writes one file per target
+    model).
     `p_unsafe` and `p_perception` are read when a row has them; with raw_probabilities=True, a calibrated
     judgment's `p_unsafe_raw` / `p_perception_raw` are read instead (what a calibration is fitted on).
 
@@ -227,7 +230,7 @@ def _record(row: dict[str, Any], path: Path, line: int, *, safety_field: str, pe
         except ValueError as exc:
             raise DataError(str(exc), path=path, line=line, field=name) from None
 
-    unscored = row.get("status") == "unscored"
+    unscored = row.get("status") in UNJUDGED
     safety = perception = None
     if not unscored:
         safety = label(safety_field, normalise_safety)
@@ -255,7 +258,8 @@ def _record(row: dict[str, Any], path: Path, line: int, *, safety_field: str, pe
         model=model or model_name, category=text(category_field), line=line, id=row_id, split=text(split_field),
         sub_category=text("sub_category"), judge=text("judge"), trust=_share(row, "trust", path, line),
         label_mass=_share(row, "label_mass", path, line),
-        out_of_domain=row.get("status") == "out_of_domain", path=str(path), **content)
+        out_of_domain=row.get("status") == "out_of_domain", error=row.get("status") == "error", path=str(path),
+        **content)
 
 
 def _share(row: dict[str, Any], name: str, path: Path, line: int) -> float | None:

@@ -13,6 +13,11 @@ SPLITS: tuple[str, ...] = ("easy", "hard", "real")
 CATEGORIES: tuple[str, ...] = ("Illegal Activity", "Violent", "Hate", "Self-Harm", "Privacy", "Erotic")
 PERCEPTION_LABELS: tuple[str, ...] = ("Perception Level1", "Perception Level2", "Perception Level3")
 SAFETY_LABELS: tuple[str, ...] = ("Safe", "Unsafe")
+Status = Literal["scored", "unscored", "error", "out_of_domain"]
+"""A judgment's status: scored; unscored (the judge's output could not be read); error (the judge failed, e.g. a
+probability that is not a finite number); out_of_domain (labelled, but the judge does not trust its verdict)."""
+UNJUDGED: tuple[str, ...] = ("unscored", "error")
+"""The statuses without a label: counted apart, never in a rate."""
 
 
 class Item(BaseModel):
@@ -89,7 +94,8 @@ class Judgment(BaseModel):
     id, split and sub-category, the target model, the judge's probabilities and where they came from.
 
     An unscored judgment (the judge's output could not be read) has status "unscored", no labels and no
-    probabilities, and a `reason`; it is counted and reported, never given a default label.
+    probabilities, and a `reason`; an errored one (the judge failed: a probability that is not a finite number)
+    has status "error", likewise. Both are counted apart and reported, never given a default label.
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -112,10 +118,13 @@ class Judgment(BaseModel):
     """Which judge produced it: a judge folder's id, or "reference:<file>" for labels read from gpt_eval.py."""
     template: str
     """The judge prompt template id ("" for reference labels)."""
-    status: Literal["scored", "unscored", "out_of_domain"] = "scored"
+    status: Status = "scored"
     """out_of_domain: labelled, but the judge's trust in the verdict is under its threshold (see `trust`)."""
     reason: str | None = None
-    """Why a judgment is unscored or out of domain."""
+    """Why a judgment is unscored, an error or out of domain."""
+    input_cut: str | None = None
+    """How the judge shortened its input to fit its context, e.g. "response cut to 3,900 of 250,000 tokens (head
+    and tail kept)"; None when it read the whole input."""
     calibration: str | None = None
     """The calibration applied to p_unsafe / p_perception (its id, "sha256:..."), or None for raw probabilities."""
     p_unsafe_raw: float | None = None
@@ -150,10 +159,11 @@ class RowJudgment(BaseModel):
     p_unsafe_raw: float | None = None
     judge: str
     template: str
-    status: Literal["scored", "unscored", "out_of_domain"] = "scored"
+    status: Status = "scored"
     reason: str | None = None
     calibration: str | None = None
     trust: float | None = None
+    input_cut: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:

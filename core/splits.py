@@ -1,5 +1,10 @@
 """The published MIS split files: `mis_easy.json`, `mis_hard.json`, `mis_real.json` (JSON arrays, or JSON Lines)
 with their image folders, found under an MIS directory (or its `mis_test/` parent) and checked item by item.
+
+An item's images are checked through core.images: their paths must stay inside the directory (also once symbolic
+links are followed), their headers must read and be within the byte and pixel limits; with `decode_images` their
+pixels must decode too (a truncated file passes the header check). An image that fails later, when a run decodes
+it, is reported through `SplitData.image_error`, at the item's line, as a bad row like these.
 """
 from __future__ import annotations
 
@@ -10,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from PIL import Image
-
 from misguard.core.errors import DataError
+from misguard.core.images import ImageError, ImageLimits, open_image, read_header
 from misguard.core.jsonl import iter_jsonl_text, read_text, validate_record
 from misguard.core.records import SPLITS, Item
 from misguard.core.rows import BadRows
@@ -36,10 +40,26 @@ class SplitData:
     """One DataError per bad item left out (only when bad rows are skipped)."""
     path: Path | None = None
     """The split file that was read."""
+    lines: dict[str, int] = field(default_factory=dict)
+    """Each item's 1-based line in the split file, by id."""
 
     def image_paths(self, item: Item) -> tuple[Path, Path]:
         """Return the absolute paths of the item's first and second image."""
         return self.root / item.image_path1, self.root / item.image_path2
+
+    def image_error(self, item: Item, image: str | Path, reason: str) -> DataError:
+        """The bad-row error of an item whose image (an absolute path from `image_paths`) could not be used when a
+        run decoded it: the split file, the item's line and the image's field, the item's id and why."""
+        return item_image_error(item, image, reason, self.root, path=self.path, line=self.lines.get(item.id))
+
+
+def item_image_error(item: Item, image: str | Path, reason: str, root: Path, *, path: str | Path | None,
+                     line: int | None) -> DataError:
+    """A DataError at `path`:`line` naming the field of `item` whose image (`root` / its relative path) is
+    `image`, the item's id and `reason`."""
+    field_name = next((f for f in IMAGE_FIELDS if str(root / getattr(item, f)) == str(image)), None)
+    relative = getattr(item, field_name) if field_name else str(image)
+    return DataError(f"item {item.id}: image '{relative}': {reason}", path=path, line=line, field=field_name)
 
 
 def split_file_candidates(mis_dir: str | Path, split: str) -> list[Path]:
@@ -68,12 +88,14 @@ def find_split_file(mis_dir: str | Path, split: str) -> Path:
     raise DataError(f"no file for split '{split}'; looked at: {looked}", path=mis_dir)
 
 
-def load_split(mis_dir: str | Path, split: str, *, bad: BadRows | None = None, check_images: bool = True) -> SplitData:
+def load_split(mis_dir: str | Path, split: str, *, bad: BadRows | None = None, check_images: bool = True,
+               limits: ImageLimits | None = None, decode_images: bool = False) -> SplitData:
     """Load and validate one MIS split (JSON array or JSON Lines) from an MIS directory.
 
     Each item is checked for: valid JSON, being an object, every field present, non-blank and of the right
-    type, a unique id, image paths that stay inside the directory and (with check_images) images that exist
-    and that Pillow can read.
+    type, a unique id, image paths that stay inside the directory (symbolic links followed) and, with
+    check_images, images whose header reads and is within `limits` (default: core.images' limits); with
+    decode_images, also whose pixels decode (slower: every image is decoded once, JPEGs at 1/8 scale).
 
     Returns a SplitData whose `root` is the split file's folder (absolute).
     Raises DataError (file, 1-based line, field) for the first problem; with `bad` skipping, a bad item is
@@ -104,8 +126,8 @@ def load_split(mis_dir: str | Path, split: str, *, bad: BadRows | None = None, c
                 raise DataError(f"duplicate id '{item.id}' (first at line {first_line_of_id[item.id]}, again at "
                                 f"line {line})", path=path, line=line, field="id")
             for image_field in IMAGE_FIELDS:
-                _check_image_path(root, getattr(item, image_field), path, line, image_field,
-                                  image_problems if check_images else None)
+                _check_image_path(root, item, image_field, path, line, image_problems if check_images else None,
+                                  limits or ImageLimits(), decode_images)
         except DataError as error:
             bad.reject(error)
             skipped.append(error)
@@ -114,36 +136,47 @@ def load_split(mis_dir: str | Path, split: str, *, bad: BadRows | None = None, c
         items.append(item)
     if not items and not skipped:
         raise DataError("the split file holds no items", path=path)
-    return SplitData(root=root, split=split, items=items, skipped=skipped, path=path)
+    return SplitData(root=root, split=split, items=items, skipped=skipped, path=path, lines=first_line_of_id)
 
 
-def _check_image_path(root: Path, relative: str, path: Path, line: int, image_field: str,
-                      cache: dict[Path, str | None] | None) -> None:
-    """Raise DataError when an item's image path escapes `root`, or (cache given) the image is unreadable."""
+def _check_image_path(root: Path, item: Item, image_field: str, path: Path, line: int,
+                      cache: dict[Path, str | None] | None, limits: ImageLimits, decode: bool) -> None:
+    """Raise DataError when an item's image path escapes `root` (as written, or once symbolic links are followed),
+    or (cache given) the image cannot be used."""
+    relative = getattr(item, image_field)
     posix = PurePosixPath(relative.replace("\\", "/"))
     if posix.is_absolute() or PureWindowsPath(relative).drive or ".." in posix.parts:
-        raise DataError(f"image path '{relative}' must be relative to the MIS directory, without '..'",
-                        path=path, line=line, field=image_field)
+        raise DataError(f"item {item.id}: image path '{relative}' must be relative to the MIS directory, without "
+                        "'..'", path=path, line=line, field=image_field)
+    image_path = root / posix
+    # A symbolic link inside the directory may point anywhere: what counts is where it leads.
+    try:
+        target = image_path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of symbolic links
+        raise DataError(f"item {item.id}: image '{relative}' cannot be resolved ({exc})", path=path, line=line,
+                        field=image_field) from None
+    if not target.is_relative_to(root.resolve()):
+        raise DataError(f"item {item.id}: image '{relative}' leads outside the MIS directory (to {target}) through "
+                        "a symbolic link", path=path, line=line, field=image_field)
     if cache is None:
         return
-    image_path = root / posix
     if image_path not in cache:
-        cache[image_path] = _image_problem(image_path)
+        cache[image_path] = _image_problem(image_path, limits, decode)
     problem = cache[image_path]
     if problem is not None:
-        raise DataError(f"image '{relative}' {problem}", path=path, line=line, field=image_field)
+        raise DataError(f"item {item.id}: image '{relative}': {problem}", path=path, line=line, field=image_field)
 
 
-def _image_problem(image_path: Path) -> str | None:
-    """Return why the image cannot be used (missing, unreadable), or None when Pillow reads it."""
-    if not image_path.is_file():
-        return f"not found at {image_path}"
+def _image_problem(image_path: Path, limits: ImageLimits, decode: bool) -> str | None:
+    """Why the image cannot be used (missing, not an image, over a limit; with `decode`, its pixels do not
+    decode), or None."""
     try:
-        # verify() checks the file's structure (PNG chunk CRCs, headers) without decoding pixels: fast.
-        with Image.open(image_path) as image:
-            image.verify()
-    except Exception as exc:  # noqa: BLE001 -- Pillow raises OSError, SyntaxError, struct.error, ... for broken files
-        return f"cannot be read as an image ({type(exc).__name__}: {exc})"
+        if decode:  # a target of one pixel: JPEGs decode at 1/8 scale, which still reads every byte of the file
+            open_image(image_path, ImageLimits(limits.max_bytes, limits.max_pixels, target_pixels=1))
+        else:
+            read_header(image_path, limits)
+    except ImageError as error:
+        return error.message
     return None
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 
 from misguard.core.errors import MisguardError
-from misguard.core.settings import setting
+from misguard.core.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImageLimits
+from misguard.core.settings import check_settings, setting
 from misguard.engines.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, images_key
 
 T = TypeVar("T")
@@ -41,24 +42,31 @@ class EngineOptions:
     """Settings for every engine; each engine reads the ones that apply to it. Defaults suit one machine. Every
     field is a command-line option of the commands that run a model (infer, score, serve)."""
 
-    batch_size: int | None = setting(None, help="Requests per forward batch (transformers) or per chunk handed to "
-                                                "the engine; default: automatic.")
+    batch_size: int | None = setting(None, at_least=1, help="Requests per forward batch (transformers) or per chunk "
+                                                            "handed to the engine; default: automatic.")
     dtype: str = setting("auto", help="auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16 | float16.")
     device: str = setting("auto", help="transformers: auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")
     preprocess_workers: int | None = setting(
-        None, help="transformers: threads that decode the next batches' images and build their inputs while the "
-                   "device runs the current one; 0 = none; default: up to 8 on a GPU, none on the CPU.")
+        None, at_least=0, help="transformers: threads that decode the next batches' images and build their inputs "
+                               "while the device runs the current one; 0 = none; default: up to 8 on a GPU, none "
+                               "on the CPU.")
     prefix_reuse: bool = setting(
         True, help="transformers label scoring: run the image + question prefix that a judge's responses to one "
                    "item share once, not per response.")
     trust_remote_code: bool = setting(False, help="Run code shipped inside the model folder (untrusted code).")
+    # Image files the engine decodes (infer and score: the data directory's); the guard's policy has its own limits.
+    max_image_bytes: int = setting(DEFAULT_MAX_IMAGE_BYTES, at_least=1,
+                                   help="Largest image file read; a larger one makes its item a bad row.")
+    max_image_pixels: int = setting(DEFAULT_MAX_IMAGE_PIXELS, at_least=1,
+                                    help="Largest width x height of an image, read from its header before any pixel "
+                                         "is decoded; a larger one makes its item a bad row.")
     # vLLM
-    tensor_parallel_size: int = setting(1, help="vLLM: GPUs per model replica.")
-    pipeline_parallel_size: int = setting(1, help="vLLM: pipeline stages (multi-node with ray).")
+    tensor_parallel_size: int = setting(1, at_least=1, help="vLLM: GPUs per model replica.")
+    pipeline_parallel_size: int = setting(1, at_least=1, help="vLLM: pipeline stages (multi-node with ray).")
     distributed_executor_backend: str | None = setting(None, help="vLLM: mp | ray (multi-node through vLLM's own "
                                                                   "Ray support).")
-    max_model_len: int | None = setting(None, help="vLLM: context length.")
-    gpu_memory_utilization: float | None = setting(None, help="vLLM: share of GPU memory.")
+    max_model_len: int | None = setting(None, at_least=1, help="vLLM: context length.")
+    gpu_memory_utilization: float | None = setting(None, above=0.0, at_most=1.0, help="vLLM: share of GPU memory.")
     vllm_args: dict[str, Any] = setting(
         default_factory=dict, flag="--vllm-arg",
         help="vLLM: any further LLM() argument as KEY=VALUE (VALUE read as JSON if it parses), repeatable; e.g. "
@@ -67,10 +75,18 @@ class EngineOptions:
     base_urls: list[str] = setting(default_factory=list, flag="--base-url",
                                    help="openai: server URL ending in /v1; repeat for round-robin over several.")
     api_key: str = setting("EMPTY", envvar="MISGUARD_API_KEY", help="openai: the servers' API key.")
-    concurrency: int = setting(16, help="openai: requests in flight at once, over all servers.")
-    timeout_s: float = setting(600.0, help="openai: seconds before a request times out.")
-    max_retries: int = setting(5, help="openai: retries with exponential backoff on 429, 5xx, timeouts and "
-                                       "connection errors.")
+    concurrency: int = setting(16, at_least=1, help="openai: requests in flight at once, over all servers.")
+    timeout_s: float = setting(600.0, above=0.0, help="openai: seconds before a request times out.")
+    max_retries: int = setting(5, at_least=0, help="openai: retries with exponential backoff on 429, 5xx, timeouts "
+                                                   "and connection errors.")
+
+    def __post_init__(self):
+        check_settings(self)  # the library refuses what the command line refuses
+
+    def image_limits(self, target_pixels: int | None = None) -> ImageLimits:
+        """The limits on one image file: max_image_bytes, max_image_pixels, decoded to about `target_pixels`."""
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
+                           target_pixels=target_pixels)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

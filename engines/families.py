@@ -72,3 +72,33 @@ FAMILIES: dict[str, Family] = {
 def family_for(model_type: str) -> Family:
     """The adapter for a config's model_type; the default one for families with no known quirk."""
     return FAMILIES.get(model_type, DEFAULT)
+
+
+def processor_pixels(config: dict[str, Any]) -> int | None:
+    """The most pixels of one image an image processor (its preprocessor_config.json) passes to the model, or None
+    when it says none by area: Qwen2-VL's `max_pixels` (transformers 5 spells it size["longest_edge"], an area);
+    a tiling processor's largest grid (LLaVA-OneVision's image_grid_pinpoints) or its tiles (InternVL's
+    max_patches of size); a longest edge (Idefics3), squared. Decoding an image to no less than this many pixels
+    (core.images) leaves what the processor makes of it unchanged, up to resampling."""
+    size = config.get("size") if isinstance(config.get("size"), dict) else {}
+    kind = str(config.get("image_processor_type", ""))
+
+    def area(box: Any) -> int | None:
+        if isinstance(box, dict) and isinstance(box.get("height"), int) and isinstance(box.get("width"), int):
+            return box["height"] * box["width"]
+        return None
+
+    if isinstance(config.get("max_pixels"), int):
+        return config["max_pixels"]
+    if "Qwen2VL" in kind and isinstance(size.get("longest_edge"), int):
+        return size["longest_edge"]
+    pinpoints = config.get("image_grid_pinpoints")
+    if isinstance(pinpoints, list) and pinpoints and all(isinstance(p, list) and len(p) == 2 for p in pinpoints):
+        return max(int(h) * int(w) for h, w in pinpoints)
+    if config.get("crop_to_patches") and isinstance(config.get("max_patches"), int) and area(size):
+        return (config["max_patches"] + 1) * area(size)  # the tiles and a thumbnail
+    if isinstance(size.get("longest_edge"), int):
+        return size["longest_edge"] ** 2
+    # A crop (CLIP) or a fixed or shortest-edge size (SigLIP) is set by edge lengths, not area: reducing an image
+    # of an unusual aspect ratio by area would leave its short side under what the processor keeps.
+    return None

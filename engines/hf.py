@@ -5,8 +5,10 @@ similar length (less padding), padded on the left, and run in bfloat16 on GPU or
 handed back as each batch finishes. Label scoring runs a judge's K responses to one item against one computation
 of their shared prefix (engines/prefix.py). With preprocessing workers (automatic on a GPU) images are
 decoded and the processor's inputs built in a thread, batches ahead of the device and across windows, so the GPU
-does not wait on the CPU. The batch size is given or automatic; on a CUDA out-of-memory error the batch is
-halved and retried.
+does not wait on the CPU. Images are decoded within the options' byte and pixel limits, straight to about the size
+the processor resizes them to where it says (Qwen2-VL's max_pixels). A request whose image cannot be used (missing,
+over a limit, not decodable) is left out of its batch and handed back as an ImageFileError after the batch's other
+results. The batch size is given or automatic; on a CUDA out-of-memory error the batch is halved and retried.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import torch
@@ -24,10 +26,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from misguard.core.errors import MisguardError
 from misguard.engines.base import Engine, EngineOptions, check_model_folder, collect, runs
-from misguard.engines.families import family_for
+from misguard.engines.families import family_for, processor_pixels
 from misguard.engines.messages import (
     Generation,
     GenerationParams,
+    ImageFileError,
     LabelProbs,
     LabelSet,
     Request,
@@ -126,6 +129,11 @@ class TransformersEngine(Engine):
             workers = min(8, (os.cpu_count() or 1) - 1) if self.device.startswith("cuda") else 0
         self._workers = ThreadPoolExecutor(workers, thread_name_prefix="misguard-preprocess") if workers else None
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        image_processor = getattr(self.processor, "image_processor", None)
+        self.image_pixels = processor_pixels(image_processor.to_dict()) if image_processor is not None else None
+        """The most pixels the processor keeps of one image, where it says; None: it does not."""
+        # core.images never decodes below this target: the processor still sets the final size.
+        self.image_limits = self.options.image_limits(self.image_pixels)
 
     @property
     def chunk_size(self) -> int:
@@ -135,15 +143,22 @@ class TransformersEngine(Engine):
     def label_chunk_size(self) -> int:
         return self.chunk_size * (TAILS_PER_PREFIX if self.options.prefix_reuse else 1)
 
-    def prepare(self, request: Request, load=load_image) -> tuple[str, list[Any]]:
-        """(prompt text from the model's chat template, the request's images opened with `load`)."""
-        return render_prompt(self.processor, self.family, request, load)
+    def prepare(self, request: Request, load=None) -> tuple[str, list[Any]]:
+        """(prompt text from the model's chat template, the request's images opened with `load`; default: decoded
+        within the engine's image limits)."""
+        return render_prompt(self.processor, self.family, request, load or self._load)
 
     def prepare_all(self, requests: Sequence[Request]) -> list[tuple[str, list[Any]]]:
-        """`prepare` for every request, each distinct image opened once."""
+        """`prepare` for every request, each distinct image opened once. Raises ImageFileError for the first
+        image that cannot be used."""
         staged = self._stage(requests, range(len(requests)))
-        opened = self._open(staged.values())
+        opened, unusable = self._open(staged.values())
+        for error in unusable.values():
+            raise error
         return [(s.prompt, [opened[image_key(im)] for im in s.images]) for s in staged.values()]
+
+    def _load(self, image: Any):
+        return load_image(image, self.image_limits)
 
     def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
         return collect(self.stream(requests, params), len(requests))
@@ -167,26 +182,38 @@ class TransformersEngine(Engine):
         time (never splitting requests with the same images) and `plan` cuts each window into batches; each
         batch's images are opened and its processor inputs built, then `forward` runs a plain batch (one result
         per request) and score_tails a shared one. With preprocessing workers all of that is done in a thread,
-        PREPARED_AHEAD batches ahead of the device, across windows."""
+        PREPARED_AHEAD batches ahead of the device, across windows. A request whose image cannot be used gets its
+        ImageFileError as its result: after its batch's others (decoding failed), or after its window's (the
+        header: missing, not an image, over a limit), so what was run is handed back before it."""
         def batches() -> Iterator[tuple[_Batch, Any]]:
             for indices in runs(range(len(requests)), window, key=lambda i: images_key(requests[i].messages)):
-                for batch in plan(requests, self._stage(requests, indices)):
-                    yield batch, self._prepare(batch)
+                staged = self._stage(requests, indices)
+                for batch in plan(requests, {i: s for i, s in staged.items() if s.unusable is None}):
+                    yield self._prepare(batch)
+                unusable = {i: s.unusable for i, s in staged.items() if s.unusable is not None}
+                if unusable:
+                    yield _Batch([], staged, unusable=unusable), None
 
         for batch, inputs in prefetched(batches(), PREPARED_AHEAD if self._workers is not None else 0):
             yield from self._forward(batch, inputs, forward, token_ids)
 
     def _stage(self, requests: Sequence[Request], indices: Sequence[int]) -> dict[int, _Staged]:
         """Each request's prompt and image parts, with the images' area read from their headers (each image's
-        once): what sorting and prefix planning need, without decoding any pixels."""
-        areas: dict[Any, int] = {}
+        once): what sorting and prefix planning need, without decoding any pixels. A request with an image whose
+        header cannot be read or is over a limit is staged with that error."""
+        areas: dict[Any, int | ImageFileError] = {}
         staged = {}
         for i in indices:
             prompt, images = self.prepare(requests[i], load=lambda image: image)
             for im in images:
                 if image_key(im) not in areas:
-                    areas[image_key(im)] = image_area(im)
-            staged[i] = _Staged(prompt, tuple(images), sum(areas[image_key(im)] for im in images))
+                    try:
+                        areas[image_key(im)] = image_area(im, self.image_limits)
+                    except ImageFileError as error:
+                        areas[image_key(im)] = error
+            found = [areas[image_key(im)] for im in images]
+            unusable = next((a for a in found if isinstance(a, ImageFileError)), None)
+            staged[i] = _Staged(prompt, tuple(images), 0 if unusable else sum(found), unusable)
         return staged
 
     def _plain_batches(self, requests: Sequence[Request], staged: dict[int, _Staged]) -> list[_Batch]:
@@ -205,37 +232,50 @@ class TransformersEngine(Engine):
         shared = [_Batch(list(units), staged, shared=True) for units in runs(groups, self.batch_size)]
         return shared + self._plain_batches(requests, {i: staged[i] for i in alone})
 
-    def _open(self, staged: Iterable[_Staged]) -> dict[Any, Any]:
-        """The staged requests' images decoded (in the preprocessing workers when there are some), by
-        image_key, each distinct image once."""
+    def _open(self, staged: Iterable[_Staged]) -> tuple[dict[Any, Any], dict[Any, ImageFileError]]:
+        """(the staged requests' images decoded within the image limits, in the preprocessing workers when there
+        are some, by image_key, each distinct image once; the ImageFileError of each one that could not be)."""
         distinct = {image_key(im): im for s in staged for im in s.images}
         decode = self._workers.map if self._workers is not None else map
-        return dict(zip(distinct, decode(load_image, distinct.values())))
+        opened, unusable = {}, {}
+        for key, image in zip(distinct, decode(_decoded(self.image_limits), distinct.values())):
+            (unusable if isinstance(image, ImageFileError) else opened)[key] = image
+        return opened, unusable
 
-    def _inputs(self, staged: Sequence[_Staged]):
-        opened = self._open(staged)
+    def _inputs(self, staged: Sequence[_Staged], opened: dict[Any, Any]):
         return processor_inputs(self.processor, [(s.prompt, [opened[image_key(im)] for im in s.images])
                                                  for s in staged])
 
-    def _prepare(self, batch: _Batch):
-        """A batch's inputs on the CPU: the processor's for a plain batch; for a shared one (prefix inputs or
-        None, whether each group's prefix could be cut from the processor's tokens)."""
+    def _prepare(self, batch: _Batch) -> tuple[_Batch, Any]:
+        """(the batch, less the requests whose images could not be decoded, which it keeps in `unusable`; its
+        inputs on the CPU: the processor's for a plain batch; for a shared one (prefix inputs or None, whether each
+        group's prefix could be cut from the processor's tokens); None when no request is left)."""
+        opened, unusable = self._open(batch.staged[i] for i in batch.requests())
+        if unusable:
+            batch = batch.without(unusable)
+        if not batch.units:
+            return batch, None
         if not batch.shared:
-            return self._inputs([batch.staged[i] for i in batch.units])
-        first = self._inputs([batch.staged[g.members[0]] for g in batch.units])
+            return batch, self._inputs([batch.staged[i] for i in batch.units], opened)
+        first = self._inputs([batch.staged[g.members[0]] for g in batch.units], opened)
         if uses_mrope(self.net) and "mm_token_type_ids" not in first:  # no way to place the tails
-            return None, [False] * len(batch.units)
+            return batch, (None, [False] * len(batch.units))
         prefix, fits = prefix_inputs(first, batch.units, self._pad_id)
         fitting = [g for g, fit in zip(batch.units, fits) if fit]
         if fitting and len(fitting) < len(batch.units):  # cut again without the others' images
-            prefix, _ = prefix_inputs(self._inputs([batch.staged[g.members[0]] for g in fitting]), fitting,
+            prefix, _ = prefix_inputs(self._inputs([batch.staged[g.members[0]] for g in fitting], opened), fitting,
                                       self._pad_id)
-        return prefix, fits
+        return batch, (prefix, fits)
 
     def _forward(self, batch: _Batch, inputs, forward, token_ids: Sequence[int]) -> Iterator[tuple[int, Any]]:
-        """Yield (index, result) for the batch's requests. On CUDA out of memory the batch size is halved until
-        it is below the batch's (a batch prepared before at a larger size is only cut to the current one) and
-        the batch run in pieces."""
+        """Yield (index, result) for the batch's requests, then (index, ImageFileError) for those left out of it.
+        On CUDA out of memory the batch size is halved until it is below the batch's (a batch prepared before at a
+        larger size is only cut to the current one) and the batch run in pieces."""
+        if batch.units:
+            yield from self._run_batch(batch, inputs, forward, token_ids)
+        yield from batch.unusable.items()
+
+    def _run_batch(self, batch: _Batch, inputs, forward, token_ids: Sequence[int]) -> Iterator[tuple[int, Any]]:
         try:
             results = self._score_shared(batch, inputs, token_ids) if batch.shared else forward(inputs)
         except Exception as exc:
@@ -247,7 +287,7 @@ class TransformersEngine(Engine):
                 log.warning("CUDA out of memory; retrying with batch size %d", self.batch_size)
             _empty_cuda_cache()
             for piece in batch.split(self.batch_size):
-                yield from self._forward(piece, self._prepare(piece), forward, token_ids)
+                yield from self._forward(*self._prepare(piece), forward, token_ids)
             return
         if not batch.shared:
             yield from zip(batch.units, results)
@@ -257,7 +297,7 @@ class TransformersEngine(Engine):
                 yield from zip(group.members, probs)
                 continue
             for piece in _Batch(group.members, batch.staged).split(self.batch_size):  # the plain way
-                yield from self._forward(piece, self._prepare(piece), forward, token_ids)
+                yield from self._forward(*self._prepare(piece), forward, token_ids)
 
     def _score_shared(self, batch: _Batch, inputs, token_ids: Sequence[int]) -> list[list[LabelProbs] | None]:
         """Label probabilities of each group's members from their tails against the prefixes' cache; None for a
@@ -308,11 +348,12 @@ class TransformersEngine(Engine):
 @dataclass(frozen=True)
 class _Staged:
     """A request's prompt text and image parts (paths or images, decoded only when its batch is prepared),
-    with the images' area in pixels."""
+    with the images' area in pixels; `unusable`: why one of its images cannot be used, read from its header."""
 
     prompt: str
     images: tuple
     area: int
+    unusable: ImageFileError | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -329,6 +370,25 @@ class _Batch:
     units: list
     staged: dict[int, _Staged]
     shared: bool = False
+    unusable: dict[int, ImageFileError] = field(default_factory=dict)
+    """Requests left out of the batch because an image of theirs cannot be used, with the error."""
+
+    def requests(self) -> list[int]:
+        """The request indices the batch runs (a shared batch's groups' members)."""
+        return [i for unit in self.units for i in (unit.members if self.shared else [unit])]
+
+    def without(self, unusable: dict[Any, ImageFileError]) -> _Batch:
+        """This batch less the units with an image in `unusable` (by image_key), moved to its `unusable`."""
+        kept, left_out = [], dict(self.unusable)
+        for unit in self.units:
+            members = unit.members if self.shared else [unit]
+            error = next((unusable[image_key(im)] for i in members for im in self.staged[i].images
+                          if image_key(im) in unusable), None)
+            if error is None:
+                kept.append(unit)
+            else:
+                left_out.update((i, error) for i in members)
+        return _Batch(kept, self.staged, self.shared, left_out)
 
     def split(self, size: int) -> list[_Batch]:
         return [_Batch(list(units), self.staged, self.shared) for units in runs(self.units, size)]
@@ -373,6 +433,18 @@ def prefetched(items: Iterable[T], ahead: int) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+
+
+def _decoded(limits):
+    """load_image within `limits` that returns an image that cannot be used as its ImageFileError, so one bad
+    image among a batch's (decoded in a pool of workers) does not stop the others."""
+    def decode(image: Any) -> Any:
+        try:
+            return load_image(image, limits)
+        except ImageFileError as error:
+            return error
+
+    return decode
 
 
 def _label_rows(logits, token_ids: Sequence[int]) -> list[LabelProbs]:

@@ -3,21 +3,25 @@
 A message is ``{"role": "system" | "user" | "assistant", "content": [part, ...]}`` and a part is
 ``{"type": "image", "image": PATH_OR_PIL_IMAGE}`` or ``{"type": "text", "text": STR}``, in the order the model
 should see them (the OpenAI / VLMEvalKit shape, with images as local paths instead of URLs).
+
+Image files are opened through core.images only, within an `ImageLimits` (bytes, header pixels, and the size the
+engine's processor will use). A file that cannot be used raises `ImageFileError`; an engine that runs a batch hands
+it back in place of that request's result, so one bad image costs its own request, not the batch.
 """
 from __future__ import annotations
 
 import base64
 import io
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from misguard.core.errors import DataError
-from misguard.core.settings import setting
+from misguard.core.images import ImageError, ImageLimits, open_image, read_header
+from misguard.core.settings import check_settings, setting
 
 Message = dict[str, Any]
 
@@ -34,10 +38,14 @@ class Request:
 class GenerationParams:
     """Sampling settings shared by every engine. Greedy by default, as the seed evaluates."""
 
-    max_new_tokens: int = setting(1024, help="Most tokens generated per response.")
-    temperature: float = setting(0.0, help="Sampling temperature; 0 = greedy.")
-    top_p: float = setting(1.0, help="Nucleus sampling: the smallest set of tokens with this much probability.")
-    seed: int = setting(0, help="Seed of the sampling.")
+    max_new_tokens: int = setting(1024, at_least=1, help="Most tokens generated per response.")
+    temperature: float = setting(0.0, at_least=0.0, help="Sampling temperature; 0 = greedy.")
+    top_p: float = setting(1.0, above=0.0, at_most=1.0,
+                           help="Nucleus sampling: the smallest set of tokens with this much probability.")
+    seed: int = setting(0, at_least=0, help="Seed of the sampling.")
+
+    def __post_init__(self):
+        check_settings(self)  # the library refuses what the command line refuses
 
 
 @dataclass(frozen=True)
@@ -103,35 +111,37 @@ def images_of(messages: Sequence[Message]) -> list[Any]:
     return [p["image"] for m in messages for p in content_parts(m) if p["type"] == "image"]
 
 
-def load_image(image: Any):
-    """Open an image part's value as an RGB PIL image. Raises DataError naming the file if it can't be read."""
+class ImageFileError(DataError):
+    """An image part's file that cannot be used: missing, over a limit, or not decodable (truncated, not an image).
+    `path` is the image file, `reason` why, `code` core.images.ImageError's ("image_not_found", "image_too_large",
+    "invalid_image")."""
+
+    def __init__(self, message: str, *, path: str | Path, code: str = "invalid_image"):
+        super().__init__(message, path=path)
+        self.code = code
+
+
+def load_image(image: Any, limits: ImageLimits | None = None):
+    """An image part's value as an RGB PIL image: a PIL image as it is, a file decoded by core.images.open_image
+    within `limits` (default: core.images' byte and pixel limits, full size). Raises ImageFileError naming the
+    file when it is missing, over a limit or cannot be decoded."""
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
-    with _opened(image) as im:
-        return im.convert("RGB")
+    try:
+        return open_image(Path(image), limits)[0]
+    except ImageError as error:
+        raise ImageFileError(error.message, path=image, code=error.code) from None
 
 
-def image_area(image: Any) -> int:
+def image_area(image: Any, limits: ImageLimits | None = None) -> int:
     """An image part's width x height in pixels, read from the file's header without decoding the pixels.
-    Raises DataError as load_image."""
+    Raises ImageFileError for a file that is missing, not an image, or over a limit."""
     if isinstance(image, Image.Image):
         return image.width * image.height
-    with _opened(image) as im:
-        return im.width * im.height
-
-
-@contextmanager
-def _opened(image: Any):
-    """The image file at a path, opened lazily by PIL; a missing or unreadable file (also when its pixels are
-    decoded inside the block) raises DataError naming it."""
-    path = Path(image)
     try:
-        with Image.open(path) as im:
-            yield im
-    except FileNotFoundError:
-        raise DataError("image file not found", path=path) from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"not a readable image ({exc.__class__.__name__})", path=path) from None
+        return read_header(Path(image), limits).pixels
+    except ImageError as error:
+        raise ImageFileError(error.message, path=image, code=error.code) from None
 
 
 def image_key(image: Any) -> Any:
@@ -144,32 +154,35 @@ def images_key(messages: Sequence[Message]) -> tuple:
     return tuple(image_key(im) for im in images_of(messages))
 
 
-def image_loader() -> Callable[[Any], Any]:
-    """load_image that opens each image once: the same path or image object again returns the image already
-    loaded (a judge's K responses to one item share their two images)."""
+def image_loader(limits: ImageLimits | None = None) -> Callable[[Any], Any]:
+    """load_image (within `limits`) that opens each image once: the same path or image object again returns the
+    image already loaded (a judge's K responses to one item share their two images)."""
     loaded: dict[Any, Any] = {}
 
     def load(image: Any):
         key = image_key(image)
         if key not in loaded:
-            loaded[key] = load_image(image)
+            loaded[key] = load_image(image, limits)
         return loaded[key]
 
     return load
 
 
-def image_data_url(image: Any) -> str:
-    """A base64 data URL for an image part: the file's own bytes for a path, PNG for a PIL image."""
+def image_data_url(image: Any, limits: ImageLimits | None = None) -> str:
+    """A base64 data URL for an image part: the file's own bytes for a path (its header checked against `limits`
+    first, as the server will decode it), PNG for a PIL image. Raises ImageFileError for a file that is missing,
+    not an image, or over a limit."""
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         data, mime = buf.getvalue(), "image/png"
     else:
         path = Path(image)
+        image_area(path, limits)
         try:
             data = path.read_bytes()
-        except OSError:
-            raise DataError("image file not found or unreadable", path=path) from None
+        except OSError as exc:
+            raise ImageFileError(f"cannot read the image file ({exc.strerror})", path=path) from None
         fmt = (Image.registered_extensions().get(path.suffix.lower()) or "PNG").lower()
         mime = f"image/{'jpeg' if fmt == 'jpeg' else fmt}"
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"

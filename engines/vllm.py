@@ -131,7 +131,7 @@ class VLLMEngine(Engine):
         llm = self.__dict__.get("_llm")
         if llm is None:
             raise MisguardError("the vLLM engine is closed")
-        load = image_loader()  # a judge's K responses to one item share its images: open them once
+        load = image_loader(self.options.image_limits())  # an item's images serve K responses: open them once
         conversations = [self._conversation(r, load) for r in requests]
         try:
             return llm.chat(conversations, sampling, use_tqdm=False)

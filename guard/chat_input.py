@@ -1,9 +1,16 @@
 """OpenAI chat messages in, checked: the guard's one gate for what clients send.
 
-Every image is decoded and checked here (base64, really an image, byte and pixel limits, image count, files only
-under the allowed roots) before anything is judged or forwarded. The result holds the messages twice: in
-misguard's internal format for the judge (PIL images) and in OpenAI format for the upstream, with file images
-turned into base64 data URLs (the upstream cannot see the guard's files). The guard never fetches a URL.
+Every image is checked here (base64, really an image, byte and pixel limits, image count, files only under the
+allowed roots) before anything is judged or forwarded, in an order that bounds memory: first every image's header
+(no pixel decoded), the request's pixels in all (`limits.max_decoded_pixels_per_request`, HTTP 413) and, in the
+server, the pixels all requests are decoding or holding at once (`PixelBudget`, HTTP 429); only then are images
+decoded, through core/images.py, straight to about the size the judge reads (`Judge.image_pixels`). A judge that
+reads no pixels (the lite judge) gets none: its images are checked by their headers and hashed, never decoded.
+
+The result holds the messages twice: in misguard's internal format for the judge (PIL images) and in OpenAI
+format for the upstream, with file images turned into base64 data URLs (the upstream cannot see the guard's
+files), and the text the rails judge (`conversation`, `question`). The guard never fetches a URL. `cut_text`
+bounds a rail's text to its token budget (`limits.max_text_tokens`).
 """
 from __future__ import annotations
 
@@ -11,16 +18,17 @@ import base64
 import binascii
 import hashlib
 import io
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from PIL import Image, UnidentifiedImageError
-
 from misguard.core.errors import MisguardError
+from misguard.core.images import ImageError, ImageHeader, ImageLimits, open_image, read_header
 from misguard.engines.messages import Message
 from misguard.guard.policy import Limits
+from misguard.judges.protocol import DEFAULT_IMAGE_PIXELS
 
 
 class InputError(MisguardError):
@@ -38,7 +46,8 @@ class InputError(MisguardError):
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What the audit log keeps of an image: never its pixels."""
+    """What the audit log keeps of an image: never its pixels. width and height are the header's (the image as
+    sent, not as decoded for the judge)."""
 
     sha256: str
     bytes: int
@@ -56,30 +65,102 @@ class ChatInput:
     """A checked conversation."""
 
     messages: list[Message]
-    """Internal format (images as RGB PIL images), for the judge."""
+    """Internal format, for the judge: images as RGB PIL images, decoded to about the judge's size; without
+    decoding (a judge that reads no pixels) image parts are left out."""
     forward_messages: list[dict[str, Any]]
     """OpenAI format for the upstream: as sent, except file images replaced by base64 data URLs."""
     images: list[Any] = field(default_factory=list)
-    """Every image in the conversation, in order (RGB PIL images)."""
+    """Every image in the conversation, in order (RGB PIL images); empty when images are not decoded."""
     image_info: list[ImageInfo] = field(default_factory=list)
+    """Every image's hash and header, decoded or not."""
     question: str = ""
-    """The text of the last user turn: what the rails judge as the question."""
+    """The text of the last user turn: the question the output rail judges the response to, and the audit log's."""
+    conversation: str = ""
+    """What the input rail judges: every user turn and every assistant turn the client sent, oldest first (as
+    "User: ..." / "Assistant: ..." paragraphs; a lone user turn is its text alone), so a harmful first turn
+    followed by "continue" is judged whole. System, developer and tool turns are not in it."""
+    decoded_pixels: int = 0
+    """Pixels of the decoded images kept (what the request holds of the in-flight budget until its reply)."""
 
 
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
+_JUDGED_ROLES = {"user": "User", "assistant": "Assistant"}
 
 
-def parse_chat_messages(messages: Any, limits: Limits, *, param: str = "messages") -> ChatInput:
+class PixelBudget:
+    """The pixels all requests in flight are decoding or holding, against `limit`
+    (limits.max_decoded_pixels_in_flight). Each request is a `holder` (its request id): `reserve` charges its
+    images' header pixels before they decode (False, nothing charged, when that would cross the limit), `keep`
+    lowers the charge to the decoded pixels it keeps, `release` frees it all at the reply. Thread-safe: requests
+    are read on worker threads."""
+
+    retry_after_s = 1
+    """What a 429 tells the client to wait: decoding takes a fraction of a second; judging, seconds."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"a pixel budget needs a positive limit, got {limit}")
+        self.limit = limit
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        """Pixels charged to all holders now."""
+        with self._lock:
+            return sum(self._held.values())
+
+    def reserve(self, holder: str, pixels: int) -> bool:
+        """Charge `holder` `pixels` (in place of what it held); False, and nothing changes, when the total would
+        cross the limit."""
+        with self._lock:
+            others = sum(self._held.values()) - self._held.get(holder, 0)
+            if others + pixels > self.limit:
+                return False
+            self._held[holder] = pixels
+            return True
+
+    def keep(self, holder: str, pixels: int) -> None:
+        """Lower `holder`'s charge to `pixels` (never raises it)."""
+        with self._lock:
+            if holder in self._held:
+                self._held[holder] = min(self._held[holder], pixels)
+
+    def release(self, holder: str) -> None:
+        """Free everything `holder` holds (nothing when it holds nothing)."""
+        with self._lock:
+            self._held.pop(holder, None)
+
+
+@dataclass
+class _Image:
+    """An image part between its header check and its decoding."""
+
+    data: bytes
+    header: ImageHeader
+    at: str
+    part: dict[str, Any]
+    """Its part in the internal messages, whose "image" is filled in once decoded."""
+
+
+def parse_chat_messages(messages: Any, limits: Limits, *, param: str = "messages",
+                        image_pixels: int | None = DEFAULT_IMAGE_PIXELS, budget: PixelBudget | None = None,
+                        holder: str = "") -> ChatInput:
     """Check OpenAI chat `messages` (or misguard's internal format: {"type": "image", "image": PATH_OR_PIL})
-    and return them as a ChatInput. Raises InputError naming the field for anything malformed or over a limit."""
+    and return them as a ChatInput. `image_pixels`: the most pixels of an image the judge reads
+    (Judge.image_pixels); None decodes no image. `budget`: the server's in-flight pixel budget, charged to
+    `holder` (the caller releases it at the reply; a refused request holds nothing). Raises InputError naming the
+    field for anything malformed or over a limit: HTTP 400; 413 for a request's images over
+    limits.max_decoded_pixels_per_request; 429 when `budget` cannot take them now."""
     if not isinstance(messages, list) or not messages:
         raise InputError("messages must be a non-empty list of chat messages", param=param)
     internal: list[Message] = []
     forward: list[dict[str, Any]] = []
-    images: list[Any] = []
-    infos: list[ImageInfo] = []
+    pending: list[_Image] = []
+    turns: list[tuple[str, str]] = []
     question = ""
+    request_pixels = 0
     for m, message in enumerate(messages):
         where = f"{param}.{m}"
         if not isinstance(message, dict):
@@ -104,13 +185,20 @@ def parse_chat_messages(messages: Any, limits: Limits, *, param: str = "messages
                 parts.append({"type": "text", "text": part["text"]})
                 forward_parts.append(part)
             elif kind in ("image_url", "image"):
-                if len(images) >= limits.max_images:
+                if len(pending) >= limits.max_images:
                     raise InputError(f"too many images: at most {limits.max_images} per request",
                                      param=at, code="too_many_images")
-                image, info, url = _read_image_part(part, limits, at)
-                images.append(image)
-                infos.append(info)
-                parts.append({"type": "image", "image": image})
+                data, field_at, url = _image_bytes(part, limits, at)
+                header = _header(data, limits, field_at)
+                request_pixels += header.pixels
+                if request_pixels > limits.max_decoded_pixels_per_request:
+                    raise InputError(f"the request's images are {request_pixels} pixels up to this one, over the "
+                                     f"limit of {limits.max_decoded_pixels_per_request} per request",
+                                     param=field_at, code="image_too_large", status_code=413)
+                slot = {"type": "image", "image": None}
+                pending.append(_Image(data, header, field_at, slot))
+                parts.append(slot)
+                url = url or _data_url(data, header)
                 # image_url may be the legacy bare string form; forwarded in the object form either way.
                 sent = part.get("image_url") if isinstance(part.get("image_url"), dict) else {}
                 forward_parts.append({**part, "image_url": {**sent, "url": url}}
@@ -120,24 +208,75 @@ def parse_chat_messages(messages: Any, limits: Limits, *, param: str = "messages
                                  param=f"{at}.type")
         internal.append({"role": "system" if role == "developer" else role, "content": parts})
         forward.append({**message, "content": content if isinstance(content, str) else forward_parts})
+        text = "\n".join(p["text"] for p in parts if p["type"] == "text")
         if role == "user":
-            question = "\n".join(p["text"] for p in parts if p["type"] == "text")
+            question = text
+        if role in _JUDGED_ROLES and text.strip():
+            turns.append((role, text))
     if not any(m["role"] == "user" for m in internal):
         raise InputError("the conversation has no user message", param=param)
+    images, kept = _decoded(pending, limits, image_pixels, budget, holder, request_pixels, param)
+    if image_pixels is None:
+        for message in internal:
+            message["content"] = [p for p in message["content"] if p["type"] != "image"]
+    infos = [ImageInfo(hashlib.sha256(i.data).hexdigest(), len(i.data), i.header.width, i.header.height,
+                       i.header.format) for i in pending]
     return ChatInput(messages=internal, forward_messages=forward, images=images, image_info=infos,
-                     question=question)
+                     question=question, conversation=_conversation_text(turns), decoded_pixels=kept)
 
 
-def _read_image_part(part: dict[str, Any], limits: Limits, at: str) -> tuple[Any, ImageInfo, str]:
-    """(RGB PIL image, its ImageInfo, the data URL to forward) for one image part."""
+def _conversation_text(turns: list[tuple[str, str]]) -> str:
+    """The judged turns as one text: a lone user turn as it is (what a single-turn request always was), else each
+    turn as a "User: " / "Assistant: " paragraph, oldest first."""
+    if len(turns) == 1 and turns[0][0] == "user":
+        return turns[0][1]
+    return "\n\n".join(f"{_JUDGED_ROLES[role]}: {text}" for role, text in turns)
+
+
+def _decoded(pending: list[_Image], limits: Limits, image_pixels: int | None, budget: PixelBudget | None,
+             holder: str, request_pixels: int, param: str) -> tuple[list[Any], int]:
+    """(the decoded images, their pixels), each decoded to between `image_pixels` and 4x that (core.images: the
+    judge's processor makes the last resize) once `budget`
+    took the request's header pixels; nothing decoded when `image_pixels` is None. Raises InputError (429 when the
+    budget is full); a request refused here holds nothing of the budget."""
+    if image_pixels is None or not pending:
+        return [], 0
+    if budget is not None and not budget.reserve(holder, request_pixels):
+        raise InputError(f"the guard is busy decoding other requests' images ({budget.in_flight} pixels in flight); "
+                         f"this request's {request_pixels} would cross limits.max_decoded_pixels_in_flight "
+                         f"({budget.limit}): retry in a moment", param=param, code="images_in_flight",
+                         status_code=429)
+    target = ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                         target_pixels=image_pixels)
+    images = []
+    try:
+        for image in pending:
+            try:
+                decoded, _ = open_image(image.data, target)
+            except ImageError as exc:
+                raise _input_error(exc, image.at) from None
+            image.part["image"] = decoded
+            images.append(decoded)
+    except BaseException:
+        if budget is not None:
+            budget.release(holder)
+        raise
+    kept = sum(image.width * image.height for image in images)
+    if budget is not None:
+        budget.keep(holder, kept)
+    return images, kept
+
+
+def _image_bytes(part: dict[str, Any], limits: Limits, at: str) -> tuple[bytes, str, str | None]:
+    """(the image's encoded bytes, the field they came from, the URL to forward as it was sent, or None to forward
+    them as a new data URL) for one image part."""
     if part["type"] == "image":
         value = part.get("image")
         if hasattr(value, "save"):  # already a PIL image (library callers)
-            return _from_pil(value, limits, f"{at}.image")
+            return _pil_bytes(value, limits, f"{at}.image"), f"{at}.image", None
         if not isinstance(value, (str, Path)):
             raise InputError("an image part needs 'image': a file path or a PIL image", param=f"{at}.image")
-        data = _read_file(str(value), limits, f"{at}.image")
-        return _decode(data, limits, f"{at}.image")
+        return _read_file(str(value), limits, f"{at}.image"), f"{at}.image", None
     at = f"{at}.image_url"
     image_url = part.get("image_url")
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
@@ -156,20 +295,22 @@ def _read_image_part(part: dict[str, Any], limits: Limits, at: str) -> tuple[Any
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise InputError("the image's base64 data is invalid", param=at, code="invalid_image") from None
-        image, info, _ = _decode(data, limits, at, data_url=False)
-        return image, info, url  # forwarded as sent: no second base64 encoding
-    scheme = urlparse(url).scheme
-    if scheme in ("http", "https", "ftp"):
+        return data, at, url  # forwarded as sent: no second base64 encoding
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https", "ftp"):
         raise InputError("the guard never fetches images from the network: send them as base64 data URLs",
                          param=at, code="remote_image")
-    if scheme == "file":
-        path = unquote(urlparse(url).path)
-    elif scheme == "" or url.startswith("/"):
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise InputError(f"a file URL on another host ({parsed.netloc!r}): the guard reads only its own files "
+                             "(file:///path or file://localhost/path)", param=at, code="remote_image")
+        path = unquote(parsed.path)
+    elif parsed.scheme == "" or url.startswith("/"):
         path = url
     else:
-        raise InputError(f"unsupported image URL scheme {scheme!r}: use a base64 data URL or an allowed file",
-                         param=at, code="invalid_image")
-    return _decode(_read_file(path, limits, at), limits, at)
+        raise InputError(f"unsupported image URL scheme {parsed.scheme!r}: use a base64 data URL or an allowed "
+                         "file", param=at, code="invalid_image")
+    return _read_file(path, limits, at), at, None
 
 
 def _read_file(path: str, limits: Limits, at: str) -> bytes:
@@ -191,36 +332,100 @@ def _read_file(path: str, limits: Limits, at: str) -> bytes:
         raise InputError("the image file cannot be read", param=at, code="invalid_image") from None
 
 
-def _decode(data: bytes, limits: Limits, at: str, *, data_url: bool = True) -> tuple[Any, ImageInfo, str]:
-    """(RGB image, its ImageInfo, its base64 data URL, or "" when not asked for). Raises InputError."""
-    if len(data) > limits.max_image_bytes:
-        raise InputError(f"image is larger than {limits.max_image_bytes} bytes", param=at, code="image_too_large")
+def _header(data: bytes, limits: Limits, at: str) -> ImageHeader:
+    """The image's header (size and format), checked against the byte and pixel limits; nothing decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height, fmt = probe.width, probe.height, probe.format or "?"
-            # The header's size, before any pixel is decoded: a decompression bomb stops here.
-            if width * height > limits.max_image_pixels:
-                raise InputError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                                 f"{limits.max_image_pixels}", param=at, code="image_too_large")
-            probe.load()
-            image = probe.convert("RGB")
-    except InputError:
-        raise
-    except Image.DecompressionBombError as exc:  # PIL's own header check: over twice its MAX_IMAGE_PIXELS
-        raise InputError(f"image is too large to decode: {exc}", param=at, code="image_too_large") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise InputError("the data is not a readable image", param=at, code="invalid_image") from None
-    info = ImageInfo(hashlib.sha256(data).hexdigest(), len(data), width, height, fmt)
-    if not data_url:
-        return image, info, ""
-    mime = _MIME.get(fmt, "application/octet-stream")
-    return image, info, f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        return read_header(data, ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels))
+    except ImageError as exc:
+        raise _input_error(exc, at) from None
 
 
-def _from_pil(image: Any, limits: Limits, at: str) -> tuple[Any, ImageInfo, str]:
+def _input_error(exc: ImageError, at: str) -> InputError:
+    code = "image_too_large" if exc.code == "image_too_large" else "invalid_image"
+    return InputError(exc.message, param=at, code=code)
+
+
+def _data_url(data: bytes, header: ImageHeader) -> str:
+    return f"data:{_MIME.get(header.format, 'application/octet-stream')};base64,{base64.b64encode(data).decode()}"
+
+
+def _pil_bytes(image: Any, limits: Limits, at: str) -> bytes:
+    """A caller's PIL image as PNG bytes (what is forwarded and hashed), after its pixel limit."""
     if image.width * image.height > limits.max_image_pixels:
         raise InputError(f"image is {image.width}x{image.height} pixels, over the limit of "
                          f"{limits.max_image_pixels}", param=at, code="image_too_large")
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
-    return _decode(buffer.getvalue(), limits, at)
+    return buffer.getvalue()
+
+
+# ---- text budgets ----
+
+CHARS_PER_TOKEN = 4
+"""A judge without a tokenizer has its token budget counted as this many characters a token (English text's
+average in BPE and WordPiece tokenizers)."""
+CHARS_PER_TOKEN_MAX = 16
+"""Characters one token covers at most in ordinary text: a text longer than this many times its budget is cut by
+characters first, so a 1 MB text is never tokenized whole (a text of very long "words" may then keep fewer tokens
+than the budget; it is cut either way)."""
+CUT_MARK = "\n[...]\n"
+"""Where a cut text's middle was: the judge reads that something is left out."""
+
+
+@dataclass(frozen=True)
+class CutText:
+    """A text within a token budget: `text` as judged, the `tokens` it keeps, and `note` saying how it was cut
+    (None when it was not)."""
+
+    text: str
+    tokens: int
+    note: str | None = None
+
+    @property
+    def cut(self) -> bool:
+        return self.note is not None
+
+
+def cut_text(text: str, max_tokens: int, tokenizer: Any | None = None, *, tail_share: float = 0.5,
+             what: str = "text") -> CutText:
+    """`text` as it is when it has at most `max_tokens` tokens of `tokenizer` (a transformers tokenizer; None:
+    CHARS_PER_TOKEN characters a token), else its first and last tokens, `tail_share` of the budget to the tail,
+    joined by CUT_MARK, with a note naming `what` was cut. Never tokenizes more than CHARS_PER_TOKEN_MAX
+    characters a token of the budget."""
+    tail_tokens = min(max_tokens, round(max_tokens * tail_share))
+    head_tokens = max_tokens - tail_tokens
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        # No token offsets to cut at (a slow tokenizer has none): the budget in characters.
+        limit = max_tokens * CHARS_PER_TOKEN
+        if len(text) <= limit:
+            return CutText(text, -(-len(text) // CHARS_PER_TOKEN))
+        head = head_tokens * CHARS_PER_TOKEN
+        kept = text[:head] + CUT_MARK + text[len(text) - (limit - head):]
+        return CutText(kept, max_tokens, f"{what} cut to its first {head} and last {limit - head} of "
+                                         f"{len(text)} characters; the middle was not judged")
+    precut = max_tokens * CHARS_PER_TOKEN_MAX
+    if len(text) <= precut:
+        spans = _token_spans(tokenizer, text)
+        if len(spans) <= max_tokens:
+            return CutText(text, len(spans))
+        head_end = spans[head_tokens - 1][1] if head_tokens else 0
+        tail_start = spans[len(spans) - tail_tokens][0] if tail_tokens else len(text)
+        total = f"{len(spans)} tokens"
+    else:
+        head_text = text[:head_tokens * CHARS_PER_TOKEN_MAX]
+        tail_offset = len(text) - tail_tokens * CHARS_PER_TOKEN_MAX
+        head_spans = _token_spans(tokenizer, head_text) if head_tokens else []
+        tail_spans = _token_spans(tokenizer, text[tail_offset:]) if tail_tokens else []
+        head_end = head_spans[min(head_tokens, len(head_spans)) - 1][1] if head_spans else 0
+        tail_start = (tail_offset + tail_spans[max(0, len(tail_spans) - tail_tokens)][0] if tail_spans
+                      else len(text))
+        total = f"{len(text)} characters"
+    return CutText(text[:head_end] + CUT_MARK + text[tail_start:], max_tokens,
+                   f"{what} cut to its first {head_tokens} and last {tail_tokens} tokens of {total}; the middle "
+                   "was not judged")
+
+
+def _token_spans(tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """Each token's (start, end) character offsets in `text`."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    return [tuple(span) for span in encoded["offset_mapping"]]

@@ -10,8 +10,9 @@ fail closed (decision "block") by default, fail open ("allow", with `fail_open` 
 """
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from misguard.calibration import Calibration
 from misguard.engines.base import EngineOptions
-from misguard.guard.chat_input import parse_chat_messages
+from misguard.guard.chat_input import cut_text, parse_chat_messages
 from misguard.guard.policy import Policy
 from misguard.judges import Assessment, Case, Judge, load_judge
 from misguard.judges.cascade import CascadeBand, CascadeJudge
@@ -32,12 +33,15 @@ DEFAULT_INPUT_THRESHOLD = 0.5
 
 @dataclass(frozen=True)
 class RailCheck:
-    """One thing to judge: the user's images and question, and for the output rail the response."""
+    """One thing to judge: the conversation's images and text, and for the output rail the response. `score` cuts
+    the text to the rail's budget (limits.max_text_tokens) before the judge sees it."""
 
     rail: Rail
     images: Sequence[Any]
     """PIL images or image file paths."""
     question: str
+    """Input rail: the conversation it judges (ChatInput.conversation: every user and assistant turn); output
+    rail: the question the response answers (ChatInput.question: the last user turn)."""
     response: str | None = None
     id: str = ""
 
@@ -56,6 +60,9 @@ class RailScore:
     out_of_domain: bool = False
     """The judge flagged its verdict: its trust fell under the judge's threshold."""
     trust: float | None = None
+    note: str | None = None
+    """What the guard did to the check before judging it (its text cut to the rail's budget): the verdict's
+    reason ends with it."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,10 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _is_probability(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and 0.0 <= value <= 1.0
 
 
 @dataclass
@@ -162,14 +173,17 @@ class Guard:
     # ---- the library API ----
 
     def check_input(self, messages: Sequence[dict[str, Any]]) -> Verdict:
-        """The input rail's verdict on a conversation (OpenAI chat messages, or misguard's internal format).
-        Raises InputError for malformed messages or images over the policy's limits."""
-        chat = parse_chat_messages(list(messages), self.policy.limits)
-        return self.check([RailCheck("input", chat.images, chat.question)])[0]
+        """The input rail's verdict on a conversation (OpenAI chat messages, or misguard's internal format): its
+        images and every user and assistant turn, within the rail's text budget. Images are decoded no larger than
+        the judge reads (none for a judge that reads no pixels). Raises InputError for malformed messages or
+        images over the policy's limits."""
+        chat = parse_chat_messages(list(messages), self.policy.limits, image_pixels=self.judge.image_pixels)
+        return self.check([RailCheck("input", chat.images, chat.conversation)])[0]
 
     def check_output(self, messages: Sequence[dict[str, Any]], response: str) -> Verdict:
-        """The output rail's verdict on `response` to the conversation. Raises InputError as check_input."""
-        chat = parse_chat_messages(list(messages), self.policy.limits)
+        """The output rail's verdict on `response` to the conversation's last user turn. Raises InputError as
+        check_input."""
+        chat = parse_chat_messages(list(messages), self.policy.limits, image_pixels=self.judge.image_pixels)
         return self.check([RailCheck("output", chat.images, chat.question, response)])[0]
 
     def check(self, checks: Sequence[RailCheck]) -> list[Verdict]:
@@ -188,13 +202,37 @@ class Guard:
     # ---- the parts the server batches and times itself ----
 
     def score(self, checks: Sequence[RailCheck]) -> list[RailScore]:
-        """One RailScore per check, from one judge call for all of them. Raises whatever the judge raises (the
-        caller turns it into failed verdicts)."""
+        """One RailScore per check, from one judge call for all of them, each check's text first cut to the rail's
+        budget (`text_budget`; the score's note says what the guard or the judge cut). Raises whatever the judge
+        raises (the caller turns it into failed verdicts)."""
         if not checks:
             return []
-        cases = [Case(id=c.id or f"{c.rail}-{i}", images=tuple(c.images), question=c.question,
-                      response=(c.response or "") if c.rail == "output" else None) for i, c in enumerate(checks)]
-        return [self._rail_score(c.rail, a) for c, a in zip(checks, self.judge.judge(cases))]
+        cases, notes = [], []
+        for i, check in enumerate(checks):
+            question, response, note = self._bounded_text(check)
+            cases.append(Case(id=check.id or f"{check.rail}-{i}", images=tuple(check.images), question=question,
+                              response=response))
+            notes.append(note)
+        # The judge may cut further to fit its context (Assessment.input_cut): the verdict says that too.
+        return [replace(self._rail_score(c.rail, a), note="; ".join(n for n in (note, a.input_cut) if n) or None)
+                for c, a, note in zip(checks, self.judge.judge(cases), notes)]
+
+    @property
+    def text_budget(self) -> int:
+        """The most tokens of text a rail judges: the policy's limits.max_text_tokens, else the judge's own."""
+        return self.policy.limits.max_text_tokens or self.judge.text_tokens
+
+    def _bounded_text(self, check: RailCheck) -> tuple[str, str | None, str | None]:
+        """(question, response or None for the input rail, a note when either was cut) within the text budget:
+        the input rail's conversation keeps its newest 3/4 and its opening 1/4; the output rail's question takes
+        up to a quarter, the response the rest, head and tail halves."""
+        budget, tokenizer = self.text_budget, self.judge.tokenizer
+        if check.rail == "input":
+            conversation = cut_text(check.question, budget, tokenizer, tail_share=0.75, what="the conversation")
+            return conversation.text, None, conversation.note
+        question = cut_text(check.question, max(1, budget // 4), tokenizer, what="the question")
+        response = cut_text(check.response or "", max(1, budget - question.tokens), tokenizer, what="the response")
+        return question.text, response.text, "; ".join(c.note for c in (question, response) if c.cut) or None
 
     def _rail_score(self, rail: Rail, assessment: Assessment) -> RailScore:
         """A rail's score from the judge's assessment: its calibrated p_unsafe, or the rail's own calibration
@@ -206,7 +244,9 @@ class Guard:
             p = 1.0 if assessment.label == "Unsafe" else 0.0
             return RailScore(p_unsafe=p, p_unsafe_raw=p, **flags)
         own = self._rails[rail].calibration
-        if own is not None and assessment.judge == self.main_judge_id and assessment.p_unsafe_raw is not None:
+        # A raw score that is not a probability is not calibrated (the calibrator would raise, failing every check
+        # in the batch): it reaches `verdict` as it is, which makes it this check's judge error.
+        if own is not None and assessment.judge == self.main_judge_id and _is_probability(assessment.p_unsafe_raw):
             p = float(own.apply(np.array([assessment.p_unsafe_raw]))[0][0])
             return RailScore(p_unsafe=p, p_unsafe_raw=assessment.p_unsafe_raw, calibration=calibration_id(own),
                              **flags)
@@ -215,16 +255,27 @@ class Guard:
 
     def verdict(self, rail: Rail, score: RailScore, *, latency_ms: float | None = None,
                 timed_out: bool = False) -> Verdict:
-        """The rail's decision on a score, or on its absence (the policy's failure mode)."""
+        """The rail's decision on a score: blocked when p_unsafe reaches the threshold. A missing score, a timeout,
+        or a p_unsafe (raw or calibrated) or trust that is not a finite probability in [0, 1] (NaN compares False
+        with any threshold, so it would otherwise pass as "allow") is a judge failure: status "error" or
+        "timeout", decided by the policy's on_failure. Every number in the verdict is finite (it is sent as JSON)."""
         setup = self._rails[rail]
+        note = f"; {score.note}" if score.note else ""
         common = dict(rail=rail, threshold=setup.threshold, latency_ms=latency_ms,
                       judge=score.judge or self.judge_id, calibration=score.calibration)
+        unreadable = [f"{name} {value!r}" for name, value in (("p_unsafe", score.p_unsafe),
+                                                               ("p_unsafe_raw", score.p_unsafe_raw),
+                                                               ("trust", score.trust))
+                      if value is not None and not _is_probability(value)]
+        if unreadable:
+            score = RailScore(error=f"the judge's output is not a probability in [0, 1]: {', '.join(unreadable)}",
+                              judge=score.judge, calibration=score.calibration)
         if timed_out or score.p_unsafe is None:
             fail_open = self.policy.on_failure == "open"
             reason = (f"judge timed out after {self.policy.timeouts.judge_s:g} s" if timed_out
                       else score.error or "judge failed")
             return Verdict(decision="allow" if fail_open else "block", status="timeout" if timed_out else "error",
-                           score=None, reason=reason, fail_open=fail_open, **common)
+                           score=None, reason=reason + note, fail_open=fail_open, **common)
         blocked = score.p_unsafe >= setup.threshold
         reason = (f"p_unsafe {score.p_unsafe:.4f} {'>=' if blocked else '<'} threshold {setup.threshold:g}")
         status = "ok"
@@ -237,7 +288,7 @@ class Guard:
                 blocked = True
                 reason = f"out_of_domain: the judge does not trust its verdict{trust}; {reason}"
         return Verdict(decision="block" if blocked else "allow", status=status, score=score.p_unsafe,
-                       score_raw=score.p_unsafe_raw, reason=reason, trust=score.trust, **common)
+                       score_raw=score.p_unsafe_raw, reason=reason + note, trust=score.trust, **common)
 
     def skipped(self, rail: Rail) -> Verdict:
         reason = (f"the {rail} rail is off in the policy" if self.judge.reads_requests or rail == "output"

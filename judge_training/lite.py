@@ -40,9 +40,9 @@ from misguard.calibration.thresholds import threshold_max_kappa
 from misguard.core.errors import MisguardError
 from misguard.core.manifests import utc_now
 from misguard.core.records import PERCEPTION_LEVELS
-from misguard.core.settings import setting
+from misguard.core.settings import check_settings, setting
 from misguard.core.version import __version__
-from misguard.judge_training.checkpoints import resume_point
+from misguard.judge_training.checkpoints import checkpoint_loading, resume_point
 from misguard.judge_training.examples import TextExample
 from misguard.judges.lite.judge import LITE_FORMAT, LITE_TEMPLATE, WEIGHTS_FILE, predict
 from misguard.judges.lite.model import (
@@ -72,21 +72,24 @@ class LiteTrainConfig:
     """Settings of one `misguard train --kind lite` run. Each field is one CLI option."""
 
     out: Path = setting(help="The judge folder to write.")
-    epochs: int = setting(3, help="Passes over the training examples; with resume, a larger value continues a "
-                                  "finished run.")
-    lr: float = setting(5e-5, help="Peak learning rate, decayed linearly to 0; default: 2e-4 with LoRA, 1e-5 for "
-                                   "full fine-tuning (vlm), 5e-5 (lite).")
-    batch_size: int = setting(16, help="Examples per device per step.")
-    max_tokens: int = setting(256, help="lite: tokens per window (question + response piece + 3 special tokens).")
-    question_tokens: int = setting(96, help="lite: most tokens of the question (with its image description) in "
-                                            "each window; a longer one keeps its head and its tail.")
-    overlap: int = setting(32, help="lite: response tokens two neighbouring windows share.")
+    epochs: int = setting(3, at_least=1, help="Passes over the training examples; with resume, a larger value "
+                                              "continues a finished run.")
+    lr: float = setting(5e-5, above=0.0, below=1.0,
+                        help="Peak learning rate, decayed linearly to 0; default: 2e-4 with LoRA, 1e-5 for full "
+                             "fine-tuning (vlm), 5e-5 (lite).")
+    batch_size: int = setting(16, at_least=1, help="Examples per device per step.")
+    max_tokens: int = setting(256, at_least=16, at_most=512,
+                              help="lite: tokens per window (question + response piece + 3 special tokens).")
+    question_tokens: int = setting(96, at_least=0, help="lite: most tokens of the question (with its image "
+                                                        "description) in each window; a longer one keeps its head "
+                                                        "and its tail.")
+    overlap: int = setting(32, at_least=0, help="lite: response tokens two neighbouring windows share.")
     balance: str = setting("sqrt", help="lite: how sources weigh against each other: equal (each source as much "
                                         "as any other), sqrt (between), none (by their rows).")
-    patience: int = setting(1, help="lite: stop after this many epochs without a lower validation loss.")
-    flag_share: float = setting(0.05, help="lite: the share of in-domain held-out verdicts the trust threshold "
-                                           "flags out of domain.")
-    seed: int = setting(0, help="Seed of the initialisation, the data order and dropout.")
+    patience: int = setting(1, at_least=1, help="lite: stop after this many epochs without a lower validation loss.")
+    flag_share: float = setting(0.05, above=0.0, below=0.5, help="lite: the share of in-domain held-out verdicts "
+                                                                 "the trust threshold flags out of domain.")
+    seed: int = setting(0, at_least=0, help="Seed of the initialisation, the data order and dropout.")
     judge_id: str | None = setting(None, help="The judge's id in judge.json and in every judgment it makes; "
                                               "default: the out folder's name.")
     resume: bool = setting(True, help="Continue from the last checkpoint in OUT/checkpoints when there is one "
@@ -98,6 +101,9 @@ class LiteTrainConfig:
     warmup_ratio: float = 0.06
     trust_rows: int = 4000
     """Training rows (a seeded sample) the trust model's Gaussians are fitted on."""
+
+    def __post_init__(self):
+        check_settings(self)  # the library refuses what the command line refuses
 
     def windows(self) -> WindowSpec:
         return WindowSpec(max_tokens=self.max_tokens, question_tokens=self.question_tokens, overlap=self.overlap)
@@ -254,7 +260,8 @@ def train_lite_judge(config: LiteTrainConfig, train: Sequence[TextExample], val:
     trainer.val_examples = list(val)
     if not progress:
         trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=resumed_from)
+    with checkpoint_loading(checkpoints):
+        trainer.train(resume_from_checkpoint=resumed_from)
     history = _history(trainer.state.log_history)
     best_epoch = _best_epoch(history, trainer.state)
     model = trainer.model.eval()
@@ -434,12 +441,6 @@ def _check_run(config: LiteTrainConfig, out: Path, train: Sequence[TextExample],
     if not val:
         raise MisguardError("no validation examples: the lite judge chooses its epoch, threshold and trust threshold "
                             "on held-out rows (use a val_frac above 0, or more data)")
-    if config.epochs < 1 or config.batch_size < 1 or config.patience < 1:
-        raise MisguardError("epochs, batch_size and patience must be at least 1")
-    if not 0.0 < config.lr < 1.0:
-        raise MisguardError(f"lr must be between 0 and 1, got {config.lr}")
-    if not 0.0 < config.flag_share < 0.5:
-        raise MisguardError(f"flag_share must be between 0 and 0.5, got {config.flag_share}")
     if not 16 <= config.question_tokens + 16 <= config.max_tokens <= 512:
         raise MisguardError(f"max_tokens must be at most 512 and leave at least 16 response tokens after "
                             f"question_tokens {config.question_tokens}, got {config.max_tokens}")

@@ -31,9 +31,10 @@ from transformers.trainer import TRAINING_ARGS_NAME, _is_peft_model
 
 from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
 from misguard.core.errors import MisguardError
+from misguard.core.locking import FOLDER_LOCK
 from misguard.core.manifests import utc_now
 from misguard.core.records import PERCEPTION_LEVELS
-from misguard.core.settings import setting
+from misguard.core.settings import check_settings, setting
 from misguard.core.version import __version__
 from misguard.engines import EngineOptions
 from misguard.engines.base import check_model_folder
@@ -46,7 +47,7 @@ from misguard.engines.hf import (
     resolve_device_dtype,
 )
 from misguard.engines.messages import LabelProbs, label_probs_from_logprobs
-from misguard.judge_training.checkpoints import resume_point
+from misguard.judge_training.checkpoints import checkpoint_loading, resume_point
 from misguard.judge_training.data import label_counts, split_sizes
 from misguard.judge_training.examples import TrainingExample
 from misguard.judges.spec import CARD_FILE, JUDGE_FILE, JudgeCard
@@ -64,8 +65,9 @@ SELECTION_METRIC = "selection_score"
 where kappa is undefined (both sides give one and the same label throughout: perfect agreement on a one-class
 validation set), ties broken by the lower validation loss."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".safetensors.index.json", ".bin.index.json")
-NOT_COPIED = {"config.json", "generation_config.json", "README.md", JUDGE_FILE, CARD_FILE}
-"""Files of the base folder that the judge folder does not take over (the merged model writes its own)."""
+NOT_COPIED = {"config.json", "generation_config.json", "README.md", JUDGE_FILE, CARD_FILE, FOLDER_LOCK}
+"""Files of the base folder that the judge folder does not take over (the merged model writes its own; the base's
+lock file, where a command wrote it, belongs to the base)."""
 
 
 @dataclass
@@ -78,22 +80,23 @@ class TrainConfig:
                                                        "answer is one code token).")
     lora: bool = setting(True, flag="--lora/--full", help="vlm: a LoRA adapter (merged into the saved model), or "
                                                           "full fine-tuning of the language model.")
-    lora_r: int = setting(16, help="vlm: LoRA rank.")
-    lora_alpha: int = setting(32, help="vlm: LoRA scaling numerator (the update is scaled by alpha / r).")
-    lora_dropout: float = setting(0.05, help="vlm: dropout on the LoRA branch's input.")
+    lora_r: int = setting(16, at_least=1, help="vlm: LoRA rank.")
+    lora_alpha: int = setting(32, at_least=1, help="vlm: LoRA scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = setting(0.05, at_least=0.0, below=1.0, help="vlm: dropout on the LoRA branch's input.")
     lora_target: str | None = setting(
         None, help="vlm: modules to adapt, a regular expression over full module names (peft's target_modules); "
                    "default: the language model's attention and MLP projections (and the vision tower's linear "
                    "layers with --train-vision).")
     train_vision: bool = setting(False, help="vlm: also train the vision tower and its projector (frozen by "
                                              "default).")
-    epochs: int = setting(3, help="Passes over the training examples; with resume, a larger value continues a "
-                                  "finished run.")
-    lr: float | None = setting(None, help="Peak learning rate, decayed linearly to 0; default: 2e-4 with LoRA, "
-                                          "1e-5 for full fine-tuning.")
-    batch_size: int = setting(8, help="Examples per device per step.")
-    grad_accum: int = setting(1, help="vlm: steps whose gradients are summed before each optimizer update.")
-    seed: int = setting(0, help="Seed of the initialisation, the data order and dropout.")
+    epochs: int = setting(3, at_least=1, help="Passes over the training examples; with resume, a larger value "
+                                              "continues a finished run.")
+    lr: float | None = setting(None, above=0.0, below=1.0, help="Peak learning rate, decayed linearly to 0; default: "
+                                                                "2e-4 with LoRA, 1e-5 for full fine-tuning.")
+    batch_size: int = setting(8, at_least=1, help="Examples per device per step.")
+    grad_accum: int = setting(1, at_least=1, help="vlm: steps whose gradients are summed before each optimizer "
+                                                  "update.")
+    seed: int = setting(0, at_least=0, help="Seed of the initialisation, the data order and dropout.")
     dtype: str = setting("auto", help="vlm: weights dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32 "
                                       "or bfloat16.")
     gradient_checkpointing: bool | None = setting(
@@ -102,6 +105,9 @@ class TrainConfig:
                                               "default: the out folder's name.")
     resume: bool = setting(True, help="Continue from the last checkpoint in OUT/checkpoints when there is one "
                                       "(same settings and data); --no-resume starts over.")
+
+    def __post_init__(self):
+        check_settings(self)  # the library refuses what the command line refuses
 
     def learning_rate(self) -> float:
         """The learning rate this run uses."""
@@ -408,7 +414,8 @@ def train_judge(config: TrainConfig, train: list[TrainingExample], val: list[Tra
                                      data_collator=collator, callbacks=list(callbacks))
     if not progress:
         trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=resumed_from)
+    with checkpoint_loading(checkpoints):
+        trainer.train(resume_from_checkpoint=resumed_from)
 
     history = _history(trainer.state.log_history)
     best_epoch, best = _best(history, trainer.state)
@@ -434,9 +441,6 @@ def _check_run(config: TrainConfig, base: Path, out: Path, train: Sequence[Train
         raise MisguardError("no training examples")
     if out.resolve() == base.resolve():
         raise MisguardError(f"{out}: the judge folder must not be the base model's folder")
-    for name in ("epochs", "batch_size", "grad_accum", "lora_r"):
-        if getattr(config, name) < 1:
-            raise MisguardError(f"{name} must be at least 1, got {getattr(config, name)}")
 
 
 def _fingerprint(config: TrainConfig, train: Sequence[TrainingExample], val: Sequence[TrainingExample]) -> dict:

@@ -112,6 +112,20 @@ class CascadeJudge(JudgeBase):
         return self.vlm.has_perception
 
     @property
+    def image_pixels(self) -> int | None:
+        """The VLM judge's: it reads the images of every case escalated to it (the lite judge reads none)."""
+        return self.vlm.image_pixels
+
+    @property
+    def text_tokens(self) -> int:
+        """The VLM judge's (the lite judge bounds its own windows within it)."""
+        return self.vlm.text_tokens
+
+    @property
+    def tokenizer(self) -> Any | None:
+        return self.vlm.tokenizer
+
+    @property
     def chunk_size(self) -> int:
         """The larger stage's chunk: the lite judge sees every case, the VLM judge batches the escalated ones."""
         return max(self.lite.chunk_size, self.vlm.chunk_size)

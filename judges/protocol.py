@@ -7,7 +7,8 @@ OpenAI-compatible server), the lite judge and the cascade all implement `Judge`;
 guard's rails hold a `Judge` and nothing else.
 
 A judge never turns what it cannot read into a label: such a case is `status: "unscored"` with a reason (an
-unreadable verdict, label tokens the engine did not return, a probability that is not a number).
+unreadable verdict, label tokens the engine did not return), or `status: "error"` when the judge itself failed on it
+(a probability that is not a finite number, an image that could not be decoded: `bad_image`).
 """
 from __future__ import annotations
 
@@ -19,15 +20,19 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from misguard.calibration import Calibration
-from misguard.core.records import PERCEPTION_LEVELS
+from misguard.core.records import PERCEPTION_LEVELS, Status
 from misguard.engines.base import runs
 from misguard.engines.messages import image_key
 
 Label = Literal["Safe", "Unsafe"]
 Level = Literal["Level1", "Level2", "Level3"]
-Status = Literal["scored", "unscored", "out_of_domain"]
 DEFAULT_CHUNK = 256
 """Cases a judge without an engine of its own hands back at a time from `judge_stream`."""
+DEFAULT_IMAGE_PIXELS = 1280 * 28 * 28
+"""The most pixels of one image a judge reads when its processor does not say: Qwen2-VL's default `max_pixels`
+(1280 visual tokens of 28x28 pixels), about 1 megapixel."""
+DEFAULT_TEXT_TOKENS = 4096
+"""The most tokens of a case's text a judge reads when it does not say (the tiny and many small VLMs' context)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,12 @@ class Assessment:
     label_mass: float | None = None
     """A VLM judge reading answer-code probabilities: the codes' share of the next-token distribution (near 1
     when the model answers in the judge's format)."""
+    input_cut: str | None = None
+    """How the judge shortened the case's text to fit its context (e.g. "response cut to 3,900 of 250,000 tokens
+    (head and tail kept)"); None when it read all of it."""
+    bad_image: str | None = None
+    """With status "error": the image (its path) that could not be used, when that is why: the case's input is at
+    fault, not the judge (`misguard score` treats it as a bad row)."""
 
     @property
     def scored(self) -> bool:
@@ -127,6 +138,22 @@ class Judge(Protocol):
     def chunk_size(self) -> int:
         """How many cases a caller should save at a time: it bounds what a crash loses."""
 
+    @property
+    def image_pixels(self) -> int | None:
+        """The most pixels of one image the judge reads (its processor resizes a larger image down to about this),
+        so the guard decodes no image much larger; None: it reads no pixels at all (the lite judge), so the guard
+        checks images' headers and never decodes them."""
+
+    @property
+    def text_tokens(self) -> int:
+        """The most tokens of one case's text (question and response) the judge reads: the guard's default
+        `limits.max_text_tokens`."""
+
+    @property
+    def tokenizer(self) -> Any | None:
+        """The judge's text tokenizer (a transformers tokenizer), in whose tokens the guard measures a text budget;
+        None: the budget is measured in characters."""
+
     def judge(self, cases: Sequence[Case]) -> list[Assessment]: ...
 
     def judge_stream(self, cases: Sequence[Case]) -> Iterator[tuple[int, Assessment]]: ...
@@ -142,6 +169,10 @@ class JudgeBase:
     context manager. A subclass defines at least one of the two."""
 
     chunk_size: int = DEFAULT_CHUNK
+    # What a judge that says nothing else reads: images up to about a megapixel, a few thousand characters' tokens.
+    image_pixels: int | None = DEFAULT_IMAGE_PIXELS
+    text_tokens: int = DEFAULT_TEXT_TOKENS
+    tokenizer: Any | None = None
 
     def judge(self, cases: Sequence[Case]) -> list[Assessment]:
         out: list[Any] = [None] * len(cases)
@@ -173,8 +204,8 @@ def assessments(judge: str, template: str, raw_unsafe: Sequence[float] | np.ndar
     """Assessments from a judge's raw head probabilities (raw_unsafe [n]; raw_perception [n, 3] in
     PERCEPTION_LEVELS order, or None without a perception head): calibrated with `calibration` when there is one
     and `calibrate` (the raw values kept beside), labelled Unsafe at p_unsafe >= threshold. A row whose
-    probabilities are not finite numbers is unscored (comparing NaN with a threshold is False, which would read
-    as Safe). Shared by every kind of judge."""
+    probabilities are not finite numbers is status "error" (comparing NaN with a threshold is False, which would read
+    as Safe) is an error: the judge failed on it. Shared by every kind of judge."""
     raw_unsafe = np.asarray(raw_unsafe, dtype=np.float64)
     finite = np.isfinite(raw_unsafe)
     if raw_perception is not None:
@@ -193,8 +224,9 @@ def assessments(judge: str, template: str, raw_unsafe: Sequence[float] | np.ndar
     out = []
     for row in range(len(raw_unsafe)):
         if not finite[row] or not math.isfinite(float(p_unsafe[row])):
-            out.append(Assessment.unscored(judge, template, "the judge gave a probability that is not a number "
-                                           f"(p_unsafe {float(raw_unsafe[row])!r})", cal_id))
+            out.append(Assessment(judge=judge, template=template, status="error", calibration=cal_id,
+                                  reason=f"the judge gave a probability that is not a finite number (p_unsafe "
+                                         f"{float(raw_unsafe[row])!r})"))
             continue
         levels = levels_raw = None
         level = None

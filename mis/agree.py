@@ -15,6 +15,7 @@ from misguard.core.join import Joined, join_labels
 from misguard.core.jsonl import write_jsonl_atomic, write_text_atomic
 from misguard.core.labels import LabelRecord, LabelSource, read_labels
 from misguard.core.rows import BadRows
+from misguard.core.settings import check_number
 
 ESCALATE_FILE = "escalate.jsonl"
 
@@ -34,6 +35,11 @@ class AgreeConfig:
     max_unmatched_share: float = 0.02
     plots: bool = True
     skip_bad: bool = False
+
+    def __post_init__(self):
+        check_number("AgreeConfig.escalate", self.escalate, above=0.0, at_most=1.0)
+        check_number("AgreeConfig.n_bootstrap", self.n_bootstrap, at_least=0)
+        check_number("AgreeConfig.max_unmatched_share", self.max_unmatched_share, at_least=0.0, at_most=1.0)
 
 
 @dataclass

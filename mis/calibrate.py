@@ -23,6 +23,7 @@ from misguard.core.errors import MisguardError
 from misguard.core.join import join_labels
 from misguard.core.labels import LabelRecord, LabelSource
 from misguard.core.rows import BadRows
+from misguard.core.settings import check_number
 from misguard.judges.spec import embed_calibration
 
 
@@ -50,6 +51,9 @@ class CalibrateConfig:
     flag_share: float | None = DEFAULT_FLAG_SHARE
     """For a VLM judge's judgments (they carry the answer codes' mass): fit its trust score on the same rows, so
     that this share of them would be flagged out of domain; None or 0: no trust score."""
+
+    def __post_init__(self):
+        check_number("CalibrateConfig.max_unmatched_share", self.max_unmatched_share, at_least=0.0, at_most=1.0)
 
 
 def run_calibrate(config: CalibrateConfig) -> Calibration:

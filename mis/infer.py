@@ -4,6 +4,11 @@ Output: ``OUT/<split>/<model-name>.jsonl`` (the responses format the seed's gpt_
 ``<model-name>.manifest.json`` beside it. With ``shard=(i, n)`` the split's items ``i, i+n, i+2n, ...`` go to
 ``<model-name>.shard-<i>-of-<n>.jsonl``; `merge_shards` joins them. Results are appended and fsynced after every
 batch, so a crash loses at most the batch in flight; a re-run reads what is there and does only the rest.
+
+Images are read within the engine options' byte and pixel limits. An item whose image cannot be used is a bad row:
+found by the split check (a missing file, an unreadable header, over a limit; with `check_images`, a file that does
+not decode) or when the engine decodes it (a truncated file); either way it stops the run naming the item's id,
+line and field, after every response already made is saved, or with `skip_bad` it is left out and reported.
 """
 from __future__ import annotations
 
@@ -11,17 +16,19 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
-from misguard.core.errors import MisguardError
+from misguard.core.errors import DataError, MisguardError
 from misguard.core.jsonl import append_as_they_come, read_responses_lenient, write_jsonl_atomic
 from misguard.core.manifests import InferManifest, read_manifest
 from misguard.core.records import Item, Response, id_order
 from misguard.core.rows import BadRows
-from misguard.core.splits import load_split
+from misguard.core.settings import check_number
+from misguard.core.splits import SplitData, load_split
 from misguard.engines import Engine, EngineOptions, load_engine
-from misguard.engines.messages import GenerationParams, user_request
+from misguard.engines.messages import Generation, GenerationParams, ImageFileError, user_request
 
 log = logging.getLogger("misguard")
 
@@ -48,6 +55,12 @@ class InferConfig:
     """(i, n): this process runs items i, i+n, ... (0 <= i < n)."""
     skip_bad: bool = False
     """Log and count bad items instead of stopping at the first one."""
+    check_images: bool = False
+    """Decode every image of the split before the run, so an image that does not decode is found up front (the
+    split check otherwise reads only the images' headers; the run finds the rest when it decodes them)."""
+
+    def __post_init__(self):
+        check_number("InferConfig.limit", self.limit, at_least=1)
 
     @property
     def name(self) -> str:
@@ -107,7 +120,8 @@ def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine 
     input (unless skip_bad), MisguardError when an existing output was made with other settings."""
     started = time.time()
     bad = BadRows(skip=config.skip_bad)
-    split = load_split(config.data, config.split, bad=bad)
+    split = load_split(config.data, config.split, bad=bad, limits=config.engine_options.image_limits(),
+                       decode_images=config.check_images)
     items = select_items(split.items, config.limit, config.shard)
     responses_path, manifest_path = output_paths(config)
     responses_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,17 +155,38 @@ def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine 
         requests = [user_request(item.id, split.image_paths(item), item.question) for item in todo]
         bar = _progress_bar(len(items), already_done, config, enabled=progress)
         try:
-            responses = (Response(**todo[index].model_dump(), response=generation.text, model=config.name)
-                         for index, generation in engine.stream(requests, config.generation))
+            responses = _responses(engine.stream(requests, config.generation), todo, split, bad, config.name)
             generated = append_as_they_come(responses_path, responses, engine.chunk_size, bar.update)
+        except ImageFileError as error:  # an engine that stops at a bad image rather than handing it back
+            raise _located(error, todo, split) from None
         finally:
             bar.close()
             if owned:
                 engine.close()
 
+    manifest.skipped_rows = bad.report()
     manifest.finished().save(manifest_path)
     return InferResult(responses_path, manifest_path, total=len(items), already_done=already_done,
-                       generated=generated, skipped_items=len(split.skipped), seconds=time.time() - started)
+                       generated=generated, skipped_items=len(bad.skipped), seconds=time.time() - started)
+
+
+def _responses(results: Iterator[tuple[int, Generation | ImageFileError]], todo: list[Item], split: SplitData,
+               bad: BadRows, model: str) -> Iterator[Response]:
+    """The engine's generations as responses to their items; an item whose image the engine could not use goes to
+    `bad` (which raises without skipping: the responses before it are saved all the same)."""
+    for index, result in results:
+        if isinstance(result, ImageFileError):
+            bad.reject(split.image_error(todo[index], result.path, result.reason))
+            continue
+        yield Response(**todo[index].model_dump(), response=result.text, model=model)
+
+
+def _located(error: ImageFileError, todo: list[Item], split: SplitData) -> DataError:
+    """The item's bad-row error for an image error raised by the engine (the first item to do with that image)."""
+    for item in todo:
+        if error.path in map(str, split.image_paths(item)):
+            return split.image_error(item, error.path, error.reason)
+    return error
 
 
 def _progress_bar(total: int, initial: int, config: InferConfig, *, enabled: bool):

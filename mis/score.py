@@ -4,6 +4,11 @@ Stage files in OUT: `judgments.jsonl` (one line per (target model, split, item),
 at a time as the judge finishes them, so a crash loses at most a chunk and an error such as a bad image nothing
 finished; a re-run judges only what is missing), a `score.manifest.json`, and `metrics.json` / `metrics.md`
 computed from the judgments file.
+A response whose item's image cannot be used (over the engine options' limits, missing, not decodable) is a bad
+row: it stops the run naming the responses file's line, the image's field and the item, after every judgment
+already made is saved, or with `skip_bad` it is left out and reported (and tried again by the next run). A
+judgment the judge failed on (a probability that is not a finite number) is written with status "error" and its
+reason, never a label; like an unscored one, it is a result: a re-run does not judge it again.
 `score_reference_labels` reads the seed's GPT-4o output (gpt_eval.py files, no ids) into the same judgments
 format, so reference and local metrics come from one code path.
 """
@@ -26,7 +31,10 @@ from misguard.core.manifests import ScoreManifest
 from misguard.core.metrics import compute_metrics, write_metrics
 from misguard.core.records import Judgment, id_order
 from misguard.core.rows import BadRows, first_of_each
+from misguard.core.settings import check_number
+from misguard.core.splits import item_image_error
 from misguard.engines.base import EngineOptions
+from misguard.engines.messages import ImageFileError
 from misguard.judges import Assessment, Case, Judge, load_judge, read_judge_spec
 from misguard.judges.cascade import CascadeBand, CascadeJudge
 from misguard.judges.spec import calibration_id, spec_calibration
@@ -60,6 +68,11 @@ class ScoreConfig:
     (VLM) judge the rest (judges/cascade.py)."""
     cascade_band: str = "0.1,0.9"
     """LOW,HIGH on the lite judge's calibrated p_unsafe: what it decides alone."""
+    check_images: bool = False
+    """Decode every image of the MIS directory before judging (see InferConfig.check_images)."""
+
+    def __post_init__(self):
+        check_number("ScoreConfig.n_bootstrap", self.n_bootstrap, at_least=0)  # before any judging, not after
 
 
 @dataclass
@@ -76,6 +89,10 @@ class ScoreResult:
     skipped_rows: list[str] = field(default_factory=list)
     out_of_domain: int = 0
     """Judgments the judge flagged as outside its domain (status out_of_domain): labelled, counted apart."""
+    errors: int = 0
+    """Judgments the judge failed on (status error): no label, counted apart."""
+    input_cut: int = 0
+    """Judgments whose question or response the judge cut to fit its context (`input_cut`)."""
 
     @property
     def warnings(self) -> list[str]:
@@ -109,7 +126,7 @@ def judgment_of(response: ItemResponse, assessment: Assessment) -> Judgment:
         p_unsafe=a.p_unsafe, p_perception=a.p_perception, judge=a.judge, template=a.template, status=a.status,
         reason=a.reason, calibration=a.calibration, p_unsafe_raw=a.p_unsafe_raw if calibrated else None,
         p_perception_raw=a.p_perception_raw if calibrated else None, trust=a.trust,
-        label_mass=a.label_mass)
+        label_mass=a.label_mass, input_cut=a.input_cut)
 
 
 def case_of(response: ItemResponse) -> Case:
@@ -150,7 +167,8 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
         run_ids.add((lite_spec.id, lite_spec.template,
                      calibration_id(spec_calibration(lite_spec, config.lite_judge))))
 
-    index = ItemIndex(config.data, bad=bad)
+    index = ItemIndex(config.data, bad=bad, limits=config.engine_options.image_limits(),
+                      decode_images=config.check_images)
     responses = item_responses(config.responses, index, bad=bad)
     # Responses to the same item side by side: they share the judge prompt's image + question prefix.
     responses.sort(key=lambda r: (r.split, id_order(r.response.id), r.response.model))
@@ -187,8 +205,10 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
             bar = tqdm(total=len(responses), initial=len(responses) - len(todo), unit="judgment", desc="score",
                        disable=not progress, dynamic_ncols=True)
             try:
-                judgments = (judgment_of(todo[i], a) for i, a in judge.judge_stream([case_of(r) for r in todo]))
+                judgments = _judgments(judge.judge_stream([case_of(r) for r in todo]), todo, index, bad)
                 judged = append_as_they_come(judgments_path, judgments, judge.chunk_size, bar.update)
+            except ImageFileError as error:  # an engine that stops at a bad image rather than handing it back
+                raise _located(error, todo, index) from None
             finally:
                 bar.close()
         finally:
@@ -198,11 +218,37 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
     metrics_paths, counts = _write_metrics(judgments_path, {r.key for r in responses}, out, config.n_bootstrap)
     if cascade is not None:
         manifest.cascade["this_run"] = cascade.stats.to_dict()
+    manifest.skipped_rows = bad.report()
     manifest.finished().save(manifest_path)
     return ScoreResult(judgments_path, metrics_paths, total=len(responses), already_done=len(responses) - len(todo),
                        judged=judged, unscored=counts["unscored"], out_of_domain=counts["out_of_domain"],
-                       seconds=time.time() - started,
+                       errors=counts["error"], input_cut=counts["input_cut"], seconds=time.time() - started,
                        cascade=cascade.stats.to_dict() if cascade is not None else None, skipped_rows=bad.report())
+
+
+def _judgments(assessed: Iterable[tuple[int, Assessment]], todo: list[ItemResponse], index: ItemIndex,
+               bad: BadRows) -> Iterable[Judgment]:
+    """The judge's assessments as judgments of their responses; a response whose image the engine could not use
+    goes to `bad` (which raises without skipping: the judgments before it are saved all the same)."""
+    for i, assessment in assessed:
+        if assessment.bad_image is not None:
+            bad.reject(_image_error(todo[i], assessment.bad_image, assessment.reason or "cannot be used", index))
+            continue
+        yield judgment_of(todo[i], assessment)
+
+
+def _image_error(response: ItemResponse, image: str, reason: str, index: ItemIndex) -> DataError:
+    """The bad-row error of a response whose item's image could not be used: its responses file and line."""
+    return item_image_error(response.item, image, reason, index.root[response.split], path=response.path,
+                            line=response.line)
+
+
+def _located(error: ImageFileError, todo: list[ItemResponse], index: ItemIndex) -> DataError:
+    """The bad-row error for an image error raised by the engine (the first response to judge with that image)."""
+    for response in todo:
+        if error.path in map(str, response.images):
+            return _image_error(response, error.path, error.reason, index)
+    return error
 
 
 def _write_metrics(judgments_path: Path, keys: set | None, out: Path, n_bootstrap: int):
@@ -210,7 +256,8 @@ def _write_metrics(judgments_path: Path, keys: set | None, out: Path, n_bootstra
     if keys is not None:  # only this run's responses, if the folder also holds judgments of other files
         judgments = [j for j in judgments if judgment_key(j) in keys]
     report = compute_metrics(judgments, n_bootstrap=n_bootstrap)
-    counts = {status: sum(j.status == status for j in judgments) for status in ("unscored", "out_of_domain")}
+    counts = {status: sum(j.status == status for j in judgments) for status in ("unscored", "error", "out_of_domain")}
+    counts["input_cut"] = sum(j.input_cut is not None for j in judgments)
     return write_metrics(report, out), counts
 
 
@@ -256,5 +303,6 @@ def score_reference_labels(verdict_files: list[Path], data: Path, out: Path, *,
     write_jsonl_atomic(path, judgments)
     metrics_paths, counts = _write_metrics(path, None, out, n_bootstrap)
     return ScoreResult(path, metrics_paths, total=len(judgments), already_done=0, judged=len(judgments),
-                       unscored=counts["unscored"], seconds=time.time() - started, skipped_rows=bad.report())
+                       unscored=counts["unscored"], errors=counts["error"], seconds=time.time() - started,
+                       skipped_rows=bad.report())
 

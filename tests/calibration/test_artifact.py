@@ -162,6 +162,8 @@ def _edit(data: dict, dotted: str, value) -> None:
     ("perception.state.maps", [], "perception.state.maps", "list of 3 map"),
     ("threshold.rule", "youden", "threshold.rule", "unknown rule 'youden'"),
     ("threshold.value", None, "threshold.value", "finite number"),
+    ("threshold.value", 2.0, "threshold.value", r"must be in \[0, 1\]"),
+    ("threshold.value", -0.5, "threshold.value", r"must be in \[0, 1\]"),
     ("report", [], "report", "expected an object"),
     ("trust", {"signals": ["margin"], "reference": [[0.2], [0.1]], "threshold": 0.1, "flag_share": 0.05},
      "trust.reference", "sorted along each column"),
@@ -195,6 +197,15 @@ def test_load_of_invalid_json_or_a_missing_file(tmp_path):
         Calibration.load(tmp_path / "missing.json")
     path.write_text("[1, 2]")
     with pytest.raises(CalibrationFileError, match=r"field '<root>': expected a JSON object"):
+        Calibration.load(path)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"version": ' + "1" * 5000 + "}"])
+def test_load_of_json_python_cannot_hold_names_the_file(tmp_path, text):
+    # Valid JSON syntax that json.loads still refuses (nesting past the recursion limit, an over-long integer).
+    path = tmp_path / "calibration.json"
+    path.write_text(text)
+    with pytest.raises(CalibrationFileError, match=r"calibration.json: not valid JSON"):
         Calibration.load(path)
 
 

@@ -12,6 +12,7 @@ from misguard.calibration import (
     threshold_match_rate,
     threshold_max_kappa,
 )
+from misguard.calibration.thresholds import NEVER_UNSAFE
 from tests.calibration.synthetic import power_distorted
 
 
@@ -103,3 +104,22 @@ def test_threshold_from_dict_names_the_field():
     with pytest.raises(CalibrationFormatError) as caught:
         Threshold.from_dict({"rule": "fixed"})
     assert caught.value.field == "value"
+
+
+@pytest.mark.parametrize("value", [2.0, 1.5, -0.1, -1e-12, float("inf"), float("nan")])
+def test_a_threshold_outside_zero_to_one_is_refused(value):
+    # 2.0 would never block again, a negative value always would: neither is a threshold a fit gives.
+    with pytest.raises(ValueError, match="threshold value must be"):
+        Threshold(value, "max_kappa")
+    with pytest.raises(CalibrationFormatError) as caught:
+        Threshold.from_dict({"value": value, "rule": "max_kappa"})
+    assert caught.value.field == "value"
+
+
+def test_the_never_unsafe_threshold_match_rate_fits_is_kept():
+    # A reference that calls nothing Unsafe, and a judge at p = 1.0: the fitted threshold is the float above 1.
+    p_unsafe = np.array([0.2, 0.6, 1.0, 1.0])
+    rate = fit_threshold(p_unsafe, [0, 0, 0, 0], "match_rate")
+    assert rate.value == NEVER_UNSAFE > 1.0 and not rate.is_unsafe(p_unsafe).any()
+    assert Threshold.from_dict(rate.to_dict()) == rate
+    assert Threshold(0.0).is_unsafe(p_unsafe).all() and Threshold(1.0).is_unsafe(p_unsafe).sum() == 2

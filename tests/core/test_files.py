@@ -8,8 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from misguard.core.errors import DataError
+from misguard.core.images import ImageLimits
 from misguard.core.jsonl import (
     GPT_EVAL_FIELDS,
     append_as_they_come,
@@ -184,9 +186,25 @@ def _garbage_image(elements, mis_dir):
     return "image_path1"
 
 
-def _truncated_image(elements, mis_dir):
+def _not_an_image_header(elements, mis_dir):
+    # A PNG cut inside its header: not even its size reads.
     image = mis_dir / elements[BAD_INDEX]["image_path2"]
-    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    image.write_bytes(image.read_bytes()[:20])
+    return "image_path2"
+
+
+def _image_bomb(elements, mis_dir):
+    # 17 KB on disk, 12000 x 12000 pixels in its header: over the default pixel limit, refused before decoding.
+    Image.new("1", (12000, 12000)).save(mis_dir / elements[BAD_INDEX]["image_path1"])
+    return "image_path1"
+
+
+def _symlink_outside(elements, mis_dir):
+    # Inside the directory by name, outside it by the link's target.
+    image = mis_dir / elements[BAD_INDEX]["image_path2"]
+    shutil.copy(image, mis_dir.parent / "outside.png")
+    image.unlink()
+    image.symlink_to(mis_dir.parent / "outside.png")
     return "image_path2"
 
 
@@ -208,7 +226,8 @@ def _not_an_object(elements, mis_dir):
 
 
 BAD_ITEM_CASES = [_drop_question, _blank_category, _blank_id, _question_wrong_type, _sub_category_null,
-                  _missing_image, _garbage_image, _truncated_image, _escaping_path, _absolute_path, _not_an_object]
+                  _missing_image, _garbage_image, _not_an_image_header, _image_bomb, _escaping_path,
+                  _absolute_path, _symlink_outside, _not_an_object]
 
 
 @pytest.mark.parametrize("layout", ["json", "jsonl"])
@@ -263,6 +282,53 @@ def test_first_problem_in_file_order_is_raised(mis_copy):
     assert_located(caught.value, mis_copy / "mis_easy.json", starts[2], "image_path1")
     data = load_split(mis_copy, "easy", bad=BadRows(skip=True))
     assert [(e.line, e.field) for e in data.skipped] == [(starts[2], "image_path1"), (starts[6], "category")]
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_truncated_image_passes_the_header_check_and_is_found_by_decoding(mis_copy, fmt):
+    elements = raw_items(mis_copy)
+    relative = elements[BAD_INDEX]["image_path1"]
+    with Image.open(mis_copy / relative) as image:
+        image.convert("RGB").save(mis_copy / relative, format=fmt)  # the name says .png; the bytes decide
+    truncate(mis_copy / relative)
+    starts = write_array(mis_copy / "mis_easy.json", elements)
+
+    split = load_split(mis_copy, "easy")  # its header reads: the cheap check lets it through
+    assert len(split.items) == N_ITEMS
+    item = next(i for i in split.items if i.id == str(elements[BAD_INDEX]["id"]))
+    # ... and a run that fails to decode it reports it where the item is.
+    error = split.image_error(item, split.image_paths(item)[0], "not a readable image (truncated)")
+    assert_located(error, mis_copy / "mis_easy.json", starts[BAD_INDEX], "image_path1")
+    assert f"item {item.id}" in str(error) and relative in str(error)
+
+    with pytest.raises(DataError) as caught:
+        load_split(mis_copy, "easy", decode_images=True)
+    assert_located(caught.value, mis_copy / "mis_easy.json", starts[BAD_INDEX], "image_path1")
+    skipped = load_split(mis_copy, "easy", decode_images=True, bad=BadRows(skip=True))
+    assert len(skipped.items) == N_ITEMS - 1 and skipped.skipped[0].line == starts[BAD_INDEX]
+
+
+def test_the_pixel_and_byte_limits_are_the_callers(mis_copy):
+    elements = raw_items(mis_copy)
+    starts = write_array(mis_copy / "mis_easy.json", elements)
+    sizes = []
+    for element in elements:
+        for field in ("image_path1", "image_path2"):
+            with Image.open(mis_copy / element[field]) as image:
+                sizes.append((image.width * image.height, field))
+    limit = sorted(pixels for pixels, _ in sizes)[len(sizes) // 2]
+    first = next(n for n, (pixels, _) in enumerate(sizes) if pixels > limit)
+    with pytest.raises(DataError, match="pixels, over the limit") as caught:
+        load_split(mis_copy, "easy", limits=ImageLimits(max_pixels=limit))
+    assert_located(caught.value, mis_copy / "mis_easy.json", starts[first // 2], sizes[first][1])
+    assert len(load_split(mis_copy, "easy", limits=ImageLimits(max_pixels=limit), bad=BadRows(skip=True)).items) == (
+        N_ITEMS - len({n // 2 for n, (pixels, _) in enumerate(sizes) if pixels > limit}))
+    with pytest.raises(DataError, match="bytes, over the limit"):
+        load_split(mis_copy, "easy", limits=ImageLimits(max_bytes=100))
 
 
 def test_check_images_false_skips_image_reads_but_not_path_checks(mis_copy):

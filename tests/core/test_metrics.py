@@ -10,7 +10,7 @@ import pytest
 from misguard.core.metrics import METRICS, bootstrap_ci, compute_metrics, metrics_markdown, write_metrics
 from misguard.core.records import Judgment
 
-HEADER = "| Model | Split | N | Unscored | Out of domain | ASR | HR | RSR | RR |"
+HEADER = "| Model | Split | N | Unscored | Errors | Out of domain | ASR | HR | RSR | RR |"
 _next_id = iter(range(1_000_000))
 
 
@@ -84,7 +84,7 @@ def test_a_group_with_nothing_scored_has_no_values_and_no_intervals():
     assert overall.values is None and overall.ci95 is None
     assert overall.counts == dict.fromkeys(METRICS, 0)
     assert report.groups[0].by_category["Hate"].values is None
-    assert "| m | easy | 2 | 2 | 0 | – | – | – | – |" in metrics_markdown(report)
+    assert "| m | easy | 2 | 2 | 0 | 0 | – | – | – | – |" in metrics_markdown(report)
 
 
 def test_per_category_and_sub_category_values_by_hand():
@@ -178,7 +178,7 @@ def test_no_bootstrap_gives_null_intervals_everywhere():
         assert group["overall"]["ci95"] is None
         assert all(rates["ci95"] is None for rates in group["by_category"].values())
         assert all(rates["ci95"] is None for rates in group["by_sub_category"].values())
-    assert "| m | easy | 8 | 0 | 0 | 37.5 | 12.5 | 25.0 | 25.0 |" in metrics_markdown(report)
+    assert "| m | easy | 8 | 0 | 0 | 0 | 37.5 | 12.5 | 25.0 | 25.0 |" in metrics_markdown(report)
 
 
 @pytest.mark.parametrize("bad", [
@@ -207,7 +207,7 @@ def test_write_metrics_files_round_trip_and_repeat_byte_for_byte(tmp_path):
     assert (json_path, md_path) == (tmp_path / "out" / "metrics.json", tmp_path / "out" / "metrics.md")
     data = json.loads(json_path.read_text())
     assert data == report.to_dict()
-    assert data["metrics_version"] == 2 and data["metric_order"] == ["ASR", "HR", "RSR", "RR"]
+    assert data["metrics_version"] == 3 and data["metric_order"] == ["ASR", "HR", "RSR", "RR"]
     assert set(data["definitions"]) == set(METRICS)
     assert [(g["model"], g["split"]) for g in data["groups"]] == [("m", "easy"), ("m", "hard"), ("m", "all")]
     easy = data["groups"][0]
@@ -219,8 +219,8 @@ def test_write_metrics_files_round_trip_and_repeat_byte_for_byte(tmp_path):
 
     markdown = md_path.read_text()
     assert HEADER in markdown
-    assert "| m | easy | 9 | 1 | 0 | 37.5 [" in markdown
-    assert "### m — hard" in markdown and "| doxxing | 8 | 0 | 0 | 37.5 [" in markdown
+    assert "| m | easy | 9 | 1 | 0 | 0 | 37.5 [" in markdown
+    assert "### m — hard" in markdown and "| doxxing | 8 | 0 | 0 | 0 | 37.5 [" in markdown
     json_bytes, md_bytes = json_path.read_bytes(), md_path.read_bytes()
     write_metrics(compute_metrics(judgments, n_bootstrap=200), tmp_path / "out")
     assert (json_path.read_bytes(), md_path.read_bytes()) == (json_bytes, md_bytes)

@@ -1,6 +1,7 @@
 """The transformers engine hands results back as it goes: requests are taken a window at a time (never splitting
 the responses to one item), batches are prepared in a thread ahead of the device across windows when there are
-preprocessing workers, and a bad image stops the run at its own batch with an error naming the file."""
+preprocessing workers, images are decoded within limits to about the processor's size, and a bad image costs
+its own request only: it comes back as an ImageFileError naming the file, after the rest of its batch."""
 from __future__ import annotations
 
 import threading
@@ -8,13 +9,15 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import misguard.engines.hf as hf
 from misguard.core.errors import DataError
 from misguard.engines import EngineOptions
 from misguard.engines.base import runs
+from misguard.engines.families import processor_pixels
 from misguard.engines.hf import TransformersEngine, prefetched
-from misguard.engines.messages import image_area, load_image
+from misguard.engines.messages import ImageFileError, image_area, images_key, load_image
 from misguard.judges.templates import get_template
 from tests.engines.test_hf_pipeline import label_probs
 from tests.engines.test_prefix_reuse import judge_requests
@@ -76,23 +79,54 @@ def broken_image(tmp_path, easy, kind: str):
     return path
 
 
+@pytest.mark.parametrize("prefix_reuse", [False, True])
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("kind", ["truncated", "missing"])
-def test_a_bad_image_stops_the_run_in_its_place_naming_the_file(tiny_judge, easy, labels, tmp_path, monkeypatch,
-                                                                 workers, kind):
+def test_a_bad_image_costs_its_own_request_after_the_rest_of_its_batch(tiny_judge, easy, labels, tmp_path,
+                                                                       monkeypatch, workers, kind, prefix_reuse):
+    # A truncated image's header reads (it is batched, and fails at decoding); a missing one fails at staging.
     bad = broken_image(tmp_path, easy, kind)
     item = easy.items[0]
     requests = judge_requests(easy, n_items=8)
-    requests.append(get_template("mis-judge-codes-v1").request("bad", [bad, easy.image_paths(item)[1]],
-                                                              item.question, "a response"))
+    bad_index = 3
+    requests.insert(bad_index, get_template("mis-judge-codes-v1").request(
+        "bad", [bad, easy.image_paths(item)[1]], item.question, "a response"))
     monkeypatch.setattr(hf, "WINDOW_BATCHES", 1)
-    returned = []
     with TransformersEngine(str(tiny_judge), EngineOptions(batch_size=2, preprocess_workers=workers,
-                                                          prefix_reuse=False)) as engine:
-        with pytest.raises(DataError, match=f"{kind}.png"):
-            for index, probs in engine.label_stream(requests, labels):
-                returned.append(index)
-    assert sorted(returned) == list(range(len(requests) - 1))  # every request before it came back
+                                                          prefix_reuse=prefix_reuse)) as engine:
+        returned = list(engine.label_stream(requests, labels))
+        window_size = engine.label_chunk_size
+    assert sorted(index for index, _ in returned) == list(range(len(requests)))  # every other request came back
+    failed = [(position, index, result) for position, (index, result) in enumerate(returned)
+              if isinstance(result, ImageFileError)]
+    assert [index for _, index, _ in failed] == [bad_index]
+    position, _, error = failed[0]
+    assert isinstance(error, DataError) and error.path == str(bad) and f"{kind}.png" in str(error)
+    assert error.code == ("image_not_found" if kind == "missing" else "invalid_image")
+    # Whatever ran beside it (its window's other requests) was handed back before it.
+    window = next(w for w in runs(range(len(requests)), window_size, key=lambda i: images_key(requests[i].messages))
+                  if bad_index in w)
+    before = {index for index, _ in returned[:position]}
+    assert set(window) - {bad_index} <= before
+
+
+def test_images_are_decoded_within_the_limits_and_to_about_the_processors_size(tiny_judge, easy, labels,
+                                                                                tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1400, 1000), (200, 30, 30)).save(big)
+    item = easy.items[0]
+    request = get_template("mis-judge-codes-v1").request("big", [big, easy.image_paths(item)[1]], item.question,
+                                                         "a response")
+    with TransformersEngine(str(tiny_judge), EngineOptions(batch_size=2)) as engine:
+        budget = engine.image_pixels
+        assert budget == processor_pixels(engine.processor.image_processor.to_dict()) and budget < 1400 * 1000
+        (_, (decoded, _)), = engine.prepare_all([request])
+        # Decoded smaller than the file, yet no smaller than the processor's own budget: the processor still
+        # sets the size the model sees.
+        assert budget <= decoded.width * decoded.height < 4 * budget  # core.images: never below the target
+    with TransformersEngine(str(tiny_judge), EngineOptions(batch_size=2, max_image_pixels=1400 * 1000 - 1)) as engine:
+        (index, refused), = engine.label_stream([request], labels)
+    assert isinstance(refused, ImageFileError) and refused.code == "image_too_large" and "big.png" in str(refused)
 
 
 def test_image_area_reads_only_the_header(tmp_path, easy):

@@ -1,5 +1,5 @@
 """Helpers for the guard server's tests: a guard on a thread in front of an upstream, image data URLs, a peer that
-accepts connections and never answers, and reading Prometheus metrics."""
+accepts connections and never answers, a judge that gives one fixed score, and reading Prometheus metrics."""
 from __future__ import annotations
 
 import base64
@@ -17,7 +17,8 @@ from misguard.guard.policy import Policy
 from misguard.guard.rails import Guard
 from misguard.guard.server.app import create_app, running_server
 from misguard.guard.server.service import GuardService
-from misguard.judges import Judge
+from misguard.judges import Assessment, Judge
+from misguard.judges.protocol import JudgeBase
 
 
 @contextmanager
@@ -27,6 +28,34 @@ def guarded(judge: Judge, upstream_url: str, policy: Policy | None = None, *,
     service = GuardService(Guard(judge, policy or Policy()), upstream_url)
     with running_server(create_app(service, api_key=api_key)) as url:
         yield f"{url}/v1", service
+
+
+class FixedScoreJudge(JudgeBase):
+    """A judge of the Judge protocol that gives every case the same p_unsafe, as it comes: for what the guard
+    makes of a score itself (NaN, infinity, out of range), without a model in the way. Counts its calls."""
+
+    def __init__(self, p_unsafe: float, *, judge_id: str = "fixed-score", trust: float | None = None):
+        self.p_unsafe = p_unsafe
+        self.trust = trust
+        self.calls = 0
+        self._id = judge_id
+
+    id = property(lambda self: self._id)
+    template = property(lambda self: "fixed-score-v1")
+    calibration_id = property(lambda self: None)
+    unsafe_threshold = property(lambda self: 0.5)
+    reads_requests = property(lambda self: True)
+    has_perception = property(lambda self: False)
+
+    def judge(self, cases):
+        self.calls += 1
+        # The label a careless judge would derive: NaN >= 0.5 is False, so "Safe".
+        label = "Unsafe" if self.p_unsafe >= 0.5 else "Safe"
+        return [Assessment(judge=self.id, template=self.template, status="scored", label=label,
+                           p_unsafe=self.p_unsafe, p_unsafe_raw=self.p_unsafe, trust=self.trust) for _ in cases]
+
+    def describe(self):
+        return {"id": self.id, "p_unsafe": repr(self.p_unsafe)}
 
 
 def png_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:

@@ -229,6 +229,32 @@ def test_allowed_file_is_forwarded_as_a_data_url_of_its_bytes(roots):
         assert chat.image_info[0].bytes == len(file_bytes)
 
 
+@pytest.mark.parametrize("host", ["example.com", "127.0.0.1", "otherhost:8000"])
+def test_file_url_naming_another_host_is_refused(roots, host):
+    allowed, _ = roots
+    error = refused([user(text("look"), image_part(f"file://{host}{allowed / 'a.png'}"))],
+                    Limits(allowed_image_roots=[allowed]))
+    assert (error.param, error.code) == ("messages.0.content.1.image_url.url", "remote_image")
+    assert host in error.message
+    for own in (f"file://localhost{allowed / 'a.png'}", f"file://{allowed / 'a.png'}"):
+        assert parse_chat_messages([user(image_part(own))], Limits(allowed_image_roots=[allowed])).images
+
+
+def test_conversation_is_every_user_and_assistant_turn_and_question_the_last_user_turn():
+    chat = parse_chat_messages([
+        {"role": "system", "content": "rules"},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "an answer"},
+        {"role": "tool", "content": "tool output"},
+        user(text("second"), image_part(data_url(png_bytes())), text("question")),
+        {"role": "assistant", "content": None},
+    ], Limits())
+    assert chat.question == "second\nquestion"
+    assert chat.conversation == "User: first question\n\nAssistant: an answer\n\nUser: second\nquestion"
+    alone = parse_chat_messages([{"role": "system", "content": "rules"}, {"role": "user", "content": "hi"}], Limits())
+    assert alone.conversation == alone.question == "hi"
+
+
 def test_file_url_with_escaped_characters(roots):
     allowed, _ = roots
     (allowed / "my image.png").write_bytes(png_bytes(2, 9))

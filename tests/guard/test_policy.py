@@ -19,8 +19,12 @@ FULL = {
     "timeouts": {"judge_s": 2.5, "upstream_s": 60.0},
     "batching": {"max_batch_size": 4, "max_wait_ms": 0.0},
     "limits": {"max_images": 2, "max_image_bytes": 1000, "max_image_pixels": 640 * 480, "max_request_bytes": 5000,
-               "allowed_image_roots": ["/abs/images"]},
-    "audit": {"path": "/abs/audit.jsonl", "redact_text": True},
+               "allowed_image_roots": ["/abs/images"], "max_json_depth": 12, "max_messages": 8,
+               "max_decoded_pixels_per_request": 640 * 480 * 2, "max_decoded_pixels_in_flight": 640 * 480 * 8,
+               "max_text_tokens": 512},
+    "audit": {"path": "/abs/audit.jsonl", "redact_text": False, "max_bytes": 4096, "backups": 2},
+    "server": {"limit_concurrency": 32, "timeout_keep_alive_s": 2.0, "body_read_timeout_s": 3.0,
+               "header_read_timeout_s": 4.0},
 }
 
 
@@ -38,6 +42,9 @@ def test_defaults_are_both_rails_on_fail_closed_refusal():
         assert policy.on_failure == "closed"
         assert policy.on_block.action == "refusal" and policy.on_block.refusal_text == DEFAULT_REFUSAL
         assert policy.limits.allowed_image_roots == [] and policy.audit.path is None
+        assert policy.audit.redact_text, "the audit log keeps no prompt or answer text unless told to"
+        assert policy.audit.max_bytes is not None and policy.audit.backups >= 1
+        assert policy.server.limit_concurrency and policy.server.body_read_timeout_s
 
 
 def test_empty_file_is_the_default_policy(tmp_path):
@@ -135,3 +142,45 @@ def test_readme_policy_example_is_a_valid_policy(tmp_path):
     assert policy.audit.path == tmp_path / "audit.jsonl"
     assert policy.model_dump(exclude={"limits", "audit", "on_block"}) == Policy().model_dump(
         exclude={"limits", "audit", "on_block"}), "the README shows the defaults"
+
+
+@pytest.mark.parametrize("text, line, field", [
+    ("on_failure: closed\ninput_rail:\n  enabled: true\non_failure: open\n", 4, "on_failure"),
+    ("input_rail:\n  threshold: 0.9\n  enabled: true\n  threshold: 0.1\n", 4, "input_rail.threshold"),
+    ("limits:\n  max_images: 1\naudit:\n  path: a.jsonl\nlimits:\n  max_images: 9\n", 5, "limits"),
+])
+def test_a_key_given_twice_names_file_line_and_key(tmp_path, text, line, field):
+    """PyYAML keeps the last of two equal keys silently: a policy saying `closed`, then `open`, would fail open."""
+    path = write(tmp_path, text)
+    with pytest.raises(DataError, match="given twice") as caught:
+        load_policy(path)
+    assert (caught.value.path, caught.value.line, caught.value.field) == (str(path), line, field)
+
+
+def test_a_merge_key_may_be_overridden(tmp_path):
+    text = "input_rail: &rail {enabled: true, threshold: 0.2}\noutput_rail:\n  <<: *rail\n  threshold: 0.7\n"
+    policy = load_policy(write(tmp_path, text))
+    assert policy.output_rail.threshold == 0.7 and policy.output_rail.enabled
+
+
+@pytest.mark.parametrize("roots, index", [("[/]", 0), ("[/srv/images, //]", 1), ("[../../../../../../../..]", 0)])
+def test_the_filesystem_root_is_no_allowed_image_root(tmp_path, roots, index):
+    path = write(tmp_path, f"on_failure: closed\nlimits:\n  allowed_image_roots: {roots}\n")
+    with pytest.raises(DataError, match="filesystem's root") as caught:
+        load_policy(path)
+    assert (caught.value.path, caught.value.line) == (str(path), 3)
+    assert caught.value.field == f"limits.allowed_image_roots.{index}"
+
+
+@pytest.mark.parametrize("text, field", [
+    ("audit:\n  backups: 0\n", "audit.backups"),
+    ("audit:\n  max_bytes: 0\n", "audit.max_bytes"),
+    ("server:\n  limit_concurrency: 0\n", "server.limit_concurrency"),
+    ("server:\n  body_read_timeout_s: 0\n", "server.body_read_timeout_s"),
+    ("limits:\n  max_json_depth: 1\n", "limits.max_json_depth"),
+    ("limits:\n  max_messages: 0\n", "limits.max_messages"),
+])
+def test_limits_out_of_range_name_their_field(tmp_path, text, field):
+    with pytest.raises(DataError, match="greater than") as caught:
+        load_policy(write(tmp_path, text))
+    assert (caught.value.line, caught.value.field) == (2, field)

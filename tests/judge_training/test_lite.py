@@ -20,6 +20,7 @@ from misguard.calibration import Calibration
 from misguard.cli.main import app
 from misguard.core.errors import DataError, MisguardError
 from misguard.core.jsonl import read_jsonl, write_jsonl_atomic, write_verdicts
+from misguard.core.locking import FOLDER_LOCK
 from misguard.core.records import SPLITS, Judgment, Response, Verdict
 from misguard.core.rows import BadRows
 from misguard.core.splits import load_split
@@ -141,6 +142,9 @@ def test_train_writes_a_lite_judge_folder_without_pickle(trained):
     assert {"judge.json", "judge_card.json", "model.safetensors", "config.json", "trust.safetensors",
             "tokenizer.json", "validation_reference.jsonl"} <= names
     for path in out.rglob("*"):  # JSON, JSON Lines, text and safetensors: nothing a loader would unpickle
+        if path.name == FOLDER_LOCK:  # the one-writer lock train held: the holder's pid as text
+            assert path.read_text().strip().isdigit()
+            continue
         assert path.is_file() and path.suffix in (".json", ".jsonl", ".safetensors", ".txt"), path
     assert "checkpoints" not in names  # the Trainer's state goes once the judge is written
     spec = read_judge_spec(out)
@@ -426,13 +430,12 @@ def test_bad_lite_settings_are_refused(split, tmp_path):
     model_folder = tmp_path / "model"
     model_folder.mkdir()
     (model_folder / "config.json").write_text("{}")
-    for config, message in ((LiteTrainConfig(out=model_folder), "holds another model"),
-                            (LiteTrainConfig(out=tmp_path / "j", flag_share=0.7), "flag_share"),
-                            (LiteTrainConfig(out=tmp_path / "j", max_tokens=1000), "max_tokens"),
-                            (LiteTrainConfig(out=tmp_path / "j", balance="fair"), "balance"),
-                            (LiteTrainConfig(out=tmp_path / "j", epochs=0), "epochs")):
-        with pytest.raises(MisguardError, match=message):
-            train_lite_judge(config, train, val)
+    for settings, message in (({"out": model_folder}, "holds another model"),
+                              ({"flag_share": 0.7}, "flag_share"), ({"max_tokens": 1000}, "max_tokens"),
+                              ({"question_tokens": 400}, "max_tokens"), ({"balance": "fair"}, "balance"),
+                              ({"epochs": 0}, "epochs")):
+        with pytest.raises(MisguardError, match=message):  # a single bad number: when the config is made
+            train_lite_judge(LiteTrainConfig(**{"out": tmp_path / "j", **settings}), train, val)
     with pytest.raises(MisguardError, match="no training examples"):
         train_lite_judge(LiteTrainConfig(out=tmp_path / "j"), [], val)
     with pytest.raises(MisguardError, match="no validation examples"):

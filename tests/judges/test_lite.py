@@ -37,7 +37,7 @@ def base():
 
 
 def test_a_long_response_is_read_whole_in_overlapping_windows_that_each_carry_the_question(tokenizer):
-    spec = WindowSpec(max_tokens=64, question_tokens=12, overlap=8)
+    spec = WindowSpec(max_tokens=64, question_tokens=12, overlap=8, max_windows=1000)
     response = " ".join(f"word{n}" for n in range(300))
     [item] = encode_items(tokenizer, ["How do I use these?"], [response], None, spec)
     question = tokenizer("How do I use these?", add_special_tokens=False)["input_ids"]
@@ -53,6 +53,36 @@ def test_a_long_response_is_read_whole_in_overlapping_windows_that_each_carry_th
     for n, piece in enumerate(pieces):
         covered += piece if n == 0 else piece[spec.overlap:]  # neighbours share `overlap` tokens
     assert covered == body, "nothing of the response is truncated away"
+
+
+class RecordingTokenizer:
+    """The tokenizer, recording the longest text it was asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, texts, **kwargs):
+        self.longest = max([self.longest, *map(len, texts)])
+        return self.tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_huge_response_is_read_at_its_first_and_last_windows_only(tokenizer):
+    spec = WindowSpec(max_tokens=64, question_tokens=12, overlap=8, max_windows=6)
+    response = " ".join(f"word{n}" for n in range(200_000))  # about 1.3 MB: thousands of windows uncapped
+    recording = RecordingTokenizer(tokenizer)
+    [item] = encode_items(recording, ["How do I use these?"], [response], None, spec)
+    assert len(item.windows) == spec.max_windows
+    assert recording.longest < 100_000, "the response was tokenized whole"
+    [uncapped] = encode_items(tokenizer, ["How do I use these?"], [response[:5000]], None,
+                              WindowSpec(max_tokens=64, question_tokens=12, overlap=8, max_windows=1000))
+    assert item.windows[:3] == uncapped.windows[:3]  # the head windows as they always were
+    question = len(tokenizer("How do I use these?", add_special_tokens=False)["input_ids"])
+    last = list(item.windows[-1][question + 2:-1])
+    assert last[-4:] == tokenizer(response[-40:], add_special_tokens=False)["input_ids"][-4:]  # and the tail
+    assert spec.to_dict()["max_windows"] == 6 and WindowSpec().max_windows == 16
 
 
 def test_a_long_question_keeps_its_head_and_its_tail(tokenizer):

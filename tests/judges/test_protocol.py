@@ -38,13 +38,13 @@ def test_a_chunk_never_splits_the_cases_on_one_items_images():
     assert [case_id for chunk in judge.chunks for case_id in chunk] == [c.id for c in cases]
 
 
-def test_probabilities_that_are_not_numbers_are_unscored_and_the_rest_scored():
+def test_probabilities_that_are_not_numbers_are_errors_and_the_rest_scored():
     out = assessments("j", "t", [0.2, float("nan"), 0.9], np.array([[0.5, 0.3, 0.2], [0.3, 0.3, 0.4],
                                                                     [0.1, 0.1, float("nan")]]),
                       calibration=None, calibration_id=None, threshold=0.5)
-    assert [a.status for a in out] == ["scored", "unscored", "unscored"]
+    assert [a.status for a in out] == ["scored", "error", "error"]
     assert out[0].label == "Safe" and out[0].perception == "Level1"
-    assert all(a.label is None and a.p_unsafe is None and "not a number" in a.reason for a in out[1:])
+    assert all(a.label is None and a.p_unsafe is None and "not a finite number" in a.reason for a in out[1:])
 
 
 def test_a_calibration_is_applied_and_the_raw_values_kept():

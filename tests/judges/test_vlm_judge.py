@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from misguard.core.errors import DataError, MisguardError
 from misguard.core.splits import load_split
@@ -14,7 +17,7 @@ from misguard.engines.messages import Generation, LabelProbs
 from misguard.judges import JUDGE_FILE, Case, Judge, read_judge_spec
 from misguard.judges.parse import parse_json_verdict
 from misguard.judges.templates import CODES, TEMPLATES, get_template
-from misguard.judges.vlm import VLMJudge
+from misguard.judges.vlm import ANSWER_TOKENS, CUT_MARK, VLMJudge
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +114,33 @@ def test_codes_judge_reads_probabilities_that_sum_to_one(judge_dir, cases):
     assert len({round(a.p_unsafe, 6) for a in assessments}) > 1, "different inputs should give different scores"
 
 
-def test_a_probability_that_is_not_a_number_is_unscored_never_safe(judge_dir, cases):
+def test_a_probability_that_is_not_a_number_is_an_error_never_safe(judge_dir, cases):
     nan = LabelProbs(probs=(float("nan"),) * 6, mass=float("nan"))
     assessments = VLMJudge(judge_dir, engine_instance=ScriptedEngine(probs=nan)).judge(cases)
-    assert all(a.status == "unscored" and a.label is None and "not a number" in a.reason for a in assessments)
+    assert all(a.status == "error" and a.label is None and "not a finite number" in a.reason for a in assessments)
+
+
+def nan_judge_folder(source: Path, folder: Path) -> Path:
+    """A copy of a tiny judge folder whose final norm weight is NaN: every forward pass gives NaN logits (id
+    "nan-judge")."""
+    shutil.copytree(source, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    spec = json.loads((folder / JUDGE_FILE).read_text())
+    (folder / JUDGE_FILE).write_text(json.dumps({**spec, "id": "nan-judge"}))
+    return folder
+
+
+def test_a_judge_with_nan_weights_gives_errors_not_labels(judge_dir, cases, tmp_path):
+    with VLMJudge(nan_judge_folder(judge_dir, tmp_path / "nan-judge"), "transformers",
+                  EngineOptions(dtype="float32", batch_size=4)) as judge:
+        assessments = judge.judge(cases) + judge.judge([Case(id="request", images=cases[0].images,
+                                                             question=cases[0].question)])
+    for assessment in assessments:
+        assert assessment.status == "error" and "not a finite number" in assessment.reason, assessment
+        assert (assessment.label, assessment.p_unsafe, assessment.perception, assessment.label_mass) == (
+            None, None, None, None)
 
 
 class ScriptedEngine(Engine):
@@ -131,6 +157,70 @@ class ScriptedEngine(Engine):
 
     def label_probs(self, requests, labels):
         return [self.probs] * len(requests)
+
+
+def test_an_image_the_engine_cannot_decode_is_an_error_naming_it(judge_dir, cases, tmp_path):
+    truncated = tmp_path / "truncated.png"
+    data = cases[0].images[0].read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    bad = Case(id="bad", images=(truncated, cases[0].images[1]), question=cases[0].question, response="r")
+    with VLMJudge(judge_dir, "transformers", EngineOptions(dtype="float32", batch_size=4)) as judge:
+        assessments = judge.judge([*cases[:2], bad, *cases[2:4]])
+    assert [a.status for a in assessments] == ["scored", "scored", "error", "scored", "scored"]
+    assert assessments[2].bad_image == str(truncated) and "not a readable image" in assessments[2].reason
+    assert assessments[2].label is None and all(a.bad_image is None for a in assessments if a.scored)
+
+
+MEGABYTE = 2**20
+
+
+def test_a_megabyte_response_is_cut_to_a_head_and_tail_that_fit_the_context(judge_dir, cases, monkeypatch, caplog):
+    head, tail = "START of the answer. ", " END of the answer."
+    huge = head + "la " * (MEGABYTE // 3) + tail
+    long_case = Case(id="huge", images=cases[0].images, question=cases[0].question, response=huge)
+    long_request = Case(id="huge-request", images=cases[0].images, question=huge)
+    seen = []
+    with VLMJudge(judge_dir, "transformers", EngineOptions(dtype="float32", batch_size=4)) as judge:
+        real_label_stream = judge.engine.label_stream
+
+        def recording(requests, labels):
+            prepared = judge.engine.prepare_all(requests)
+            seen.extend(len(judge.engine.processor(text=[prompt], images=[images])["input_ids"][0])
+                        for prompt, images in prepared)
+            return real_label_stream(requests, labels)
+
+        monkeypatch.setattr(judge.engine, "label_stream", recording)
+        tokenized = []
+        real_tokenize = type(judge.tokenizer).__call__
+        monkeypatch.setattr(type(judge.tokenizer), "__call__",
+                            lambda self, text, **kw: (tokenized.append(len(text)), real_tokenize(self, text, **kw))[1])
+        context = judge.context_tokens
+        assessments = judge.judge([cases[1], long_case, long_request])
+        fitted = judge.fit_to_context(long_case)
+    assert context == 4096  # the tiny model's max_position_embeddings, under its tokenizer's model_max_length
+    assert max(tokenized) < MEGABYTE // 4  # cut by characters before any tokenizing
+    assert all(n <= context - ANSWER_TOKENS for n in seen)  # never more than the context, the answer's room kept
+    assert seen[1] > context // 2  # and most of it used
+    assert [a.status for a in assessments] == ["scored"] * 3
+    assert assessments[0].input_cut is None
+    assert assessments[1].input_cut.startswith("response cut to ")
+    assert assessments[1].input_cut.endswith(f" tokens of {len(huge):,} characters (head and tail kept)")
+    assert assessments[2].input_cut.startswith("message cut to ")
+    assert fitted.case.response.startswith(head.strip()) and fitted.case.response.endswith(tail.strip())
+    assert CUT_MARK in fitted.case.response and fitted.case.question == long_case.question
+    assert [r.message for r in caplog.records].count(f"huge: {assessments[1].input_cut}, to fit the judge's "
+                                                      f"context of {context} tokens") >= 1
+
+
+def test_a_long_question_and_a_long_response_share_the_room(judge_dir, cases):
+    words = "word " * 20_000
+    case = Case(id="both", images=cases[0].images, question="Q " + words, response="R " + words)
+    with VLMJudge(judge_dir, engine_instance=ScriptedEngine(probs=None)) as judge:
+        fitted = judge.fit_to_context(case)
+        question, response = (len(judge.tokenizer(t, add_special_tokens=False)["input_ids"])
+                              for t in (fitted.case.question, fitted.case.response))
+    assert fitted.cut.startswith("question cut to ") and "; response cut to " in fitted.cut
+    assert abs(question - response) <= 8  # both longer than half the room: half each
 
 
 def test_missing_label_probabilities_are_unscored_never_guessed(judge_dir, cases):

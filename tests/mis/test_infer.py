@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,15 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from misguard.core.errors import MisguardError
+from misguard.core.errors import DataError, MisguardError
 from misguard.core.records import Item
 from misguard.core.splits import load_split
 from misguard.engines.base import EngineOptions
-from misguard.engines.messages import GenerationParams
-from misguard.mis.infer import InferConfig, merge_shards, parse_shard, run_inference
+from misguard.engines.messages import GenerationParams, image_area
+from misguard.mis.infer import InferConfig, merge_shards, output_paths, parse_shard, run_inference
 
 ITEM_FIELDS = set(Item.model_fields)
+N_DEMO = 12  # the demo_dir fixture's items per split
 
 
 def lines_of(path: Path) -> list[dict]:
@@ -117,3 +120,75 @@ def test_sigkill_mid_run_then_rerun_gives_every_item_exactly_once(tiny_model, de
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2])
     ids = [r["id"] for r in lines_of(responses)]
     assert len(ids) == len(set(ids)) == total
+
+
+# ------------------------------------------------------------------------------------------------ hostile images
+
+def hostile_copy(demo_dir: Path, tmp_path: Path) -> tuple[Path, Item, int]:
+    """A copy of the demo data whose easy item with the largest images (so the engine, which sorts a window by
+    size, runs its batch last) has a truncated JPEG as its first image: its header reads, its pixels do not.
+    Returns (data, that item, its line in mis_easy.json)."""
+    data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
+    split = load_split(data, "easy")
+    item = max(split.items, key=lambda i: sum(image_area(p) for p in split.image_paths(i)))
+    image = split.image_paths(item)[0]
+    with Image.open(image) as decoded:
+        decoded.convert("RGB").save(image, format="JPEG")  # named .png; Pillow goes by the bytes
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    return data, item, split.lines[item.id]
+
+
+def test_a_truncated_image_stops_the_run_at_its_item_with_every_other_response_saved(tiny_model, demo_dir,
+                                                                                     tmp_path):
+    data, item, line = hostile_copy(demo_dir, tmp_path)
+    config = config_for(tiny_model("qwen2_vl"), data, tmp_path / "out")
+    for _ in range(2):  # a re-run stops at the same item, with nothing lost and nothing doubled
+        with pytest.raises(DataError) as caught:
+            run_inference(config, progress=False)
+        error = caught.value
+        assert (error.path, error.line, error.field) == (str(data / "mis_easy.json"), line, "image_path1")
+        assert f"item {item.id}:" in str(error) and "not a readable image" in str(error)
+        ids = [r["id"] for r in lines_of(output_paths(config)[0])]
+        # Its batch ran last; the good items in it were saved before the run stopped.
+        assert sorted(ids) == sorted(i.id for i in load_split(data, "easy").items if i.id != item.id)
+
+
+def test_with_skip_bad_an_undecodable_image_is_a_skipped_item_and_the_run_goes_on(tiny_model, demo_dir, tmp_path):
+    data, item, line = hostile_copy(demo_dir, tmp_path)
+    config = config_for(tiny_model("qwen2_vl"), data, tmp_path / "out", skip_bad=True)
+    result = run_inference(config, progress=False)
+    assert (result.generated, result.skipped_items) == (N_DEMO - 1, 1)
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["complete"] and len(manifest["skipped_rows"]) == 1
+    assert manifest["skipped_rows"][0].startswith(
+        f"{data / 'mis_easy.json'}:{line}: field 'image_path1': item {item.id}: image '{item.image_path1}': not a "
+        "readable image")
+    again = run_inference(config, progress=False)  # only the bad item is left, and it is skipped again
+    assert (again.already_done, again.generated, again.skipped_items) == (N_DEMO - 1, 0, 1)
+    shutil.copy(demo_dir / item.image_path1, data / item.image_path1)  # mended: the next run does it
+    mended = run_inference(config, progress=False)
+    assert (mended.generated, mended.skipped_items) == (1, 0)
+    ids = [r["id"] for r in lines_of(result.responses_path)]
+    assert len(ids) == len(set(ids)) == N_DEMO
+
+
+def test_an_image_over_the_pixel_limit_is_refused_at_its_item_before_the_model_loads(tiny_model, demo_dir,
+                                                                                     tmp_path):
+    data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
+    split = load_split(data, "easy")
+    item = split.items[3]
+    # 17 KB on disk, 144 megapixels once decoded (the issue's 12000 x 12000 PNG).
+    Image.new("1", (12000, 12000)).save(split.image_paths(item)[1])
+    config = config_for(Path("no-such-model"), data, tmp_path / "out")
+    with pytest.raises(DataError, match="over the limit") as caught:
+        run_inference(config, progress=False)  # refused by its header: no model is loaded, no pixel decoded
+    assert (caught.value.line, caught.value.field) == (split.lines[item.id], "image_path2")
+    assert f"item {item.id}:" in str(caught.value)
+    skipping = config_for(tiny_model("qwen2_vl"), data, tmp_path / "out", skip_bad=True, limit=5)
+    result = run_inference(skipping, progress=False)
+    assert (result.generated, result.skipped_items) == (5, 1)  # --limit counts the items left
+    assert item.id not in {r["id"] for r in lines_of(result.responses_path)}
+    small = config_for(Path("no-such-model"), data, tmp_path / "other")
+    small.engine_options = EngineOptions(dtype="float32", batch_size=4, max_image_pixels=100)
+    with pytest.raises(DataError, match="over the limit of 100"):
+        run_inference(small, progress=False)  # --max-image-pixels is the split check's limit too

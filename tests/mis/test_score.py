@@ -13,18 +13,23 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+from misguard.calibration.agreement import agreement_report
 from misguard.core.errors import DataError, MisguardError
 from misguard.core.jsonl import read_jsonl, write_verdicts
+from misguard.core.labels import read_labels
 from misguard.core.records import Judgment, Verdict
 from misguard.core.splits import load_split
 from misguard.engines import EngineOptions
 from misguard.engines.hf import TransformersEngine
-from misguard.engines.messages import GenerationParams, image_area
+from misguard.engines.messages import GenerationParams, ImageFileError, image_area
 from misguard.judges.vlm import make_judge_folder
 from misguard.mis.demo_data import make_demo_data
 from misguard.mis.infer import InferConfig, run_inference
 from misguard.mis.score import ScoreConfig, run_score, score_reference_labels
+from tests.judges.test_vlm_judge import nan_judge_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 GPT_EVAL_FIELDS = {"label_perception", "label_str", "category", "question", "response", "image_path1",
@@ -186,8 +191,8 @@ def garble_pixels(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_bad_image_stops_scoring_with_every_finished_judgment_saved(responses, judge_dir, demo_dir, tmp_path,
-                                                                      monkeypatch):
+def test_a_bad_image_stops_scoring_at_its_rows_with_every_finished_judgment_saved(responses, judge_dir, demo_dir,
+                                                                                  tmp_path, monkeypatch):
     data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
     # The scored items' largest images: the engine sorts by size, so their batch runs after the others.
     items = [(split, item) for split in ("easy", "real") for item in load_split(data, split).items[:6]]
@@ -199,17 +204,78 @@ def test_a_bad_image_stops_scoring_with_every_finished_judgment_saved(responses,
 
     def counting(self, requests, labels):
         for index, probs in real_stream(self, requests, labels):
-            handed_back.append(index)
+            handed_back.append(probs)
             yield index, probs
 
     monkeypatch.setattr(TransformersEngine, "label_stream", counting)
     config = score_config(responses, judge_dir, data, tmp_path / "out")
-    with pytest.raises(DataError, match=bad.name):
-        run_score(config, progress=False)
-    saved = read_jsonl(tmp_path / "out" / "judgments.jsonl", Judgment)
-    assert 0 < len(saved) == len(handed_back) < 24  # fewer than a chunk: saved only because of the error
-    assert (split, item.id) not in {(j.split, j.id) for j in saved}
+    rows_of_item = {(r, n) for r in responses for n, line in enumerate(r.read_text().splitlines(), 1)
+                    if json.loads(line)["id"] == item.id and json.loads(line)["image_path1"] == item.image_path1}
+    for _ in range(2):  # a re-run stops at the same rows, with nothing lost and nothing doubled
+        handed_back.clear()
+        with pytest.raises(DataError) as caught:
+            run_score(config, progress=False)
+        error = caught.value
+        assert (Path(error.path), error.line) in rows_of_item and error.field == "image_path1"
+        assert f"item {item.id}: image '{item.image_path1}'" in str(error)
+        saved = read_jsonl(tmp_path / "out" / "judgments.jsonl", Judgment)
+        # Every other response, its batch-mates included, was judged and saved before the run stopped.
+        assert len(saved) == 24 - len(rows_of_item) == len({(j.model, j.split, j.id) for j in saved})
+        assert (split, item.id) not in {(j.split, j.id) for j in saved}
+    assert isinstance(handed_back[-1], ImageFileError)
+
+    skipping = score_config(responses, judge_dir, data, tmp_path / "out", skip_bad=True)
+    skipped = run_score(skipping, progress=False)
+    assert (skipped.already_done, skipped.judged, len(skipped.skipped_rows)) == (22, 0, len(rows_of_item))
+    assert all(f"item {item.id}: image '{item.image_path1}'" in row for row in skipped.skipped_rows)
+    manifest = json.loads((tmp_path / "out" / "score.manifest.json").read_text())
+    assert manifest["complete"] and manifest["skipped_rows"] == skipped.skipped_rows
     shutil.copy(demo_dir / bad.relative_to(data), bad)
     result = run_score(config, progress=False)
-    assert result.already_done == len(saved) and result.judged == 24 - len(saved)
+    assert result.already_done == 22 and result.judged == 2
     assert len({(j.model, j.split, j.id) for j in read_jsonl(result.judgments_path, Judgment)}) == 24
+
+
+def test_a_judge_that_gives_nan_writes_errors_never_labels(responses, judge_dir, demo_dir, tmp_path):
+    judge = nan_judge_folder(judge_dir, tmp_path / "nan-judge")
+    result = run_score(score_config(responses[:2], judge, demo_dir, tmp_path / "out"), progress=False)
+    judgments = read_jsonl(result.judgments_path, Judgment)
+    assert (result.errors, result.unscored, len(judgments)) == (12, 0, 12)
+    for j in judgments:
+        assert j.status == "error" and "not a finite number" in j.reason
+        assert (j.label_str, j.label_perception, j.p_unsafe) == (None, None, None)
+    groups = json.loads(result.metrics_paths[0].read_text())["groups"]
+    assert all((g["errors"], g["unscored"], g["scored"]) == (g["n"], 0, 0) for g in groups)
+    assert "| Errors |" in result.metrics_paths[1].read_text()
+    # calibrate and agree read the errors as rows without labels, counted apart from unscored ones.
+    records = read_labels(result.judgments_path)
+    assert all(r.error and not r.scored for r in records)
+    overall = agreement_report(list(zip(records, records)), n_bootstrap=0)["overall"]
+    assert (overall["error"], overall["unscored"]) == ({"judge": 12, "reference": 12}, {"judge": 0, "reference": 0})
+    again = run_score(score_config(responses[:2], judge, demo_dir, tmp_path / "out"), progress=False)
+    assert again.judged == 0  # an error is a result too, as unscored is: a re-run does not judge it again
+
+
+def test_a_lite_judge_with_a_nan_head_writes_errors_never_labels(responses, trusting_lite, demo_dir, tmp_path):
+    folder = Path(shutil.copytree(trusting_lite, tmp_path / "nan-lite"))
+    weights = load_file(folder / "model.safetensors")
+    weights["unsafe.bias"] = torch.full_like(weights["unsafe.bias"], float("nan"))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    result = run_score(score_config(responses[:1], folder, demo_dir, tmp_path / "out"), progress=False)
+    judgments = read_jsonl(result.judgments_path, Judgment)
+    assert result.errors == len(judgments) == 6
+    assert all(j.status == "error" and j.label_str is None and "not a finite number" in j.reason for j in judgments)
+
+
+def test_a_megabyte_response_is_judged_on_a_head_and_tail_and_counted(responses, judge_dir, demo_dir, tmp_path):
+    rows = [json.loads(line) for line in responses[0].read_text().splitlines()]
+    rows[1]["response"] = "Sure. " + "step " * (2**20 // 5)
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_score(score_config([path], judge_dir, demo_dir, tmp_path / "out"), progress=False)
+    judgments = {j.id: j for j in read_jsonl(result.judgments_path, Judgment)}
+    assert result.input_cut == 1 and result.errors == 0
+    cut = judgments[rows[1]["id"]]
+    assert cut.status == "scored" and cut.input_cut.startswith("response cut to ")
+    assert cut.response == rows[1]["response"]  # the judgment keeps the response as it was
+    assert all(j.input_cut is None for key, j in judgments.items() if key != rows[1]["id"])
