@@ -12,14 +12,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class GuardMetrics:
     """The guard's counters and histograms. Names and labels:
 
-    - misguard_requests_total{outcome}: answered requests; outcome = allowed | blocked | error | invalid
+    - misguard_requests_total{outcome}: answered requests; outcome = allowed | blocked | error | invalid | busy (429:
+      the in-flight image budget was spent)
     - misguard_blocks_total{rail}: requests blocked by each rail (input | output)
     - misguard_fail_open_total{rail}: judge failures the policy let pass
     - misguard_out_of_domain_total{rail, decision}: verdicts the judge flagged out of domain, and what the policy
       made of them (allow | block)
     - misguard_errors_total{kind}: judge_error (a judge that failed or gave a score that is not a probability, NaN
-      included) | judge_timeout | upstream_error | upstream_timeout | invalid_request | request_timeout (a body
-      not read within server.body_read_timeout_s) | internal
+      included) | judge_timeout | upstream_error | upstream_timeout | invalid_request | busy | request_timeout (a
+      body not read within server.body_read_timeout_s) | internal
     - misguard_judge_latency_seconds{rail}: from a check's submission to its verdict, queueing included
     - misguard_judge_batch_size, misguard_judge_batch_seconds: each engine call of the micro-batcher
     - misguard_upstream_latency_seconds: the upstream's whole answer
@@ -46,7 +47,7 @@ class GuardMetrics:
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.request_latency = Histogram("misguard_request_latency_seconds", "Whole request latency.",
                                          buckets=LATENCY_BUCKETS, registry=r)
-        for outcome in ("allowed", "blocked", "error", "invalid"):
+        for outcome in ("allowed", "blocked", "error", "invalid", "busy"):
             self.requests.labels(outcome)
         for rail in ("input", "output"):
             self.blocks.labels(rail)

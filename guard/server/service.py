@@ -175,6 +175,8 @@ class GuardService:
         outcome = {"allow": "allowed", "block": "blocked"}.get(record.decision, "error")
         if record.invalid:
             outcome = "invalid"
+        elif reply.status_code == 429:
+            outcome = "busy"
         self.metrics.requests.labels(outcome).inc()
         self.metrics.request_latency.observe(seconds)
         self.audit.write(record)
@@ -255,9 +257,12 @@ class GuardService:
                                            holder=record.request_id)
             except InputError as exc:
                 raise GuardHTTPError(exc.status_code, exc.message, param=exc.param, code=exc.code) from None
-        except GuardHTTPError:
-            record.invalid = True
-            self.metrics.errors.labels("invalid_request").inc()
+        except GuardHTTPError as error:
+            # 429: a well-formed request the guard is too busy to decode now (its pixel budget is spent), not an
+            # invalid one: counted apart, so a dashboard tells load from bad clients.
+            busy = error.status_code == 429
+            record.invalid = not busy
+            self.metrics.errors.labels("busy" if busy else "invalid_request").inc()
             raise
         return body, request, chat
 

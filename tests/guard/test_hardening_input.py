@@ -24,7 +24,7 @@ from misguard.guard.server.replay import replay_app
 from misguard.judges.lite.judge import LiteJudge
 from misguard.judges.lite.model import load_tokenizer
 from misguard.judges.vlm import VLMJudge
-from tests.guard.serving import data_url, guarded, image_part, png_bytes
+from tests.guard.serving import data_url, guarded, image_part, metric, png_bytes
 
 ALLOW_ALL = dict(input_rail=RailPolicy(threshold=1.0), output_rail=RailPolicy(threshold=1.0))
 
@@ -206,6 +206,10 @@ def test_over_the_in_flight_budget_is_429_and_the_budget_is_released_at_the_repl
         worker.join(timeout=120)
         assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
         assert busy.json()["error"]["code"] == "images_in_flight"
+        # counted as load, not as a bad request
+        assert metric(service, "misguard_requests_total", outcome="busy") == 1
+        assert metric(service, "misguard_errors_total", kind="busy") == 1
+        assert metric(service, "misguard_requests_total", outcome="invalid") == 0
         assert first["reply"].status_code == 200
         assert service.image_budget.in_flight == 0
         later = httpx.post(f"{url}/chat/completions", json=chat_body(messages), timeout=60)
