@@ -72,7 +72,7 @@ def read_header(source: bytes | str | Path, limits: ImageLimits | None = None) -
     """The image's header (size and format) without decoding its pixels. Raises ImageError for a missing,
     oversized (bytes or header pixels) or unreadable image."""
     limits = limits or ImageLimits()
-    with _open(source, limits) as image:
+    with _opened(source, limits) as image:
         return _checked_header(image, limits)
 
 
@@ -82,7 +82,7 @@ def open_image(source: bytes | str | Path, limits: ImageLimits | None = None) ->
     ImageError for a missing, oversized or unreadable (also truncated) image; nothing is decoded past a limit."""
     limits = limits or ImageLimits()
     try:
-        with _open(source, limits) as image:
+        with _opened(source, limits) as image:
             header = _checked_header(image, limits)
             target = limits.target_pixels
             if target is not None and header.pixels > target and image.format == "JPEG":
@@ -116,40 +116,30 @@ def _reduced(image: Any, factor: int) -> Any:
     return image.reduce(factor)
 
 
-class _open:
-    """Image.open on bytes or a file after the byte limit, as a context manager; missing/unreadable -> ImageError."""
-
-    def __init__(self, source: bytes | str | Path, limits: ImageLimits):
-        self.source, self.limits, self.image = source, limits, None
-
-    def __enter__(self) -> Any:
-        source, limit = self.source, self.limits.max_bytes
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            size, stream = len(source), io.BytesIO(source)
-        else:
-            path = Path(source)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise ImageError(f"image file not found: {path}", code="image_not_found") from None
-            except OSError as exc:
-                raise ImageError(f"cannot read the image file {path} ({exc.strerror})") from None
-            if not path.is_file():
-                raise ImageError(f"not a regular file: {path}")
-            stream = path
-        if size > limit:
-            raise ImageError(f"image is {size} bytes, over the limit of {limit}", code="image_too_large")
+def _opened(source: bytes | str | Path, limits: ImageLimits) -> Any:
+    """Image.open (lazy: header only) on bytes or a file, after the byte limit; a PIL image is its own context
+    manager, closed on exit. Raises ImageError for a missing, oversized or unreadable image."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        size, stream = len(source), io.BytesIO(source)
+    else:
+        path = Path(source)
         try:
-            self.image = Image.open(stream)
-        except Image.DecompressionBombError as exc:  # Pillow's header check at over twice its MAX_IMAGE_PIXELS
-            raise ImageError(f"image is too large to decode: {exc}", code="image_too_large") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise ImageError(f"not a readable image ({_reason(exc)})") from None
-        return self.image
-
-    def __exit__(self, *exc) -> None:
-        if self.image is not None:
-            self.image.close()
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageError(f"image file not found: {path}", code="image_not_found") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read the image file {path} ({exc.strerror})") from None
+        if not path.is_file():
+            raise ImageError(f"not a regular file: {path}")
+        stream = path
+    if size > limits.max_bytes:
+        raise ImageError(f"image is {size} bytes, over the limit of {limits.max_bytes}", code="image_too_large")
+    try:
+        return Image.open(stream)
+    except Image.DecompressionBombError as exc:  # Pillow's header check at over twice its MAX_IMAGE_PIXELS
+        raise ImageError(f"image is too large to decode: {exc}", code="image_too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"not a readable image ({_reason(exc)})") from None
 
 
 def _checked_header(image: Any, limits: ImageLimits) -> ImageHeader:
