@@ -120,8 +120,8 @@ def encode_items(tokenizer, questions: Sequence[str], responses: Sequence[str],
         stride = max(1, body - spec.overlap)
         starts = list(range(0, max(len(r) - spec.overlap, 1), stride))
         if len(starts) > spec.max_windows:
-            head = spec.max_windows // 2
-            starts = starts[:head] + starts[len(starts) - (spec.max_windows - head):]
+            first = spec.max_windows // 2
+            starts = starts[:first] + starts[len(starts) - (spec.max_windows - first):]
         windows, segments = [], []
         for start in starts:
             piece = r[start:start + body]

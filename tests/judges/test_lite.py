@@ -85,6 +85,15 @@ def test_a_huge_response_is_read_at_its_first_and_last_windows_only(tokenizer):
     assert spec.to_dict()["max_windows"] == 6 and WindowSpec().max_windows == 16
 
 
+def test_an_item_is_windowed_the_same_whatever_came_before_it_in_the_batch(tokenizer):
+    spec = WindowSpec(max_tokens=64, question_tokens=12, overlap=8, max_windows=4)
+    long_question = " ".join(f"q{n}" for n in range(40))
+    [alone] = encode_items(tokenizer, [long_question], ["A short answer."], None, spec)
+    huge = " ".join(f"word{n}" for n in range(2000))  # more windows than max_windows: its own head/tail cut
+    _, after = encode_items(tokenizer, ["How?", long_question], [huge, "A short answer."], None, spec)
+    assert after.windows == alone.windows
+
+
 def test_a_long_question_keeps_its_head_and_its_tail(tokenizer):
     spec = WindowSpec(max_tokens=64, question_tokens=12, overlap=4)
     question = " ".join(f"q{n}" for n in range(40))
