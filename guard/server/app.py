@@ -57,6 +57,7 @@ def create_app(service: GuardService, *, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="misguard guard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server_policy = service.policy.server
+    app.state.metrics = service.metrics  # the header deadline (in the protocol, below the app) counts there too
     limit = service.policy.limits.max_request_bytes
     body_deadline_s = service.policy.server.body_read_timeout_s
     expected = f"Bearer {api_key}".encode() if api_key is not None else None
@@ -151,6 +152,7 @@ class _HeaderDeadlineProtocol(H11Protocol):
     headers in (slowloris) would hold every connection. h11 rather than httptools: uvicorn always has it."""
 
     header_read_timeout_s = Server().header_read_timeout_s
+    metrics: Any = None  # the app's GuardMetrics, where a 408 for headers is counted as a body's is
     _header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -181,6 +183,9 @@ class _HeaderDeadlineProtocol(H11Protocol):
         if self.transport.is_closing():
             return
         if self.conn.trailing_data[0]:  # part of a request came: say why the connection closes
+            if self.metrics is not None:
+                self.metrics.requests.labels("invalid").inc()
+                self.metrics.errors.labels("request_timeout").inc()
             body = json.dumps(GuardHTTPError(408, f"the request headers did not arrive within "
                                                   f"{self.header_read_timeout_s:g} s", code="request_timeout").body())
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -196,7 +201,8 @@ def _uvicorn_limits(app: FastAPI, server: Server | None) -> dict[str, Any]:
     app was made with, else the defaults."""
     server = server or getattr(app.state, "server_policy", None) or Server()
     # uvicorn makes a protocol per connection from a class: the deadline travels as a class attribute.
-    protocol = type("H11Protocol", (_HeaderDeadlineProtocol,), {"header_read_timeout_s": server.header_read_timeout_s})
+    protocol = type("H11Protocol", (_HeaderDeadlineProtocol,), {"header_read_timeout_s": server.header_read_timeout_s,
+                                                                "metrics": getattr(app.state, "metrics", None)})
     return {"limit_concurrency": server.limit_concurrency, "timeout_keep_alive": server.timeout_keep_alive_s,
             "http": protocol}
 

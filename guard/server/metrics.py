@@ -20,7 +20,8 @@ class GuardMetrics:
       made of them (allow | block)
     - misguard_errors_total{kind}: judge_error (a judge that failed or gave a score that is not a probability, NaN
       included) | judge_timeout | upstream_error | upstream_timeout | invalid_request | busy | request_timeout (a
-      body not read within server.body_read_timeout_s) | internal
+      body not read within server.body_read_timeout_s, or headers begun and not finished within
+      server.header_read_timeout_s; a connection that sends nothing is closed uncounted) | internal
     - misguard_judge_latency_seconds{rail}: from a check's submission to its verdict, queueing included
     - misguard_judge_batch_size, misguard_judge_batch_seconds: each engine call of the micro-batcher
     - misguard_upstream_latency_seconds: the upstream's whole answer

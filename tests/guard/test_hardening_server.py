@@ -402,10 +402,14 @@ def assert_header_timeout(answer: bytes | None) -> None:
 
 def test_headers_that_trickle_in_get_408_and_their_connection_closed(replay_url):
     policy = Policy(server=Server(header_read_timeout_s=1.0))
-    with guarded(FixedScoreJudge(0.1), replay_url, policy) as (url, _):
+    with guarded(FixedScoreJudge(0.1), replay_url, policy) as (url, service):
         with socket.create_connection(guard_address(url), timeout=20) as sock:
             [answer] = trickle_headers([sock], seconds=3)
+        metrics = httpx.get(f"{url.removesuffix('/v1')}/metrics", timeout=30).text
     assert_header_timeout(answer)
+    # Counted as a body's 408 is: an invalid request, error kind request_timeout.
+    assert 'misguard_errors_total{kind="request_timeout"} 1.0' in metrics
+    assert 'misguard_requests_total{outcome="invalid"} 1.0' in metrics
 
 
 def test_many_slow_or_silent_connections_are_all_closed_and_the_guard_serves_again(replay_url):
