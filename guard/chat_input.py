@@ -9,8 +9,7 @@ reads no pixels (the lite judge) gets none: its images are checked by their head
 
 The result holds the messages twice: in misguard's internal format for the judge (PIL images) and in OpenAI
 format for the upstream, with file images turned into base64 data URLs (the upstream cannot see the guard's
-files), and the text the rails judge (`conversation`, `question`). The guard never fetches a URL. `cut_text`
-bounds a rail's text to its token budget (`limits.max_text_tokens`).
+files), and the text the rails judge (`conversation`, `question`). The guard never fetches a URL.
 """
 from __future__ import annotations
 
@@ -357,75 +356,3 @@ def _pil_bytes(image: Any, limits: Limits, at: str) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-# ---- text budgets ----
-
-CHARS_PER_TOKEN = 4
-"""A judge without a tokenizer has its token budget counted as this many characters a token (English text's
-average in BPE and WordPiece tokenizers)."""
-CHARS_PER_TOKEN_MAX = 16
-"""Characters one token covers at most in ordinary text: a text longer than this many times its budget is cut by
-characters first, so a 1 MB text is never tokenized whole (a text of very long "words" may then keep fewer tokens
-than the budget; it is cut either way)."""
-CUT_MARK = "\n[...]\n"
-"""Where a cut text's middle was: the judge reads that something is left out."""
-
-
-@dataclass(frozen=True)
-class CutText:
-    """A text within a token budget: `text` as judged, the `tokens` it keeps, and `note` saying how it was cut
-    (None when it was not)."""
-
-    text: str
-    tokens: int
-    note: str | None = None
-
-    @property
-    def cut(self) -> bool:
-        return self.note is not None
-
-
-def cut_text(text: str, max_tokens: int, tokenizer: Any | None = None, *, tail_share: float = 0.5,
-             what: str = "text") -> CutText:
-    """`text` as it is when it has at most `max_tokens` tokens of `tokenizer` (a transformers tokenizer; None:
-    CHARS_PER_TOKEN characters a token), else its first and last tokens, `tail_share` of the budget to the tail,
-    joined by CUT_MARK, with a note naming `what` was cut. Never tokenizes more than CHARS_PER_TOKEN_MAX
-    characters a token of the budget."""
-    tail_tokens = min(max_tokens, round(max_tokens * tail_share))
-    head_tokens = max_tokens - tail_tokens
-    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
-        # No token offsets to cut at (a slow tokenizer has none): the budget in characters.
-        limit = max_tokens * CHARS_PER_TOKEN
-        if len(text) <= limit:
-            return CutText(text, -(-len(text) // CHARS_PER_TOKEN))
-        head = head_tokens * CHARS_PER_TOKEN
-        kept = text[:head] + CUT_MARK + text[len(text) - (limit - head):]
-        return CutText(kept, max_tokens, f"{what} cut to its first {head} and last {limit - head} of "
-                                         f"{len(text)} characters; the middle was not judged")
-    precut = max_tokens * CHARS_PER_TOKEN_MAX
-    if len(text) <= precut:
-        spans = _token_spans(tokenizer, text)
-        if len(spans) <= max_tokens:
-            return CutText(text, len(spans))
-        head_end = spans[head_tokens - 1][1] if head_tokens else 0
-        tail_start = spans[len(spans) - tail_tokens][0] if tail_tokens else len(text)
-        total = f"{len(spans)} tokens"
-    else:
-        head_text = text[:head_tokens * CHARS_PER_TOKEN_MAX]
-        tail_offset = len(text) - tail_tokens * CHARS_PER_TOKEN_MAX
-        head_spans = _token_spans(tokenizer, head_text) if head_tokens else []
-        tail_spans = _token_spans(tokenizer, text[tail_offset:]) if tail_tokens else []
-        head_end = head_spans[min(head_tokens, len(head_spans)) - 1][1] if head_spans else 0
-        tail_start = (tail_offset + tail_spans[max(0, len(tail_spans) - tail_tokens)][0] if tail_spans
-                      else len(text))
-        total = f"{len(text)} characters"
-    return CutText(text[:head_end] + CUT_MARK + text[tail_start:], max_tokens,
-                   f"{what} cut to its first {head_tokens} and last {tail_tokens} tokens of {total}; the middle "
-                   "was not judged")
-
-
-def _token_spans(tokenizer: Any, text: str) -> list[tuple[int, int]]:
-    """Each token's (start, end) character offsets in `text`."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    return [tuple(span) for span in encoded["offset_mapping"]]

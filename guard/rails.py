@@ -20,11 +20,12 @@ import numpy as np
 
 from misguard.calibration import Calibration
 from misguard.engines.base import EngineOptions
-from misguard.guard.chat_input import cut_text, parse_chat_messages
+from misguard.guard.chat_input import parse_chat_messages
 from misguard.guard.policy import Policy
 from misguard.judges import Assessment, Case, Judge, load_judge
 from misguard.judges.cascade import CascadeBand, CascadeJudge
 from misguard.judges.spec import calibration_id
+from misguard.judges.text_budget import cut_text
 
 Rail = Literal["input", "output"]
 RAILS: tuple[Rail, ...] = ("input", "output")

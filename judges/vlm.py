@@ -42,6 +42,7 @@ from misguard.judges.templates import (
     get_template,
     request_template_for,
 )
+from misguard.judges.text_budget import CUT_MARK, cut_text, token_count
 
 JSON_VERDICT_TOKENS = 48
 """A JSON verdict is about 25 tokens; more means the model is not following the format."""
@@ -53,16 +54,14 @@ ANSWER_TOKENS = JSON_VERDICT_TOKENS
 TEMPLATE_SLACK_TOKENS = 64
 """Counted on top of the rubric's tokens: the chat template's own (role markers, the generation prompt) and the
 few a cut text can gain when it is tokenized again inside the prompt."""
-CHARS_PER_TOKEN = 24
-"""A long text is first cut to its budget x this many characters (head and tail), so a megabyte is never tokenized
-whole. Tokens of real vocabularies are shorter, so this first cut never leaves fewer tokens than the budget."""
+BOUND_CHARS_PER_TOKEN = 0.25
+"""Without a fast tokenizer a text's tokens are bounded, not estimated: no tokenizer makes more tokens than UTF-8
+bytes, at most 4 a character (the context must never overflow)."""
 PIXELS_PER_TOKEN = 14 * 14
 """No VLM here gives an image more than one token per 14 x 14 pixels it keeps: the bound used where the
 processor cannot count an image's tokens."""
 MIN_TEXT_TOKENS = 32
 """Fewer tokens than this left for the question and response: the case is not judged (status error)."""
-CUT_MARK = "\n[...]\n"
-"""What stands between the head and the tail of a cut text."""
 
 
 class VLMJudge(FolderJudge):
@@ -163,8 +162,8 @@ class VLMJudge(FolderJudge):
     def fit_to_context(self, case: Case, sizes: dict[Any, tuple[int, int] | None] | None = None) -> Fitted:
         """`case` with its question and response cut to a head and a tail (CUT_MARK between) where they do not
         fit the model's context beside the rubric, the images (counted by the processor, or bounded) and the
-        answer; the response keeps at least half the room a question would take from it. A text longer than
-        its budget x CHARS_PER_TOKEN characters is cut by characters first. `sizes` caches image sizes. Returns
+        answer; the response keeps at least half the room a question would take from it (judges/text_budget.py
+        `cut_text`: a megabyte is never tokenized whole). `sizes` caches image sizes. Returns
         the case as it is when it fits, or when the context is unknown; with `error` when even the texts' minimum
         does not fit."""
         context = self.context_tokens
@@ -182,15 +181,20 @@ class VLMJudge(FolderJudge):
         if budget < MIN_TEXT_TOKENS:
             return Fitted(case, error=f"the rubric and the images alone take {context - budget} tokens of the "
                                       f"judge's context of {context}")
-        pieces = [_Text.of(text, budget, self.tokenizer) for text in texts]
-        keeps = _shares([piece.count for piece in pieces], budget)
+        # Counted within the budget (a text over it counts as the budget: the shares come out the same), then cut
+        # to each text's share, room kept for the cut marks.
+        counted = [cut_text(text, budget, self.tokenizer, chars_per_token=BOUND_CHARS_PER_TOKEN) for text in texts]
+        keeps = _shares([c.tokens for c in counted], budget)
+        mark = token_count(self.tokenizer, CUT_MARK, chars_per_token=BOUND_CHARS_PER_TOKEN)
         cut_texts, cuts = [], []
-        for name, piece, keep in zip(names, pieces, keeps):
-            if piece.whole and piece.count <= keep:
-                cut_texts.append(piece.text)
+        for name, text, whole, keep in zip(names, texts, counted, keeps):
+            if not whole.cut and whole.tokens <= keep:
+                cut_texts.append(text)
                 continue
-            cut_texts.append(piece.cut(keep, self.tokenizer))
-            cuts.append(f"{name} cut to {piece.kept(keep)} (head and tail kept)")
+            kept = cut_text(text, max(1, keep - mark), self.tokenizer, what=name,
+                            chars_per_token=BOUND_CHARS_PER_TOKEN)
+            cut_texts.append(kept.text)
+            cuts.append(kept.note)
         if not cuts:
             return Fitted(case)
         how = "; ".join(cuts)
@@ -207,8 +211,7 @@ class VLMJudge(FolderJudge):
         for request in (False, True):
             prompt = self.request_prompt.request("", (), "") if request else self.prompt.request("", (), "", "")
             text = "".join(part["text"] for part in prompt.messages[0]["content"] if part["type"] == "text")
-            counts[request] = (len(text.encode("utf-8")) if self.tokenizer is None
-                               else len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+            counts[request] = token_count(self.tokenizer, text, chars_per_token=BOUND_CHARS_PER_TOKEN)
         return counts
 
     def _image_tokens(self, image: Any, sizes: dict[Any, tuple[int, int] | None]) -> int:
@@ -305,51 +308,6 @@ class Fitted:
     case: Case
     cut: str | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class _Text:
-    """A text and its token count, with its tokens: all of them (`whole`), or, for a text cut by characters first,
-    those of its head and of its tail (`text` stays the whole original). Without a tokenizer the count is the
-    text's UTF-8 bytes, more than it has tokens."""
-
-    text: str
-    count: int
-    head: list[int]
-    tail: list[int]
-    whole: bool
-
-    @classmethod
-    def of(cls, text: str, budget: int, tokenizer: Any | None) -> _Text:
-        chars = budget * CHARS_PER_TOKEN
-        if tokenizer is None:
-            return cls(text, len(text.encode("utf-8")), [], [], True)
-        if len(text) <= chars:
-            ids = _token_ids(tokenizer, text)
-            return cls(text, len(ids), ids, [], True)
-        head, tail = _token_ids(tokenizer, text[:chars // 2]), _token_ids(tokenizer, text[-(chars // 2):])
-        return cls(text, len(head) + len(tail), head, tail, False)
-
-    def kept(self, keep: int) -> str:
-        """"N of M tokens", or "N tokens of M characters" for a text cut by characters first."""
-        if self.whole:
-            return f"{keep:,} of {self.count:,} tokens"
-        return f"{keep:,} tokens of {len(self.text):,} characters"
-
-    def cut(self, keep: int, tokenizer: Any | None) -> str:
-        """A head and a tail of about `keep` tokens together, CUT_MARK between them."""
-        if tokenizer is None:  # by characters, at most 4 bytes each
-            chars = max(0, keep - len(CUT_MARK.encode("utf-8"))) // 4
-            return self.text[:(chars + 1) // 2] + CUT_MARK + self.text[len(self.text) - chars // 2:]
-        keep = max(0, keep - len(_token_ids(tokenizer, CUT_MARK)))
-        tail_ids = self.head if self.whole else self.tail
-        head, tail = (keep + 1) // 2, keep // 2
-        return (tokenizer.decode(self.head[:head]) + CUT_MARK
-                + (tokenizer.decode(tail_ids[len(tail_ids) - tail:]) if tail else ""))
-
-
-def _token_ids(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _shares(counts: list[int], budget: int) -> list[int]:

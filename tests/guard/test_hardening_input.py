@@ -16,13 +16,13 @@ from transformers import AutoProcessor
 
 from misguard.engines.families import processor_pixels
 from misguard.guard import chat_input
-from misguard.guard.chat_input import CUT_MARK, PixelBudget, cut_text, parse_chat_messages
+from misguard.guard.chat_input import PixelBudget, parse_chat_messages
 from misguard.guard.policy import Limits, Policy, RailPolicy, Timeouts
 from misguard.guard.rails import Guard
 from misguard.guard.server.app import running_server
 from misguard.guard.server.replay import replay_app
 from misguard.judges.lite.judge import LiteJudge
-from misguard.judges.lite.model import load_tokenizer
+from misguard.judges.text_budget import CUT_MARK
 from misguard.judges.vlm import VLMJudge
 from tests.guard.serving import data_url, guarded, image_part, metric, png_bytes
 
@@ -217,54 +217,6 @@ def test_over_the_in_flight_budget_is_429_and_the_budget_is_released_at_the_repl
 
 
 # --- text: bounded per rail ---------------------------------------------------------------------------------------
-
-class RecordingTokenizer:
-    """A tokenizer, recording the longest text it was asked to tokenize."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.longest = tokenizer, 0
-
-    def __call__(self, text, **kwargs):
-        self.longest = max(self.longest, len(text))
-        return self.tokenizer(text, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
-
-
-def test_a_text_within_its_budget_is_judged_as_it_is(tokenizer):
-    text = "How do I use these together? " * 3
-    kept = cut_text(text, 64, tokenizer)
-    assert (kept.text, kept.cut, kept.note) == (text, False, None)
-    assert kept.tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-@pytest.mark.parametrize("size", [5_000, 1_000_000])
-def test_a_long_text_keeps_its_head_and_tail_tokens_and_is_never_tokenized_whole(tokenizer, size):
-    words = " ".join(f"w{n}" for n in range(size // 4))[:size]
-    recording = RecordingTokenizer(tokenizer)
-    kept = cut_text(words, 100, recording, tail_share=0.75, what="the conversation")
-    assert kept.cut and "the conversation cut to its first 25 and last 75 tokens" in kept.note
-    assert recording.longest <= 100 * chat_input.CHARS_PER_TOKEN_MAX
-    head, _, tail = kept.text.partition(CUT_MARK)
-    assert words.startswith(head) and words.endswith(tail)
-    head_ids, tail_ids = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in (head, tail))
-    assert len(head_ids) == 25 and 70 <= len(tail_ids) <= 76  # the tail's first token may be a word cut in two
-    if size <= 100 * chat_input.CHARS_PER_TOKEN_MAX:  # tokenized whole: the very first and last tokens
-        whole = tokenizer(words, add_special_tokens=False)["input_ids"]
-        assert head_ids == whole[:25] and tail_ids[-70:] == whole[-70:]
-
-
-def test_without_a_tokenizer_the_budget_is_counted_in_characters():
-    kept = cut_text("x" * 1000, 50)
-    assert kept.cut and len(kept.text) == 50 * chat_input.CHARS_PER_TOKEN + len(CUT_MARK)
-    assert cut_text("x" * 200, 50).cut is False
-
 
 def test_over_the_text_budget_the_rail_judges_a_cut_text_and_says_so(judge, recorded_cases):
     guard = Guard(judge, Policy(limits=Limits(max_text_tokens=64)))

@@ -17,7 +17,8 @@ from misguard.engines.messages import Generation, LabelProbs
 from misguard.judges import JUDGE_FILE, Case, Judge, read_judge_spec
 from misguard.judges.parse import parse_json_verdict
 from misguard.judges.templates import CODES, TEMPLATES, get_template
-from misguard.judges.vlm import ANSWER_TOKENS, CUT_MARK, VLMJudge
+from misguard.judges.text_budget import CUT_MARK
+from misguard.judges.vlm import ANSWER_TOKENS, VLMJudge
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_a_megabyte_response_is_cut_to_a_head_and_tail_that_fit_the_context(judg
     assert [a.status for a in assessments] == ["scored"] * 3
     assert assessments[0].input_cut is None
     assert assessments[1].input_cut.startswith("response cut to ")
-    assert assessments[1].input_cut.endswith(f" tokens of {len(huge):,} characters (head and tail kept)")
+    assert assessments[1].input_cut.endswith(f" tokens of {len(huge)} characters; the middle was not judged")
     assert assessments[2].input_cut.startswith("message cut to ")
     assert fitted.case.response.startswith(head.strip()) and fitted.case.response.endswith(tail.strip())
     assert CUT_MARK in fitted.case.response and fitted.case.question == long_case.question
