@@ -8,7 +8,6 @@ its variable). Binding an address other than loopback without a client key is re
 from __future__ import annotations
 
 import ipaddress
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +17,7 @@ from misguard.cli.infer import Engine
 from misguard.cli.options import Given, config_options
 from misguard.cli.score import CascadeBandOption, LiteJudgeOption, ServedModel
 from misguard.core.errors import MisguardError
+from misguard.core.settings import read_key
 from misguard.engines.base import EngineOptions
 from misguard.guard.server.app import create_app, run_server
 from misguard.guard.server.loading import build_service
@@ -59,8 +59,8 @@ def serve(
     given: Given,
 ):
     """Put the judge in front of a deployed VLM as an OpenAI-compatible guardrail (input and output rails)."""
-    client_api_key = _api_key(client_api_key_file, CLIENT_KEY_ENV, "--client-api-key-file")
-    upstream_api_key = _api_key(upstream_api_key_file, UPSTREAM_KEY_ENV, "--upstream-api-key-file")
+    client_api_key = read_key(client_api_key_file, CLIENT_KEY_ENV, "--client-api-key-file")
+    upstream_api_key = read_key(upstream_api_key_file, UPSTREAM_KEY_ENV, "--upstream-api-key-file")
     if not is_loopback(host):
         if client_api_key is None and not insecure_no_auth:
             raise MisguardError(f"--host {host} lets other machines use the guard: give clients a key "
@@ -83,17 +83,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def _api_key(file: Path | None, envvar: str, option: str) -> str | None:
-    """The key in `file` (surrounding whitespace stripped), else in the environment variable `envvar`; None when
-    neither has one. Raises MisguardError for a file that cannot be read, is empty or holds more than one word."""
-    if file is None:
-        return os.environ.get(envvar, "").strip() or None
-    try:
-        key = file.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MisguardError(f"{option}: cannot read {file} ({exc})") from None
-    if not key or len(key.split()) != 1:
-        raise MisguardError(f"{option}: {file} must hold the key alone, on one line")
-    return key

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from misguard.core.errors import MisguardError
@@ -89,3 +91,19 @@ def check_settings(record: Any) -> None:
         complaint = None if value is None else setting_range(field).complaint(value)
         if complaint:
             raise MisguardError(f"{type(record).__name__}.{field.name} {complaint}")
+
+
+def read_key(file: Path | None, envvar: str, option: str) -> str | None:
+    """The secret key in `file` (surrounding whitespace stripped), else in the environment variable `envvar`; None
+    when neither has one. Keys come from files or the environment, never from argv, which any user sees in `ps`.
+    Raises MisguardError naming `option` (the flag that gave the file) for a file that cannot be read, is empty or
+    holds more than one word."""
+    if file is None:
+        return os.environ.get(envvar, "").strip() or None
+    try:
+        key = Path(file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MisguardError(f"{option}: cannot read {file} ({exc})") from None
+    if not key or len(key.split()) != 1:
+        raise MisguardError(f"{option}: {file} must hold the key alone, on one line")
+    return key

@@ -2,14 +2,22 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 
 from misguard.core.errors import MisguardError
 from misguard.core.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImageLimits
 from misguard.core.settings import check_settings, setting
-from misguard.engines.messages import Generation, GenerationParams, LabelProbs, LabelSet, Request, images_key
+from misguard.engines.messages import (
+    Generation,
+    GenerationParams,
+    ImageFileError,
+    LabelProbs,
+    LabelSet,
+    Request,
+    images_key,
+)
 
 T = TypeVar("T")
 
@@ -40,7 +48,7 @@ def check_model_folder(model: str) -> Path:
 @dataclass
 class EngineOptions:
     """Settings for every engine; each engine reads the ones that apply to it. Defaults suit one machine. Every
-    field is a command-line option of the commands that run a model (infer, score, serve)."""
+    field but `api_key` is a command-line option of the commands that run a model (infer, score, serve)."""
 
     batch_size: int | None = setting(None, at_least=1, help="Requests per forward batch (transformers) or per chunk "
                                                             "handed to the engine; default: automatic.")
@@ -74,11 +82,15 @@ class EngineOptions:
     # OpenAI-compatible HTTP
     base_urls: list[str] = setting(default_factory=list, flag="--base-url",
                                    help="openai: server URL ending in /v1; repeat for round-robin over several.")
-    api_key: str = setting("EMPTY", envvar="MISGUARD_API_KEY", help="openai: the servers' API key.")
+    api_key_file: Path | None = setting(None, help="openai: file holding the servers' API key (else "
+                                                   "MISGUARD_API_KEY, else OPENAI_API_KEY).")
     concurrency: int = setting(16, at_least=1, help="openai: requests in flight at once, over all servers.")
     timeout_s: float = setting(600.0, above=0.0, help="openai: seconds before a request times out.")
     max_retries: int = setting(5, at_least=0, help="openai: retries with exponential backoff on 429, 5xx, timeouts "
                                                    "and connection errors.")
+    # Not a setting: a key on the command line is visible to every user in `ps`. Library callers may pass one; it
+    # wins over api_key_file and the environment, and never reaches a manifest.
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         check_settings(self)  # the library refuses what the command line refuses
@@ -89,6 +101,7 @@ class EngineOptions:
                            target_pixels=target_pixels)
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as a plain dict for run manifests, without `api_key`."""
         d = asdict(self)
         d.pop("api_key")  # never written into manifests
         return d
@@ -115,25 +128,30 @@ class Engine(ABC):
         return self.chunk_size
 
     @abstractmethod
-    def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
-        """Run every request; returns one Generation per request, in the order given."""
+    def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation | ImageFileError]:
+        """Run every request; returns one Generation per request, in the order given, or the ImageFileError of a
+        request whose image cannot be used (missing, over a limit, not decodable): it costs its own request only."""
 
-    def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
+    def label_probs(self, requests: Sequence[Request], labels: LabelSet,
+                    ) -> list[LabelProbs | ImageFileError | None]:
         """For each request, the probability of each label token as the first token of the model's answer
         (one forward pass, no sampling). None for a request whose label tokens the engine could not see (e.g. an
-        HTTP server that returns only a few top logprobs); such items are unscored, never guessed."""
+        HTTP server that returns only a few top logprobs); such items are unscored, never guessed. A request whose
+        image cannot be used gets its ImageFileError, as in `generate`."""
         raise MisguardError(f"the {self.name} engine cannot score label tokens")
 
-    def stream(self, requests: Sequence[Request], params: GenerationParams) -> Iterator[tuple[int, Generation]]:
-        """Run every request, yielding (index into `requests`, Generation) as results become available, so a
-        caller can save them as it goes. This default hands the engine `chunk_size` requests at a time."""
+    def stream(self, requests: Sequence[Request], params: GenerationParams,
+               ) -> Iterator[tuple[int, Generation | ImageFileError]]:
+        """Run every request, yielding (index into `requests`, Generation or ImageFileError) as results become
+        available, so a caller can save them as it goes. This default hands the engine `chunk_size` requests at a
+        time and yields a chunk's ImageFileErrors after its other results."""
         return _in_chunks(requests, self.chunk_size, lambda chunk: self.generate(chunk, params))
 
     def label_stream(self, requests: Sequence[Request], labels: LabelSet,
-                     ) -> Iterator[tuple[int, LabelProbs | None]]:
+                     ) -> Iterator[tuple[int, LabelProbs | ImageFileError | None]]:
         """label_probs for every request, yielding (index into `requests`, probabilities) as they become
         available. This default hands the engine `label_chunk_size` requests at a time, never splitting requests
-        with the same images."""
+        with the same images, and yields a chunk's ImageFileErrors after its other results."""
         return _in_chunks(requests, self.label_chunk_size, lambda chunk: self.label_probs(chunk, labels),
                           key=lambda request: images_key(request.messages))
 
@@ -161,7 +179,12 @@ def collect(results: Iterator[tuple[int, T]], n: int) -> list[T]:
 
 def _in_chunks(requests: Sequence[Request], size: int, run: Callable[[Sequence[Request]], list],
                key: Callable[[Request], Any] | None = None) -> Iterator[tuple[int, Any]]:
+    """(index, result) of `run` over the requests `size` at a time (`runs` with `key`). A chunk's ImageFileErrors
+    come after its other results: a caller that stops at the first one (infer or score without --skip-bad) has
+    saved the rest of the chunk by then."""
     start = 0
     for chunk in runs(requests, size, key):
-        yield from enumerate(run(chunk), start)
+        results = list(enumerate(run(chunk), start))
+        yield from (result for result in results if not isinstance(result[1], ImageFileError))
+        yield from (result for result in results if isinstance(result[1], ImageFileError))
         start += len(chunk)

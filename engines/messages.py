@@ -13,9 +13,9 @@ from __future__ import annotations
 import base64
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from PIL import Image
 
@@ -24,6 +24,7 @@ from misguard.core.images import ImageError, ImageLimits, open_image, read_heade
 from misguard.core.settings import check_settings, setting
 
 Message = dict[str, Any]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -154,24 +155,37 @@ def images_key(messages: Sequence[Message]) -> tuple:
     return tuple(image_key(im) for im in images_of(messages))
 
 
-def image_loader(limits: ImageLimits | None = None) -> Callable[[Any], Any]:
-    """load_image (within `limits`) that opens each image once: the same path or image object again returns the
-    image already loaded (a judge's K responses to one item share their two images)."""
-    loaded: dict[Any, Any] = {}
+def once_per_image(convert: Callable[[Any], T]) -> Callable[[Any], T]:
+    """`convert` (an image part's value -> what an engine sends) that does each image once: the same path or image
+    object again returns the first result, or raises the first ImageFileError again without trying the file a
+    second time (a judge's K responses to one item share their two images)."""
+    done: dict[Any, T | ImageFileError] = {}
 
-    def load(image: Any):
+    def converted(image: Any) -> T:
         key = image_key(image)
-        if key not in loaded:
-            loaded[key] = load_image(image, limits)
-        return loaded[key]
+        if key not in done:
+            try:
+                done[key] = convert(image)
+            except ImageFileError as error:
+                done[key] = error
+        result = done[key]
+        if isinstance(result, ImageFileError):
+            raise result
+        return result
 
-    return load
+    return converted
+
+
+def image_loader(limits: ImageLimits | None = None) -> Callable[[Any], Any]:
+    """load_image within `limits`, once per image (`once_per_image`)."""
+    return once_per_image(lambda image: load_image(image, limits))
 
 
 def image_data_url(image: Any, limits: ImageLimits | None = None) -> str:
-    """A base64 data URL for an image part: the file's own bytes for a path (its header checked against `limits`
-    first, as the server will decode it), PNG for a PIL image. Raises ImageFileError for a file that is missing,
-    not an image, or over a limit."""
+    """A base64 data URL for an image part: PNG for a PIL image; for a path, the file's own bytes once they decode
+    within `limits`, as the server will decode them (its size and header are checked before it is read; it is
+    decoded at the smallest scale its format allows, as only whether it decodes matters here). Raises
+    ImageFileError for a file that is missing, over a limit, or not a readable image (also truncated)."""
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
@@ -183,6 +197,10 @@ def image_data_url(image: Any, limits: ImageLimits | None = None) -> str:
             data = path.read_bytes()
         except OSError as exc:
             raise ImageFileError(f"cannot read the image file ({exc.strerror})", path=path) from None
+        try:
+            open_image(data, replace(limits or ImageLimits(), target_pixels=1))
+        except ImageError as error:
+            raise ImageFileError(error.message, path=path, code=error.code) from None
         fmt = (Image.registered_extensions().get(path.suffix.lower()) or "PNG").lower()
         mime = f"image/{'jpeg' if fmt == 'jpeg' else fmt}"
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"

@@ -5,8 +5,14 @@ Retries are the `openai` client's own: it retries 408, 409, 429, 5xx, timeouts a
 exponential backoff (0.5 s doubling to 8 s, with jitter, or the server's Retry-After), `options.max_retries`
 times. Nothing but the given base URLs is ever contacted.
 
-The API key is `options.api_key`; when that is left at its default "EMPTY" and OPENAI_API_KEY is set, the
-environment variable is used, as the openai client itself would (a vLLM server started with --api-key).
+The API key (a vLLM server started with --api-key) never comes from the command line, which any user sees in
+`ps`: it is `options.api_key` when a library caller passes one, else the one in `options.api_key_file`
+(--api-key-file), else MISGUARD_API_KEY, else OPENAI_API_KEY (as the openai client itself would read), else
+"EMPTY" (vLLM's placeholder for a server without a key).
+
+Images are sent as the files' own bytes in data URLs, after they are decoded here within the options' byte and
+pixel limits, as the server will decode them: a request whose image cannot be used (missing, over a limit,
+truncated) is not sent, and gets its ImageFileError as its result; the chunk's other requests go on.
 
 Label scoring asks for one token with logprobs. The first label request to each base URL also sends vLLM's own
 request fields, `logprob_token_ids` (the labels' logprobs, whatever their rank) and `return_tokens_as_token_ids`
@@ -29,21 +35,25 @@ from typing import Any
 import openai
 
 from misguard.core.errors import MisguardError
+from misguard.core.settings import read_key
 from misguard.engines.base import Engine, EngineOptions
 from misguard.engines.messages import (
     Generation,
     GenerationParams,
+    ImageFileError,
     LabelProbs,
     LabelSet,
     Request,
     content_parts,
     image_data_url,
     label_probs_from_logprobs,
+    once_per_image,
 )
 
 log = logging.getLogger("misguard")
 
 DEFAULT_API_KEY = "EMPTY"
+API_KEY_ENV = "MISGUARD_API_KEY"
 TOP_LOGPROBS = 20
 """Top logprobs asked for when scoring labels by text: the OpenAI API's maximum and vLLM's default max_logprobs."""
 TOKEN_ID_PREFIX = "token_id:"
@@ -60,7 +70,8 @@ class ServerRequestError(MisguardError):
 
 class OpenAIEngine(Engine):
     """Chat completions over HTTP. `model` is the served model name (vLLM's --served-model-name).
-    Raises MisguardError when no base URL is given."""
+    Raises MisguardError when no base URL is given, or when the API key file cannot be read, is empty or holds more
+    than one word."""
 
     name = "openai"
 
@@ -79,9 +90,8 @@ class OpenAIEngine(Engine):
         self._next_url = 0
         self.sends_token_ids: list[bool | None] = [None] * len(self.base_urls)
         """Per base URL: whether label requests carry vLLM's logprob_token_ids (None until the first one)."""
-        api_key = opts.api_key
-        if api_key == DEFAULT_API_KEY:
-            api_key = os.environ.get("OPENAI_API_KEY") or DEFAULT_API_KEY
+        api_key = (opts.api_key or read_key(opts.api_key_file, API_KEY_ENV, "--api-key-file")
+                   or os.environ.get("OPENAI_API_KEY", "").strip() or DEFAULT_API_KEY)
         # One event loop on a thread of our own: `generate` stays a plain call from any thread, with or without
         # a running loop of its own, and the clients keep their pooled connections between chunks.
         self._loop = asyncio.new_event_loop()
@@ -114,14 +124,15 @@ class OpenAIEngine(Engine):
         return self.options.batch_size or 4 * self.options.concurrency
 
     @staticmethod
-    def _chat_messages(request: Request) -> list[dict[str, Any]]:
-        """One request in the OpenAI chat format, images inlined as base64 data URLs."""
+    def _chat_messages(request: Request, data_url: Callable[[Any], str]) -> list[dict[str, Any]]:
+        """One request in the OpenAI chat format, images inlined by `data_url` (base64 data URLs). Raises
+        ImageFileError for an image `data_url` cannot use and MisguardError for an unknown part type."""
         messages = []
         for message in request.messages:
             parts = []
             for part in content_parts(message):
                 if part["type"] == "image":
-                    parts.append({"type": "image_url", "image_url": {"url": image_data_url(part["image"])}})
+                    parts.append({"type": "image_url", "image_url": {"url": data_url(part["image"])}})
                 elif part["type"] == "text":
                     parts.append({"type": "text", "text": part["text"]})
                 else:
@@ -129,31 +140,46 @@ class OpenAIEngine(Engine):
             messages.append({"role": message["role"], "content": parts})
         return messages
 
-    def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
-        """Send every request; returns one Generation per request, in the order given. Raises DataError for an
-        unreadable image and MisguardError naming the base URL when a request still fails after the client's
-        retries (HTTP status and reason, timeout, or connection error) or the server returns no text."""
+    def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation | ImageFileError]:
+        """Send every request; returns one Generation per request, in the order given, or the ImageFileError of a
+        request whose image cannot be used (that request is not sent). Raises MisguardError naming the base URL
+        when a request still fails after the client's retries (HTTP status and reason, timeout, or connection
+        error) or the server returns no text."""
         return self._send_all(requests, lambda request_id, messages, url_index:
                               self._complete(request_id, messages, url_index, params))
 
-    def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
+    def label_probs(self, requests: Sequence[Request], labels: LabelSet,
+                    ) -> list[LabelProbs | ImageFileError | None]:
         """For each request, the label tokens' probabilities as the first token of the answer, renormalized over
         the labels, from a one-token completion with logprobs (see the module docstring for how labels are
-        matched). None for a request whose label tokens did not all come back. Raises DataError and
-        MisguardError as `generate` does."""
+        matched). None for a request whose label tokens did not all come back; an ImageFileError and
+        MisguardError as in `generate`."""
         return self._send_all(requests, lambda request_id, messages, url_index:
                               self._score(request_id, messages, url_index, labels))
 
     def _send_all(self, requests: Sequence[Request], send: Callable[[str, list, int], Coroutine]) -> list:
-        """`send(request id, chat messages, base URL index)` for every request, round-robin over the base URLs,
-        concurrently; the results in the order given."""
+        """`send(request id, chat messages, base URL index)` for every request whose images can be used,
+        round-robin over the base URLs, concurrently; the results in the order given, with the ImageFileError of
+        each request that was not sent in its place."""
         if not requests:
             return []
-        payloads = []
-        for request in requests:
-            payloads.append((request.id, self._chat_messages(request), self._next_url))
+        limits = self.options.image_limits()
+        data_url = once_per_image(lambda image: image_data_url(image, limits))
+        results: list[Any] = [None] * len(requests)
+        payloads, sent = [], []
+        for i, request in enumerate(requests):
+            try:
+                messages = self._chat_messages(request, data_url)
+            except ImageFileError as error:
+                results[i] = error
+                continue
+            payloads.append((request.id, messages, self._next_url))
+            sent.append(i)
             self._next_url = (self._next_url + 1) % len(self.base_urls)
-        return self._run(self._gather(payloads, send))
+        if payloads:
+            for i, result in zip(sent, self._run(self._gather(payloads, send))):
+                results[i] = result
+        return results
 
     @staticmethod
     async def _gather(payloads, send) -> list:

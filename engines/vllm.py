@@ -8,6 +8,10 @@ same label-token probabilities.
 A judge's K responses to one item share the prompt's image + rubric + question prefix: vLLM's automatic prefix
 caching (on by default for these models; its block hashes include the images) computes it once while it stays
 cached, and `misguard score` hands an item's responses over in the same chunk, side by side.
+
+Images are decoded here, within the options' byte and pixel limits, each distinct one once per chunk; a request
+whose image cannot be used (missing, over a limit, not decodable) is left out of the `LLM.chat` call and gets its
+ImageFileError as its result, so it costs its own request, not the chunk.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from misguard.engines.families import family_for
 from misguard.engines.messages import (
     Generation,
     GenerationParams,
+    ImageFileError,
     LabelProbs,
     LabelSet,
     Request,
@@ -126,30 +131,47 @@ class VLLMEngine(Engine):
         return conversation
 
     def _chat(self, requests: Sequence[Request], sampling) -> list[Any]:
-        """vLLM's RequestOutputs for every request from one `LLM.chat` call, in the order given. Raises DataError
-        for an unreadable image and MisguardError when the engine is closed or vLLM rejects a request."""
+        """vLLM's RequestOutputs for every request from one `LLM.chat` call, in the order given, with the
+        ImageFileError of each request whose image cannot be used (left out of the call) in its place. Raises
+        MisguardError when the engine is closed or vLLM rejects a request."""
         llm = self.__dict__.get("_llm")
         if llm is None:
             raise MisguardError("the vLLM engine is closed")
         load = image_loader(self.options.image_limits())  # an item's images serve K responses: open them once
-        conversations = [self._conversation(r, load) for r in requests]
+        results: list[Any] = [None] * len(requests)
+        conversations, sent = [], []
+        for i, request in enumerate(requests):
+            try:
+                conversations.append(self._conversation(request, load))
+            except ImageFileError as error:
+                results[i] = error
+                continue
+            sent.append(i)
+        if not conversations:
+            return results
         try:
-            return llm.chat(conversations, sampling, use_tqdm=False)
+            outputs = llm.chat(conversations, sampling, use_tqdm=False)
         except ValueError as exc:  # vLLM's input validation: too long for max_model_len, bad image, ...
             raise MisguardError(f"vLLM rejected a request in this batch: {exc}") from exc
+        for i, output in zip(sent, outputs):
+            results[i] = output
+        return results
 
-    def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation]:
-        """Run every request in one `LLM.chat` call; returns one Generation per request, in the order given.
-        Raises DataError for an unreadable image and MisguardError for a request vLLM rejects (too many images,
-        a prompt longer than max_model_len)."""
+    def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation | ImageFileError]:
+        """Run every request in one `LLM.chat` call; returns one Generation per request, in the order given, or the
+        ImageFileError of a request whose image cannot be used. Raises MisguardError for a request vLLM rejects
+        (too many images, a prompt longer than max_model_len)."""
         if not requests:
             return []
         # Explicit SamplingParams: vLLM's neutral defaults for everything not given here, never the sampling
         # values of the model's generation_config.json (which LLM.chat only applies when given no params).
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p, seed=params.seed)
-        results = []
+        results: list[Generation | ImageFileError] = []
         for out in self._chat(requests, sampling):
+            if isinstance(out, ImageFileError):
+                results.append(out)
+                continue
             completion = out.outputs[0]
             n_tokens = len(completion.token_ids)
             if completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str) and n_tokens:
@@ -161,11 +183,12 @@ class VLLMEngine(Engine):
                                       extra={"prompt_tokens": len(out.prompt_token_ids or ())}))
         return results
 
-    def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
+    def label_probs(self, requests: Sequence[Request], labels: LabelSet,
+                    ) -> list[LabelProbs | ImageFileError | None]:
         """For each request, the label tokens' probabilities as the first token of the answer, renormalized over
         the labels, from one `LLM.chat` call that generates one token. None for a request whose output lacks a
-        label's logprob (never guessed). Raises MisguardError as `generate` does, and when the engine was started
-        with a `logprobs_mode` other than vLLM's default 'raw_logprobs'."""
+        label's logprob (never guessed); an ImageFileError as in `generate`. Raises MisguardError as `generate`
+        does, and when the engine was started with a `logprobs_mode` other than vLLM's default 'raw_logprobs'."""
         if not requests:
             return []
         llm = self.__dict__.get("_llm")
@@ -183,8 +206,11 @@ class VLLMEngine(Engine):
         # default; the cap is 128 ids). logprobs=-1 would instead ship the whole vocabulary back for every
         # request and need max_logprobs=-1. `logprobs` stays unset: vLLM requires it to equal len(ids) if given.
         sampling = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(labels.ids))
-        results: list[LabelProbs | None] = []
+        results: list[LabelProbs | ImageFileError | None] = []
         for out in self._chat(requests, sampling):
+            if isinstance(out, ImageFileError):
+                results.append(out)
+                continue
             steps = out.outputs[0].logprobs
             # First (only) generated position: the sampled token plus each requested id, keyed by token id.
             first = steps[0] if steps else {}

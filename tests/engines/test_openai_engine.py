@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,11 +20,19 @@ import anyio
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
-from misguard.core.errors import MisguardError
+from misguard.cli.main import app as cli_app
+from misguard.core.errors import DataError, MisguardError
+from misguard.core.jsonl import read_jsonl
+from misguard.core.records import Judgment
+from misguard.core.splits import load_split
 from misguard.engines import EngineOptions, load_engine
-from misguard.engines.messages import GenerationParams, LabelSet, Request, user_request
+from misguard.engines.messages import GenerationParams, ImageFileError, LabelSet, Request, user_request
+from misguard.mis.infer import InferConfig, run_inference
+from misguard.mis.score import ScoreConfig, run_score
 from tests.engines.vllm_server import free_port
+from tests.hostile_data import hostile_copy
 
 PARAMS = GenerationParams(max_new_tokens=8)
 
@@ -31,7 +40,7 @@ PARAMS = GenerationParams(max_new_tokens=8)
 class StubChatServer:
     """A chat-completions server on 127.0.0.1 in a thread. It answers each request with `status_for(n)` (n =
     1-based arrival number; 200 = a completion that echoes the request's last text), and records how many
-    requests came, how many were in flight at most, and the request bodies."""
+    requests came, how many were in flight at most, the request bodies and their Authorization headers."""
 
     def __init__(self, status_for=lambda n: 200, delay_s: float | tuple[float, float] = 0.0,
                  content_null: bool = False, logprobs_for=None, unknown_fields: tuple[str, ...] = ()):
@@ -44,6 +53,7 @@ class StubChatServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.bodies: list[dict] = []
+        self.authorizations: list[str | None] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -73,6 +83,7 @@ class StubChatServer:
                     stub.n_requests += 1
                     arrival = stub.n_requests
                     stub.bodies.append(body)
+                    stub.authorizations.append(self.headers.get("Authorization"))
                     stub.in_flight += 1
                     stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
                 try:
@@ -318,6 +329,146 @@ def test_label_probs_of_no_requests():
     with StubChatServer() as server, http_engine(server.base_url) as engine:
         assert engine.label_probs([], LABELS) == []
     assert server.n_requests == 0
+
+
+# --- images that cannot be used: each costs its own request -----------------------------------------------------
+
+def stub_infer_config(server: StubChatServer, data: Path, out: Path, **kwargs) -> InferConfig:
+    return InferConfig(model="tiny", data=data, split="easy", out=out, engine="openai",
+                       engine_options=EngineOptions(base_urls=[server.base_url], concurrency=4),
+                       generation=GenerationParams(max_new_tokens=4), **kwargs)
+
+
+def test_a_truncated_image_stops_infer_at_its_item_with_every_other_response_saved(demo_dir, tmp_path):
+    data, item, line = hostile_copy(demo_dir, tmp_path)
+    others = sorted(i.id for i in load_split(data, "easy").items if i.id != item.id)
+    with StubChatServer() as server:
+        config = stub_infer_config(server, data, tmp_path / "out")
+        with pytest.raises(DataError) as caught:
+            run_inference(config, progress=False)
+        error = caught.value
+        assert (error.path, error.line, error.field) == (str(data / "mis_easy.json"), line, "image_path1")
+        assert f"item {item.id}:" in str(error) and "not a readable image" in str(error)
+        # The item's request was never sent; its chunk-mates were, and were saved before the run stopped.
+        assert server.n_requests == len(others)
+        responses = [json.loads(row) for row in (tmp_path / "out" / "easy" / "tiny.jsonl").read_text().splitlines()]
+        assert sorted(r["id"] for r in responses) == others
+
+
+def test_with_skip_bad_infer_on_the_openai_engine_skips_the_item_and_goes_on(demo_dir, tmp_path):
+    data, item, line = hostile_copy(demo_dir, tmp_path)
+    with StubChatServer() as server:
+        result = run_inference(stub_infer_config(server, data, tmp_path / "out", skip_bad=True), progress=False)
+    n_items = len(load_split(data, "easy").items)
+    assert (result.generated, result.skipped_items) == (n_items - 1, 1)
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["complete"] and len(manifest["skipped_rows"]) == 1
+    assert manifest["skipped_rows"][0].startswith(
+        f"{data / 'mis_easy.json'}:{line}: field 'image_path1': item {item.id}: image '{item.image_path1}'")
+
+
+def all_labels_logprobs(body: dict) -> dict:
+    """A first token's "logprobs" naming every requested label id (vLLM's logprob_token_ids), near-uniform."""
+    ids = body.get("logprob_token_ids") or []
+    top = [{"token": f"token_id:{token_id}", "logprob": math.log(0.9 / len(ids)) - 0.01 * n, "bytes": None}
+           for n, token_id in enumerate(ids)]
+    return {"content": [{**top[0], "top_logprobs": top}]} if top else None
+
+
+def test_a_truncated_image_stops_score_on_the_openai_engine_at_its_row_and_skip_bad_goes_on(tiny_judge, demo_dir,
+                                                                                            tmp_path):
+    with StubChatServer(logprobs_for=all_labels_logprobs) as server:
+        responses = run_inference(stub_infer_config(server, demo_dir, tmp_path / "runs"), progress=False)
+        data, item, _ = hostile_copy(demo_dir, tmp_path)  # the responses' images, one of them now truncated
+        row = 1 + [r["id"] for r in map(json.loads, responses.responses_path.read_text().splitlines())].index(item.id)
+        config = ScoreConfig(responses=[responses.responses_path], judge=tiny_judge, data=data, out=tmp_path / "out",
+                             engine="openai", engine_options=EngineOptions(base_urls=[server.base_url]),
+                             served_model="tiny-judge", n_bootstrap=0)
+        with pytest.raises(DataError) as caught:
+            run_score(config, progress=False)
+        error = caught.value
+        assert (Path(error.path), error.line, error.field) == (responses.responses_path, row, "image_path1")
+        assert f"item {item.id}: image '{item.image_path1}'" in str(error)
+        saved = read_jsonl(tmp_path / "out" / "judgments.jsonl", Judgment)
+        assert sorted(j.id for j in saved) == sorted(i.id for i in load_split(data, "easy").items if i.id != item.id)
+        assert all(j.status == "scored" for j in saved)
+
+        skipped = run_score(replace(config, skip_bad=True), progress=False)
+    assert (skipped.judged, len(skipped.skipped_rows)) == (0, 1)
+    assert f"item {item.id}: image '{item.image_path1}'" in skipped.skipped_rows[0]
+
+
+def test_the_image_limits_hold_on_the_openai_engine(tmp_path):
+    images = []
+    for name, side in (("small.png", 8), ("large.png", 64)):
+        Image.fromarray(np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+            tmp_path / name)
+        images.append(tmp_path / name)
+    requests = [user_request("small", [images[0]], "a"), user_request("large", [images[1]], "b"),
+                user_request("small-again", [images[0]], "c")]
+    limit = (images[0].stat().st_size + images[1].stat().st_size) // 2
+    with StubChatServer() as server, http_engine(server.base_url, max_image_bytes=limit) as engine:
+        small, large, small_again = engine.generate(requests, PARAMS)
+    assert (small.text, small_again.text) == ("echo: a", "echo: c")
+    assert isinstance(large, ImageFileError) and large.code == "image_too_large"
+    assert large.path == str(images[1]) and "over the limit" in str(large)
+    assert server.n_requests == 2
+
+
+# --- the API key: never on the command line ---------------------------------------------------------------------
+
+KEY_SOURCES = ("api_key", "api_key_file", "MISGUARD_API_KEY", "OPENAI_API_KEY", "nothing")
+
+
+@pytest.mark.parametrize("winner", KEY_SOURCES)
+def test_the_api_key_comes_from_the_first_source_that_has_one(winner, tmp_path, monkeypatch):
+    # `winner` and every source after it hold a key: the one sent is the winner's.
+    given = KEY_SOURCES[KEY_SOURCES.index(winner):]
+    options = {}
+    if "api_key" in given:
+        options["api_key"] = "key-from-api_key"
+    if "api_key_file" in given:
+        (tmp_path / "server.key").write_text("  key-from-api_key_file\n")
+        options["api_key_file"] = tmp_path / "server.key"
+    for envvar in ("MISGUARD_API_KEY", "OPENAI_API_KEY"):
+        if envvar in given:
+            monkeypatch.setenv(envvar, f"key-from-{envvar}")
+        else:
+            monkeypatch.delenv(envvar, raising=False)
+    with StubChatServer() as server, http_engine(server.base_url, **options) as engine:
+        engine.generate(text_requests(2), PARAMS)
+    expected = "EMPTY" if winner == "nothing" else f"key-from-{winner}"
+    assert server.authorizations == [f"Bearer {expected}"] * 2
+
+
+@pytest.mark.parametrize("content", ["", "two words\n"])
+def test_a_key_file_without_one_key_is_a_one_line_error_naming_the_option(content, tmp_path):
+    key_file = tmp_path / "server.key"
+    key_file.write_text(content)
+    with pytest.raises(MisguardError) as caught:
+        http_engine("http://127.0.0.1:9/v1", api_key_file=key_file)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("--api-key-file:") and str(key_file) in message
+
+
+def test_infer_takes_the_key_from_a_file_and_refuses_it_on_the_command_line(demo_dir, tmp_path):
+    key_file = tmp_path / "server.key"
+    key_file.write_text("s3cret-key\n")
+    out = tmp_path / "out"
+    with StubChatServer() as server:
+        args = ["infer", "--engine", "openai", "--model", "tiny", "--base-url", server.base_url, "--data",
+                str(demo_dir), "--split", "easy", "--limit", "2", "--max-new-tokens", "4", "--out", str(out),
+                "--quiet"]
+        refused = CliRunner().invoke(cli_app, [*args, "--api-key", "s3cret-key"])
+        assert refused.exit_code == 2 and "No such option" in refused.output
+        assert server.n_requests == 0
+        result = CliRunner().invoke(cli_app, [*args, "--api-key-file", str(key_file)],
+                                    env={"MISGUARD_API_KEY": None, "OPENAI_API_KEY": None})
+        assert result.exit_code == 0, result.output
+    assert server.authorizations == ["Bearer s3cret-key"] * 2
+    manifest = (out / "easy" / "tiny.manifest.json").read_text()
+    assert "s3cret" not in manifest and '"api_key"' not in manifest
+    assert json.loads(manifest)["engine"]["options"]["api_key_file"] == str(key_file)
 
 
 # --- against vLLM's own OpenAI-compatible server ---------------------------------------------------------------

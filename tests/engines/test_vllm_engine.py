@@ -13,7 +13,7 @@ from misguard.core.errors import MisguardError, MissingExtraError
 from misguard.core.jsonl import read_responses
 from misguard.core.splits import load_split
 from misguard.engines import EngineOptions, load_engine
-from misguard.engines.messages import GenerationParams, Request, user_request
+from misguard.engines.messages import GenerationParams, ImageFileError, Request, user_request
 from misguard.judges import Case
 from misguard.judges.vlm import VLMJudge
 from misguard.mis.infer import InferConfig, run_inference
@@ -91,6 +91,20 @@ class TestVLLMEngine:
     def test_more_images_than_the_limit_is_an_error(self, vllm_engine, image_paths):
         with pytest.raises(MisguardError, match="3 images.*allows 2"):
             vllm_engine.generate([user_request("three", image_paths[:3], "Safe?")], GREEDY)
+
+    def test_a_truncated_image_costs_its_own_request_and_comes_back_last(self, vllm_engine, mis_requests,
+                                                                         vllm_generations, image_paths, tmp_path):
+        truncated = tmp_path / "truncated.png"
+        with Image.open(image_paths[0]) as decoded:
+            decoded.save(truncated, format="JPEG")  # its header reads, its pixels do not
+        truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+        requests = [user_request("bad", [image_paths[1], truncated], "Safe?"), *mis_requests[:2]]
+        results = list(vllm_engine.stream(requests, GREEDY))
+        assert [index for index, _ in results] == [1, 2, 0]  # the others first, so a caller saves them first
+        assert [result for _, result in results[:2]] == vllm_generations[:2]
+        refused = results[2][1]
+        assert isinstance(refused, ImageFileError) and refused.path == str(truncated)
+        assert refused.code == "invalid_image" and "truncated.png" in str(refused)
 
     def test_no_requests_no_work(self, vllm_engine):
         assert vllm_engine.generate([], GREEDY) == []

@@ -17,8 +17,9 @@ from misguard.core.errors import DataError, MisguardError
 from misguard.core.records import Item
 from misguard.core.splits import load_split
 from misguard.engines.base import EngineOptions
-from misguard.engines.messages import GenerationParams, image_area
+from misguard.engines.messages import GenerationParams
 from misguard.mis.infer import InferConfig, merge_shards, output_paths, parse_shard, run_inference
+from tests.hostile_data import hostile_copy
 
 ITEM_FIELDS = set(Item.model_fields)
 N_DEMO = 12  # the demo_dir fixture's items per split
@@ -123,20 +124,6 @@ def test_sigkill_mid_run_then_rerun_gives_every_item_exactly_once(tiny_model, de
 
 
 # ------------------------------------------------------------------------------------------------ hostile images
-
-def hostile_copy(demo_dir: Path, tmp_path: Path) -> tuple[Path, Item, int]:
-    """A copy of the demo data whose easy item with the largest images (so the engine, which sorts a window by
-    size, runs its batch last) has a truncated JPEG as its first image: its header reads, its pixels do not.
-    Returns (data, that item, its line in mis_easy.json)."""
-    data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
-    split = load_split(data, "easy")
-    item = max(split.items, key=lambda i: sum(image_area(p) for p in split.image_paths(i)))
-    image = split.image_paths(item)[0]
-    with Image.open(image) as decoded:
-        decoded.convert("RGB").save(image, format="JPEG")  # named .png; Pillow goes by the bytes
-    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
-    return data, item, split.lines[item.id]
-
 
 def test_a_truncated_image_stops_the_run_at_its_item_with_every_other_response_saved(tiny_model, demo_dir,
                                                                                      tmp_path):
