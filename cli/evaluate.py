@@ -10,7 +10,8 @@ import typer
 from misguard.cli.infer import SkipBad
 from misguard.cli.options import key_values, number_option
 from misguard.cli.score import share_option
-from misguard.core.labels import LabelSource
+from misguard.core.errors import MisguardError
+from misguard.core.labels import LabelSource, label_files
 from misguard.core.locking import exclusive_output
 from misguard.mis.agree import AgreeConfig, run_agree
 from misguard.mis.calibrate import CalibrateConfig, run_calibrate
@@ -20,8 +21,16 @@ commands = typer.Typer()
 PerceptionField = Annotated[str, typer.Option(help="Field of the perception label; 'none' for binary-only labels.")]
 ValueMap = Annotated[list[str] | None, typer.Option(
     help="RAW=LABEL: read a raw label value as Safe/Unsafe/Level1-3 (e.g. '1 - safe=Safe'); repeatable.")]
-ReferenceModelName = Annotated[str | None, typer.Option(
-    help="Target model of reference rows that name none (one gpt_eval.py file per model).")]
+ReferenceModelName = Annotated[list[str] | None, typer.Option(
+    help="Target model of reference rows that name none (one gpt_eval.py file per model): once per reference file, "
+         "in order; default with several files: each file's name (stem), as `score --from-labels` does.")]
+Reference = Annotated[list[Path], typer.Option(
+    help="Reference labels (GPT-4o's gpt_eval.py output, or any JSONL): a file or a folder of *.jsonl, one per "
+         "target model. Several: `--reference a.jsonl b.jsonl`, `--reference a.jsonl --reference b.jsonl` or "
+         "`--reference gpt4o/`; rows join by (model, id), or (model, content) for gpt_eval.py rows.")]
+MoreReferences = Annotated[list[Path] | None, typer.Argument(
+    help="More reference files after the first --reference (the files a shell glob gives).", metavar="REFERENCE",
+    show_default=False)]
 
 
 def label_source(path: Path, safety_field: str, perception_field: str, value_map: list[str] | None, *,
@@ -32,11 +41,28 @@ def label_source(path: Path, safety_field: str, perception_field: str, value_map
                        value_map=key_values(value_map or [], "--value-map", raw=True), model_name=model_name)
 
 
+def reference_sources(paths: list[Path], safety_field: str, perception_field: str, value_map: list[str] | None,
+                      model_names: list[str] | None) -> list[LabelSource]:
+    """The LabelSources of --reference (and the reference files after the judgments): folders stand for their
+    *.jsonl files; each file's target model is its --reference-model-name, or with several files its stem, or with
+    one file none (rows that name no model then join by id or content alone). Raises MisguardError when the model
+    names do not match the files one for one, DataError for a path that is neither a file nor such a folder."""
+    files = label_files(paths)
+    several = len(files) > 1 or any(path.is_dir() for path in paths)
+    if model_names and len(model_names) != len(files):
+        raise MisguardError(f"{len(model_names)} --reference-model-name for {len(files)} reference files "
+                            f"({', '.join(map(str, files))}): give one per file, in order")
+    names = model_names or [path.stem if several else None for path in files]
+    return [label_source(path, safety_field, perception_field, value_map, model_name=name)
+            for path, name in zip(files, names)]
+
+
 @commands.command("calibrate")
 def calibrate(
     judgments: Annotated[Path, typer.Argument(help="judgments.jsonl from `misguard score` (a judge with p_unsafe).")],
-    reference: Annotated[Path, typer.Option(help="Reference labels (GPT-4o's gpt_eval.py output, or any JSONL).")],
-    out: Annotated[Path, typer.Option(help="The calibration file to write (JSON).")],
+    more_references: MoreReferences = None,
+    reference: Reference = ...,
+    out: Annotated[Path, typer.Option(help="The calibration file to write (JSON).")] = ...,
     method: Annotated[str, typer.Option(
         help="temperature | platt | isotonic | none | auto (by CV log-loss).")] = "auto",
     perception_method: Annotated[str, typer.Option(help="temperature | isotonic | none | auto.")] = "auto",
@@ -58,8 +84,8 @@ def calibrate(
     against reference labels."""
     config = CalibrateConfig(
         judgments=label_source(judgments, "label_str", "label_perception", None),
-        reference=label_source(reference, reference_field, reference_perception_field, value_map,
-                               model_name=reference_model_name),
+        reference=reference_sources([*reference, *(more_references or [])], reference_field,
+                                    reference_perception_field, value_map, reference_model_name),
         out=out, method=method, perception_method=perception_method, threshold_rule=threshold,
         into_judge=into_judge, skip_bad=skip_bad, flag_share=flag_share or None)
     # One writer per output: the calibration file, and the judge folder whose judge.json gets it.
@@ -87,8 +113,9 @@ def calibrate(
 @commands.command("agree")
 def agree(
     judgments: Annotated[Path, typer.Argument(help="The judge's labels: judgments.jsonl, or any JSONL label file.")],
-    reference: Annotated[Path, typer.Option(help="Reference labels (GPT-4o's gpt_eval.py output, or any JSONL).")],
-    out: Annotated[Path, typer.Option(help="Output directory: agreement.json, agreement.md, PNG plots.")],
+    more_references: MoreReferences = None,
+    reference: Reference = ...,
+    out: Annotated[Path, typer.Option(help="Output directory: agreement.json, agreement.md, PNG plots.")] = ...,
     human: Annotated[Path | None, typer.Option(help="Human labels for the same responses.")] = None,
     escalate: Annotated[str | None, typer.Option(
         help="List this share of least confident responses for review, e.g. 10%, with the agreement curve.")] = None,
@@ -111,8 +138,8 @@ def agree(
     share = share_option(escalate) if escalate is not None else None
     config = AgreeConfig(
         judgments=label_source(judgments, judge_field, judge_perception_field, value_map),
-        reference=label_source(reference, reference_field, reference_perception_field, value_map,
-                               model_name=reference_model_name),
+        reference=reference_sources([*reference, *(more_references or [])], reference_field,
+                                    reference_perception_field, value_map, reference_model_name),
         human=label_source(human, human_field, human_perception_field, value_map) if human else None,
         out=out, escalate=share, n_bootstrap=bootstrap, max_unmatched_share=max_unmatched, plots=plots,
         skip_bad=skip_bad)

@@ -10,7 +10,7 @@ from misguard.cli.options import Given, config_options, number_option
 from misguard.core.locking import exclusive_output
 from misguard.engines.base import EngineOptions
 from misguard.engines.messages import GenerationParams
-from misguard.mis.infer import InferConfig, merge_shards, output_paths, parse_shard, run_inference
+from misguard.mis.infer import SHARDS_FOLDER, InferConfig, merge_shards, output_paths, parse_shard, run_inference
 
 commands = typer.Typer()
 
@@ -61,8 +61,11 @@ def merge(
     split: Annotated[str, typer.Option(help="easy | hard | real")],
     model_name: Annotated[str, typer.Option(help="The model name in the shard file names.")],
 ):
-    """Join the shards of a `misguard infer --shard I/N` run into one responses file."""
+    """Join the shards of a `misguard infer --shard I/N` run into one responses file, and move the shards into
+    OUT/<split>/shards/ (so a tool that reads every file of OUT/<split>/ sees each response once)."""
     with exclusive_output(Path(out) / split / f"{model_name}.jsonl", folder=False):
         merged = merge_shards(out, split, model_name)
-    typer.echo(f"merged: {merged}")
+    typer.echo(f"merged:    {merged}")
+    typer.echo(f"shards:    moved to {merged.parent / SHARDS_FOLDER}/ (done; a re-run of merge reads them there), so "
+               f"{merged.parent}/ holds each response once")
 

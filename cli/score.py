@@ -32,8 +32,11 @@ ServedModel = Annotated[str | None, typer.Option(
 def score(
     responses: Annotated[list[Path] | None, typer.Argument(
         help="Responses files (JSON Lines from `misguard infer`), one or more target models; with --rows, "
-             "JSON Lines of plain (question, response) rows.")] = None,
-    data: Annotated[Path | None, typer.Option(help="The MIS test directory the responses were made on.")] = None,
+             "JSON Lines of plain (question, response) rows; with --from-labels, GPT-4o verdict files or folders "
+             "of them.")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="The MIS test directory the responses were made on (with --from-labels: needed only when the rows "
+             "lack id, split, category or sub_category, as gpt_eval.py rows do).")] = None,
     rows: Annotated[bool, typer.Option(
         "--rows", help="The files are plain (question, response[, label]) rows, e.g. a labelled safety set, not "
                        "MIS responses: judgments and per-source counts (agreement with --label-field), no MIS "
@@ -41,10 +44,16 @@ def score(
     out: Annotated[Path, typer.Option(help="Output directory: judgments.jsonl, metrics.json, metrics.md.")] = ...,
     judge: Annotated[Path | None, typer.Option(
         help="Judge folder (model + judge.json), or a plain instruct VLM folder (zero-shot JSON).")] = None,
-    from_labels: Annotated[list[Path] | None, typer.Option(
-        help="Instead of judging: GPT-4o verdict files as gpt_eval.py writes them (one per target model).")] = None,
+    from_labels: Annotated[bool, typer.Option(
+        "--from-labels", help="Instead of judging: the files are GPT-4o verdict files as gpt_eval.py writes them "
+        "(one per target model; a folder stands for its *.jsonl). All forms work: `--from-labels a.jsonl b.jsonl`, "
+        "`--from-labels a.jsonl --from-labels b.jsonl`, `--from-labels gpt4o/`.")] = False,
     label_model_name: Annotated[list[str] | None, typer.Option(
         help="With --from-labels: the target model of each file, in order (default: file names).")] = None,
+    model_name: Annotated[list[str] | None, typer.Option(
+        help="The target model of responses files whose rows have no `model` (the MIS inference scripts write "
+             "none): once for all, or once per file in order (default: the file name's stem, as those scripts "
+             "name their files).")] = None,
     calibration: Annotated[Path | None, typer.Option(
         help="Calibration file from `misguard calibrate` (default: the one in the judge's judge.json).")] = None,
     engine: Engine = "transformers",
@@ -57,6 +66,10 @@ def score(
     cascade_band: CascadeBandOption = "0.1,0.9",
     skip_bad: SkipBad = False,
     check_images: CheckImages = False,
+    unscored_as_hr: Annotated[bool, typer.Option(
+        "--unscored-as-hr", help="Count unscored judgments (unreadable verdicts) as HR, as the MIS scorer does, to "
+        "reproduce its numbers; default: counted apart and left out of every percentage. metrics.json records the "
+        "rule (unscored_rule).")] = False,
     quiet: Quiet = False,
     *,
     given: Given,
@@ -64,6 +77,9 @@ def score(
     """Judge responses with a local judge (or read GPT-4o's labels) and write the MIS metrics (resumable)."""
     share = share_option(escalate) if escalate is not None else None  # a bad value fails before any work
     _check_inputs(responses, data, rows, judge, from_labels, lite_judge, share, given)
+    if model_name and (rows or from_labels):
+        raise MisguardError("--model-name names the target model of MIS responses files; with --from-labels give "
+                            "--label-model-name, with --rows the rows' own fields")
     with exclusive_output(out, folder=True):  # one writer per --out: two would duplicate judgments
         if rows:
             result = run_score_rows(list(responses), judge, out, given.build(RowsFields), engine=engine,
@@ -72,14 +88,15 @@ def score(
             typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in "
                        f"{result.seconds:.1f} s")
         elif from_labels:
-            result = score_reference_labels(from_labels, data, out, model_names=label_model_name,
-                                            skip_bad=skip_bad, n_bootstrap=bootstrap)
+            result = score_reference_labels(list(responses), data, out, model_names=label_model_name,
+                                            skip_bad=skip_bad, n_bootstrap=bootstrap, unscored_as_hr=unscored_as_hr)
         else:
             result = run_score(ScoreConfig(responses=list(responses), judge=judge, data=data, out=out,
                                            engine=engine, engine_options=given.build(EngineOptions),
                                            served_model=served_model, calibration=calibration, skip_bad=skip_bad,
                                            n_bootstrap=bootstrap, lite_judge=lite_judge,
-                                           cascade_band=cascade_band, check_images=check_images),
+                                           cascade_band=cascade_band, check_images=check_images,
+                                           unscored_as_hr=unscored_as_hr, model_names=model_name),
                                progress=not quiet)
             typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in "
                        f"{result.seconds:.1f} s")
@@ -90,7 +107,9 @@ def score(
                            f"({c['vlm_seconds']:.1f} s)")
         flagged = f", {result.out_of_domain} out of the judge's domain" if result.out_of_domain else ""
         errors = f", {result.errors} judge errors (status error)" if result.errors else ""
-        typer.echo(f"{result.total} judgments, {result.unscored} unscored{errors}{flagged}: {result.judgments_path}")
+        counted = " (counted as HR)" if unscored_as_hr and result.unscored else ""
+        typer.echo(f"{result.total} judgments, {result.unscored} unscored{counted}{errors}{flagged}: "
+                   f"{result.judgments_path}")
         if result.input_cut:
             typer.echo(f"cut:       {result.input_cut} questions or responses cut to fit the judge's context "
                        "(input_cut in judgments.jsonl; logged above)")
@@ -111,12 +130,14 @@ def _check_inputs(responses, data, rows, judge, from_labels, lite_judge, share, 
             raise MisguardError("--rows judges plain rows: give no --from-labels, --data, --lite-judge or --escalate")
         if not responses or judge is None:
             raise MisguardError("give the rows files and --judge")
+    elif from_labels:
+        if judge is not None or lite_judge is not None:
+            raise MisguardError("--from-labels reads verdicts instead of judging: give no --judge or --lite-judge")
+        if not responses:
+            raise MisguardError("--from-labels: give the GPT-4o verdict files (or a folder of them)")
+        given.refuse_outside(why="only when judging (not with --from-labels)")
     elif data is None:
         raise MisguardError("--data (the MIS test directory) is required; or --rows for plain rows files")
-    elif from_labels:
-        if responses or judge:
-            raise MisguardError("--from-labels reads verdicts instead of judging: give no responses or --judge")
-        given.refuse_outside(why="only when judging (not with --from-labels)")
     else:
         if not responses or judge is None:
             raise MisguardError("give responses files and --judge (or --from-labels GPT_EVAL_FILES)")

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from misguard.core.errors import DataError
+from misguard.core.errors import DataError, MisguardError
 from misguard.core.images import ImageLimits
-from misguard.core.jsonl import read_jsonl_numbered
+from misguard.core.jsonl import JsonObject, read_jsonl_numbered, validate_record
 from misguard.core.labels import LabelRecord
 from misguard.core.records import SPLITS, Item, Response
 from misguard.core.rows import BadRows, first_of_each
@@ -96,25 +96,59 @@ class ItemResponse:
         return f"{self.path}:{self.line}"
 
 
-def item_responses(files: Iterable[str | Path], index: ItemIndex, *,
+def item_responses(files: Iterable[str | Path], index: ItemIndex, *, model_names: Sequence[str] | None = None,
                    bad: BadRows | None = None) -> list[ItemResponse]:
     """Every response in the responses files, matched to its item, in file order (duplicates: the rule above).
+
+    Files the MIS inference scripts wrote are read as they are: a row without `model` is by `model_names` (one
+    name for all files, or one per file in order), else by the file name's stem (the scripts write
+    `<output_dir>/<model_name>.jsonl`); a row without `id` takes its item's id, found by content.
     Raises DataError (file, line, field) for a bad line, a response that matches no item of `index`, or a
-    second response of one model to one item; with `bad` skipping, such rows are left out and reported."""
+    second response of one model to one item; with `bad` skipping, such rows are left out and reported.
+    Raises MisguardError when `model_names` has neither one name nor one per file."""
     bad = bad if bad is not None else BadRows()
+    files = [Path(p) for p in files]
+    names = _names_per_file(model_names, files)
     matched: list[ItemResponse] = []
-    for path in files:
-        for line, response in read_jsonl_numbered(path, Response, bad=bad):
+    for path, model_name in zip(files, names):
+        for line, row in read_jsonl_numbered(path, JsonObject, bad=bad):
+            fields = {"model": model_name, **row.root}
+            if "id" not in fields:
+                content = tuple(fields.get(name) for name in ("image_path1", "image_path2", "question"))
+                found = index.find(*content) if all(isinstance(value, str) for value in content) else None
+                if found is None:
+                    bad.reject(DataError(f"no id, and no item with this question and these image paths in "
+                                         f"{index.data}", path=path, line=line, field="id"))
+                    continue
+                fields["id"] = found[1].id
+            try:
+                response = validate_record(Response, fields, path, line)
+            except DataError as error:
+                bad.reject(error)
+                continue
             found = index.find(response.image_path1, response.image_path2, response.question)
             if found is None or found[1].id != response.id:
                 bad.reject(DataError(f"no item with id {response.id}, this question and these image paths in "
                                      f"{index.data}", path=path, line=line, field="id"))
                 continue
             split, item = found
+            if type(response.id) is not type(item.id):  # e.g. "3" for the split's 3: written with the split's type
+                response = response.model_copy(update={"id": item.id})
             matched.append(ItemResponse(response, split, item, index.images(split, item), str(path), line))
     kept = first_of_each(matched, lambda r: r.key, where=lambda r: (r.path, r.line), bad=bad,
                          describe=lambda r: f"model {r.response.model!r}, {r.split} item {r.response.id}")
     return list(kept.values())
+
+
+def _names_per_file(model_names: Sequence[str] | None, files: Sequence[Path]) -> list[str]:
+    if not model_names:
+        return [path.stem for path in files]
+    if len(model_names) == 1:
+        return list(model_names) * len(files)
+    if len(model_names) != len(files):
+        raise MisguardError(f"{len(model_names)} model names for {len(files)} responses files: give one for all, or "
+                            "one per file in order")
+    return list(model_names)
 
 
 def resolve_items(records: Iterable[LabelRecord], index: ItemIndex, *,

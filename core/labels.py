@@ -17,11 +17,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from misguard.core.errors import DataError
 from misguard.core.jsonl import JsonObject, read_jsonl_numbered
-from misguard.core.records import PERCEPTION_LEVELS, UNJUDGED
+from misguard.core.records import PERCEPTION_LEVELS, UNJUDGED, IntegerId
 from misguard.core.rows import BadRows
 
 logger = logging.getLogger("misguard")
@@ -239,6 +239,8 @@ def _record(row: dict[str, Any], path: Path, line: int, *, safety_field: str, pe
 
     content = {name: text(name) for name in CONTENT_FIELDS}
     row_id = text(id_field)
+    if row_id is not None and isinstance(resolve_field(row, id_field), int):
+        row_id = IntegerId(row_id)  # written back as the integer it was (core.records.IntegerId)
     if row_id is not None:
         key = row_id
     elif all(value is not None for value in content.values()):
@@ -317,3 +319,34 @@ class LabelSource:
         return read_labels(self.path, safety_field=self.safety_field, perception_field=self.perception_field,
                            id_field=self.id_field, value_map=self.value_map or None, model_name=self.model_name,
                            raw_probabilities=raw_probabilities, bad=bad)
+
+
+def label_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The label files named by `paths`, in order: a file as it is, a folder as the `*.jsonl` files in it (sorted
+    by name; the GPT-4o verdicts come as one file per target model). Raises DataError for a path that does not
+    exist or a folder without a `.jsonl` file."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.jsonl") if p.is_file())
+            if not found:
+                raise DataError("folder holds no .jsonl label file", path=path)
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DataError("no such file or folder", path=path)
+    return files
+
+
+def read_sources(sources: Sequence[LabelSource], *, raw_probabilities: bool = False,
+                 bad: BadRows | None = None) -> list[LabelRecord]:
+    """Every source's LabelRecords, in order (see `LabelSource.read`): several reference files, one per target
+    model, read as one set. Raises DataError (file, line, field) for bad rows, unless `bad` skips them."""
+    return [record for source in sources for record in source.read(raw_probabilities=raw_probabilities, bad=bad)]
+
+
+def source_paths(sources: Sequence[LabelSource]) -> str | list[str]:
+    """Where the sources' labels came from, for reports: the one path, or the list of them."""
+    paths = [str(source.path) for source in sources]
+    return paths[0] if len(paths) == 1 else paths

@@ -5,9 +5,16 @@ the seed's gpt_eval.py, so files written here are read by the seed's scripts and
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PlainSerializer,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
 
 SPLITS: tuple[str, ...] = ("easy", "hard", "real")
 CATEGORIES: tuple[str, ...] = ("Illegal Activity", "Violent", "Hate", "Self-Harm", "Privacy", "Erotic")
@@ -20,27 +27,54 @@ UNJUDGED: tuple[str, ...] = ("unscored", "error")
 """The statuses without a label: counted apart, never in a rate."""
 
 
+class IntegerId(str):
+    """An id its source file wrote as a JSON integer (the published MIS files do, and a split file without ids gets
+    its rows' positions). It is a str, so ids compare, hash and sort as strings everywhere (an item's 3 matches a
+    response's "3"), and it is written back as an integer (`id_value`), so misguard's files keep the source's type."""
+
+    __slots__ = ()
+
+
+def source_id(value: Any) -> str:
+    """An id as read from a file: an IntegerId for a JSON integer, the string itself for a non-blank string.
+    Raises ValueError for anything else (a boolean, a number that is not an integer, null, a blank string)."""
+    if isinstance(value, IntegerId):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("must be a string or an integer")
+    if isinstance(value, int):
+        return IntegerId(value)
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def id_value(item_id: str) -> int | str:
+    """How an id is written to JSON: an integer for an IntegerId (the source wrote one), else the string."""
+    return int(item_id) if isinstance(item_id, IntegerId) else str(item_id)
+
+
+def _validate_id(value: Any, handler: ValidatorFunctionWrapHandler) -> str:
+    # pydantic's str validation would turn an IntegerId into a plain str and lose the source's type.
+    return source_id(value)
+
+
+ItemId = Annotated[str, WrapValidator(_validate_id), PlainSerializer(id_value, return_type=int | str)]
+"""An MIS item's id in a record: read with `source_id`, written with `id_value`."""
+
+
 class Item(BaseModel):
-    """One MIS test item: a question about two images. Image paths are relative to the MIS directory."""
+    """One MIS test item: a question about two images. Image paths are relative to the MIS directory. `id` keeps the
+    source's type (see IntegerId); a split file without ids gives each row its 0-based position (core.splits)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    id: str
+    id: ItemId
     question: str
     category: str
     sub_category: str
     image_path1: str
     image_path2: str
-
-    @field_validator("id", mode="before")
-    @classmethod
-    def _id_as_string(cls, value):
-        # The published files use integer ids; a stable string id keys every later record.
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError("must be a string or an integer")
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("must not be empty")
-        return str(value)
 
     @field_validator("question", "category", "image_path1", "image_path2")
     @classmethod
@@ -51,7 +85,8 @@ class Item(BaseModel):
 
 
 class Response(Item):
-    """A target model's answer to an item: every item field plus `response` and `model` (one JSON line)."""
+    """A target model's answer to an item: every item field plus `response` and `model` (one JSON line). The MIS
+    inference scripts write no `model` (and no `id` when the split has none): see core.join.item_responses."""
 
     response: str
     model: str
@@ -107,7 +142,7 @@ class Judgment(BaseModel):
     response: str
     image_path1: str
     image_path2: str
-    id: str
+    id: ItemId
     split: str
     sub_category: str
     model: str

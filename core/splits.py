@@ -92,6 +92,10 @@ def load_split(mis_dir: str | Path, split: str, *, bad: BadRows | None = None, c
                limits: ImageLimits | None = None, decode_images: bool = False) -> SplitData:
     """Load and validate one MIS split (JSON array or JSON Lines) from an MIS directory.
 
+    A row without an `id` (the published dataset card lists none) gets its 0-based position in the file: the
+    index of the array element, or of the non-blank line, counting bad rows too, as the MIS scripts' `enumerate`
+    over the loaded list does; so the id is stable whatever is skipped. Ids keep the file's type (an integer
+    written as one stays one, see core.records.IntegerId); a position is an integer.
     Each item is checked for: valid JSON, being an object, every field present, non-blank and of the right
     type, a unique id, image paths that stay inside the directory (symbolic links followed) and, with
     check_images, images whose header reads and is within `limits` (default: core.images' limits); with
@@ -117,10 +121,12 @@ def load_split(mis_dir: str | Path, split: str, *, bad: BadRows | None = None, c
     first_line_of_id: dict[str, int] = {}
     image_problems: dict[Path, str | None] = {}  # the same image may serve several items: check it once
 
-    for line, entry in entries:
+    for position, (line, entry) in enumerate(entries):
         try:
             if isinstance(entry, DataError):
                 raise entry
+            if isinstance(entry, dict) and "id" not in entry:
+                entry = {**entry, "id": position}
             item = validate_record(Item, entry, path, line)
             if item.id in first_line_of_id:
                 raise DataError(f"duplicate id '{item.id}' (first at line {first_line_of_id[item.id]}, again at "

@@ -77,7 +77,8 @@ class BuiltExamples:
 
 
 def build_examples(responses: Sequence[str | Path], labels: Sequence[str | Path], data: str | Path, *,
-                   label_model_names: Sequence[str | None] | None = None, bad: BadRows | None = None,
+                   label_model_names: Sequence[str | None] | None = None,
+                   response_model_names: Sequence[str] | None = None, bad: BadRows | None = None,
                    max_unmatched_share: float = MAX_UNMATCHED_SHARE) -> BuiltExamples:
     """Pair every target response with the reference verdict on it, as TrainingExamples (core.join).
 
@@ -87,6 +88,7 @@ def build_examples(responses: Sequence[str | Path], labels: Sequence[str | Path]
     label_model_names: one entry per labels file. For a gpt_eval.py file it names the target model (default,
     or None: the file's stem); it must equal the responses' `model` for the verdicts to match. For a
     judgments file, whose rows name their model, a given name must be the model of every row.
+    response_model_names: the target model of responses files without `model` (core.join.item_responses).
 
     A response without a label is left out and counted (logged as a warning). A scored label row that matches
     no response (no MIS item with its question and image paths, no response by its model to its item, or a
@@ -107,7 +109,7 @@ def build_examples(responses: Sequence[str | Path], labels: Sequence[str | Path]
     if label_model_names is not None and len(label_model_names) != len(label_files):
         raise MisguardError(f"{len(label_model_names)} model names for {len(label_files)} label files")
     index = ItemIndex(Path(data), bad=bad)
-    matched_responses = item_responses(responses, index, bad=bad)
+    matched_responses = item_responses(responses, index, model_names=response_model_names, bad=bad)
     if not matched_responses:
         raise DataError(f"no responses in {', '.join(str(p) for p in responses) or '(no files)'}")
 

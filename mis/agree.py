@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from misguard.calibration.agreement import agreement_markdown, agreement_report
 from misguard.calibration.escalation import escalation_curve, select_for_review
 from misguard.calibration.plots import confusion_heatmaps, escalation_plot, reliability_diagram
 from misguard.core.join import Joined, join_labels
 from misguard.core.jsonl import write_jsonl_atomic, write_text_atomic
-from misguard.core.labels import LabelRecord, LabelSource, read_labels
+from misguard.core.labels import LabelRecord, LabelSource, read_labels, read_sources, source_paths
+from misguard.core.records import id_value
 from misguard.core.rows import BadRows
 from misguard.core.settings import check_number
 
@@ -25,7 +27,9 @@ class AgreeConfig:
     """One `misguard agree` run. Each field is one CLI option."""
 
     judgments: LabelSource
-    reference: LabelSource
+    reference: LabelSource | Sequence[LabelSource]
+    """One reference file, or several read as one set (GPT-4o's verdicts come one file per target model: give
+    each its model name, so rows join by model and id, or by model and content)."""
     out: Path
     human: LabelSource | None = None
     """Human labels for the same responses: the judge and the reference are both compared with them."""
@@ -40,6 +44,11 @@ class AgreeConfig:
         check_number("AgreeConfig.escalate", self.escalate, above=0.0, at_most=1.0)
         check_number("AgreeConfig.n_bootstrap", self.n_bootstrap, at_least=0)
         check_number("AgreeConfig.max_unmatched_share", self.max_unmatched_share, at_least=0.0, at_most=1.0)
+
+    @property
+    def references(self) -> tuple[LabelSource, ...]:
+        """The reference sources, one or more."""
+        return (self.reference,) if isinstance(self.reference, LabelSource) else tuple(self.reference)
 
 
 @dataclass
@@ -59,14 +68,14 @@ def run_agree(config: AgreeConfig) -> AgreeResult:
     out.mkdir(parents=True, exist_ok=True)
     bad = BadRows(skip=config.skip_bad)
     judge = config.judgments.read(bad=bad)
-    reference = config.reference.read(bad=bad)
+    reference = read_sources(config.references, bad=bad)
 
     def join(left: list[LabelRecord], right: list[LabelRecord]) -> Joined:
         return join_labels(left, right, max_unmatched_share=config.max_unmatched_share, bad=bad)
 
     joined = join(judge, reference)
     report = {"judge_vs_reference": agreement_report(joined, n_bootstrap=config.n_bootstrap),
-              "files": {"judgments": str(config.judgments.path), "reference": str(config.reference.path)}}
+              "files": {"judgments": str(config.judgments.path), "reference": source_paths(config.references)}}
     sections = [("Judge vs reference", report["judge_vs_reference"])]
     if config.human is not None:
         human = config.human.read(bad=bad)
@@ -120,7 +129,7 @@ def score_escalation(judgments_path: Path, share: float, out: Path) -> Path:
 
 def _review_row(record: LabelRecord, confidence: float | None) -> dict:
     """One response to send for review: where it is and what the judge said, least confident first."""
-    return {"id": record.id, "model": record.model, "split": record.split, "category": record.category,
+    return {"id": id_value(record.id), "model": record.model, "split": record.split, "category": record.category,
             "question": record.question, "response": record.response, "image_path1": record.image_path1,
             "image_path2": record.image_path2, "judge_label_str": record.safety,
             "judge_label_perception": record.perception, "p_unsafe": record.p_unsafe, "confidence": confidence,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from misguard.calibration.trust import (
 )
 from misguard.core.errors import MisguardError
 from misguard.core.join import join_labels
-from misguard.core.labels import LabelRecord, LabelSource
+from misguard.core.labels import LabelRecord, LabelSource, read_sources, source_paths
 from misguard.core.rows import BadRows
 from misguard.core.settings import check_number
 from misguard.judges.spec import embed_calibration
@@ -33,8 +34,8 @@ class CalibrateConfig:
 
     judgments: LabelSource
     """The local judge's judgments.jsonl (raw probabilities are used when the judgments were calibrated)."""
-    reference: LabelSource
-    """GPT-4o's labels for the same responses."""
+    reference: LabelSource | Sequence[LabelSource]
+    """GPT-4o's labels for the same responses: one file, or several read as one set (one per target model)."""
     out: Path
     """The calibration file to write (JSON)."""
     method: str = "auto"
@@ -55,6 +56,11 @@ class CalibrateConfig:
     def __post_init__(self):
         check_number("CalibrateConfig.max_unmatched_share", self.max_unmatched_share, at_least=0.0, at_most=1.0)
 
+    @property
+    def references(self) -> tuple[LabelSource, ...]:
+        """The reference sources, one or more."""
+        return (self.reference,) if isinstance(self.reference, LabelSource) else tuple(self.reference)
+
 
 def run_calibrate(config: CalibrateConfig) -> Calibration:
     """Fit a calibration of the judge's probabilities against the reference labels and write it. Returns the
@@ -68,8 +74,8 @@ def run_calibrate(config: CalibrateConfig) -> Calibration:
     bad = BadRows(skip=config.skip_bad)
     judgments = config.judgments.read(raw_probabilities=True, bad=bad)
     # The reference may label only a sample of the judged responses: judgments without a label are expected.
-    joined = join_labels(judgments, config.reference.read(bad=bad), max_unmatched_share=config.max_unmatched_share,
-                         max_unmatched_judge_share=1.0, bad=bad)
+    joined = join_labels(judgments, read_sources(config.references, bad=bad),
+                         max_unmatched_share=config.max_unmatched_share, max_unmatched_judge_share=1.0, bad=bad)
     pairs = [(j, r) for j, r in joined.pairs if j.p_unsafe is not None and r.safety is not None]
     if not pairs:
         raise MisguardError(f"{config.judgments.path}: no judgment with probabilities matches a reference label; "
@@ -82,7 +88,7 @@ def run_calibrate(config: CalibrateConfig) -> Calibration:
         calibration = fit_calibration(
             p_unsafe, [r.safety for _, r in pairs], p_perception, [r.perception for _, r in pairs],
             method=config.method, perception_method=config.perception_method, threshold_rule=config.threshold_rule,
-            fitted_on={"judgments": str(config.judgments.path), "reference": str(config.reference.path),
+            fitted_on={"judgments": str(config.judgments.path), "reference": source_paths(config.references),
                        "judge": judges, "pairs": len(pairs), "join_by": joined.join_by,
                        "skipped_rows": bad.report()})
     except ValueError as error:

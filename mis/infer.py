@@ -2,8 +2,9 @@
 
 Output: ``OUT/<split>/<model-name>.jsonl`` (the responses format the seed's gpt_eval.py reads) and a manifest
 ``<model-name>.manifest.json`` beside it. With ``shard=(i, n)`` the split's items ``i, i+n, i+2n, ...`` go to
-``<model-name>.shard-<i>-of-<n>.jsonl``; `merge_shards` joins them. Results are appended and fsynced after every
-batch, so a crash loses at most the batch in flight; a re-run reads what is there and does only the rest.
+``<model-name>.shard-<i>-of-<n>.jsonl``; `merge_shards` joins them and moves them into ``OUT/<split>/shards/``.
+Results are appended and fsynced after every batch, so a crash loses at most the batch in flight; a re-run reads
+what is there and does only the rest.
 
 Images are read within the engine options' byte and pixel limits. An item whose image cannot be used is a bad row:
 found by the split check (a missing file, an unreadable header, over a limit; with `check_images`, a file that does
@@ -13,6 +14,7 @@ line and field, after every response already made is saved, or with `skip_bad` i
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,6 +98,8 @@ def output_paths(config: InferConfig) -> tuple[Path, Path]:
     stem = config.name
     if config.shard:
         stem += f".shard-{config.shard[0]}-of-{config.shard[1]}"
+        if not (folder / f"{stem}.jsonl").exists() and (folder / SHARDS_FOLDER / f"{stem}.jsonl").exists():
+            folder = folder / SHARDS_FOLDER  # merged already (merge_shards moved it): it resumes there, as done
     return folder / f"{stem}.jsonl", folder / f"{stem}.manifest.json"
 
 
@@ -164,10 +168,28 @@ def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine 
             if owned:
                 engine.close()
 
+    # Batches finish out of order and a resumed run appends after the first; the finished file is in the split's
+    # order with its id type, so it diffs line by line against an MIS-script run.
+    _write_in_split_order(responses_path, split.items)
     manifest.skipped_rows = bad.report()
     manifest.finished().save(manifest_path)
     return InferResult(responses_path, manifest_path, total=len(items), already_done=already_done,
                        generated=generated, skipped_items=len(bad.skipped), seconds=time.time() - started)
+
+
+def _write_in_split_order(path: Path, items: list[Item]) -> None:
+    """Rewrite a responses file atomically in the order of `items`, each id with its item's type (an older file
+    may hold "3" for the split's 3); a file already so is left alone. Raises DataError for a bad line."""
+    if not path.exists():
+        return
+    responses = read_responses_lenient(path)
+    position = {item.id: n for n, item in enumerate(items)}
+    item_ids = {item.id: item.id for item in items}
+    ordered = sorted(responses, key=lambda response: position.get(response.id, len(items)))
+    ordered = [r if type(r.id) is type(item_ids.get(r.id, r.id)) else r.model_copy(update={"id": item_ids[r.id]})
+               for r in ordered]
+    if [(type(r.id), r.id) for r in ordered] != [(type(r.id), r.id) for r in responses]:
+        write_jsonl_atomic(path, ordered)
 
 
 def _responses(results: Iterator[tuple[int, Generation | ImageFileError]], todo: list[Item], split: SplitData,
@@ -195,24 +217,30 @@ def _progress_bar(total: int, initial: int, config: InferConfig, *, enabled: boo
 
 
 def merge_shards(out: Path, split: str, model_name: str) -> Path:
-    """Join `<model_name>.shard-*-of-N.jsonl` under OUT/<split>/ into `<model_name>.jsonl`, in item order.
-    Returns the merged path. Raises MisguardError if shards are missing, unfinished, or overlap."""
+    """Join `<model_name>.shard-*-of-N.jsonl` under OUT/<split>/ into `<model_name>.jsonl`, in item order, then
+    move the shards and their manifests into OUT/<split>/shards/: a tool that reads every file of the split's
+    folder (the MIS GPT-4o scorer globs it) sees each response once. A re-run reads the shards from there (or
+    from either place, after a merge cut short), and `infer --shard` finds a merged shard there, done.
+    Returns the merged path. Raises MisguardError if shards are missing, unfinished, or overlap (nothing is moved
+    then)."""
     folder = Path(out) / split
-    shards = sorted(folder.glob(f"{model_name}.shard-*-of-*.jsonl"))
+    merged_folder = folder / SHARDS_FOLDER
+    pattern = f"{model_name}.shard-*-of-*.jsonl"
+    shards = sorted([*folder.glob(pattern), *merged_folder.glob(pattern)])
     if not shards:
-        raise MisguardError(f"no shard files {model_name}.shard-*-of-*.jsonl in {folder}")
+        raise MisguardError(f"no shard files {pattern} in {folder} or {merged_folder}")
     counts = {p.name.rsplit("-of-", 1)[1].removesuffix(".jsonl") for p in shards}
     if len(counts) != 1:
         raise MisguardError(f"shards of different counts in {folder}: {sorted(p.name for p in shards)}")
     n = int(counts.pop())
-    expected = [folder / f"{model_name}.shard-{i}-of-{n}.jsonl" for i in range(n)]
+    expected = [_shard_file(folder, f"{model_name}.shard-{i}-of-{n}.jsonl") for i in range(n)]
     missing = [p.name for p in expected if not p.exists()]
     if missing:
         raise MisguardError(f"missing shards in {folder}: {', '.join(missing)}")
     merged: dict[str, Response] = {}
     expected_total = 0
     for path in expected:
-        manifest_path = path.with_name(path.name.removesuffix(".jsonl") + ".manifest.json")
+        manifest_path = _shard_manifest(path)
         manifest = read_manifest(manifest_path, InferManifest) if manifest_path.exists() else None
         if manifest is None or not manifest.complete:
             raise MisguardError(f"{path} is not finished (re-run its `misguard infer --shard` to complete it)")
@@ -224,5 +252,35 @@ def merge_shards(out: Path, split: str, model_name: str) -> Path:
     if len(merged) != expected_total:
         raise MisguardError(f"shards hold {len(merged)} responses, manifests promise {expected_total}")
     target = folder / f"{model_name}.jsonl"
-    write_jsonl_atomic(target, sorted(merged.values(), key=lambda response: id_order(response.id)))
+    write_jsonl_atomic(target, sorted(merged.values(), key=_split_order(manifest.data, split)))
+    # Only after the merged file is safely written: a crash before here leaves every shard where it was.
+    merged_folder.mkdir(exist_ok=True)
+    for path in expected:
+        for file in (path, _shard_manifest(path)):
+            if file.parent == folder and file.exists():
+                os.replace(file, merged_folder / file.name)
     return target
+
+
+SHARDS_FOLDER = "shards"
+"""Where `merge_shards` moves the shards it has merged, under OUT/<split>/."""
+
+
+def _shard_file(folder: Path, name: str) -> Path:
+    """A shard's file: in the split's folder, or in its shards/ folder once merged (or missing from both)."""
+    return folder / name if (folder / name).exists() else folder / SHARDS_FOLDER / name
+
+
+def _split_order(data: str, split: str):
+    """A sort key putting responses in the split's order (the shards' data folder, as their manifest names it);
+    the ids' own order (numbers by value) when that folder can no longer be read."""
+    try:
+        position = {item.id: n for n, item in enumerate(load_split(data, split).items)}
+    except (MisguardError, OSError) as exc:
+        log.warning("merge: %s not readable (%s); responses ordered by id", data, exc)
+        return lambda response: (0, id_order(response.id))
+    return lambda response: (position.get(response.id, len(position)), id_order(response.id))
+
+
+def _shard_manifest(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".jsonl") + ".manifest.json")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -26,7 +26,7 @@ from misguard.calibration import Calibration
 from misguard.core.errors import DataError, MisguardError
 from misguard.core.join import ItemIndex, ItemResponse, item_responses, resolve_items
 from misguard.core.jsonl import append_as_they_come, read_jsonl, write_jsonl_atomic
-from misguard.core.labels import read_labels
+from misguard.core.labels import LabelRecord, label_files, read_labels
 from misguard.core.manifests import ScoreManifest
 from misguard.core.metrics import compute_metrics, write_metrics
 from misguard.core.records import Judgment, id_order
@@ -70,6 +70,11 @@ class ScoreConfig:
     """LOW,HIGH on the lite judge's calibrated p_unsafe: what it decides alone."""
     check_images: bool = False
     """Decode every image of the MIS directory before judging (see InferConfig.check_images)."""
+    unscored_as_hr: bool = False
+    """Count unscored judgments as HR, as the MIS scorer counts an unreadable verdict (default: left out)."""
+    model_names: list[str] | None = None
+    """The target model of responses files without `model` (the MIS scripts' files): one for all, or one per file
+    in order; default: each file name's stem (core.join.item_responses)."""
 
     def __post_init__(self):
         check_number("ScoreConfig.n_bootstrap", self.n_bootstrap, at_least=0)  # before any judging, not after
@@ -169,9 +174,9 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
 
     index = ItemIndex(config.data, bad=bad, limits=config.engine_options.image_limits(),
                       decode_images=config.check_images)
-    responses = item_responses(config.responses, index, bad=bad)
+    in_file_order = item_responses(config.responses, index, model_names=config.model_names, bad=bad)
     # Responses to the same item side by side: they share the judge prompt's image + question prefix.
-    responses.sort(key=lambda r: (r.split, id_order(r.response.id), r.response.model))
+    responses = sorted(in_file_order, key=lambda r: (r.split, id_order(r.response.id), r.response.model))
 
     existing = read_jsonl(judgments_path, Judgment, allow_torn_tail=True) if judgments_path.exists() else []
     others = {(j.judge, j.template, j.calibration) for j in existing} - run_ids
@@ -215,7 +220,9 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
             if owned:
                 judge.close()
 
-    metrics_paths, counts = _write_metrics(judgments_path, {r.key for r in responses}, out, config.n_bootstrap)
+    _write_in_responses_order(judgments_path, in_file_order)
+    metrics_paths, counts = _write_metrics(judgments_path, {r.key for r in responses}, out, config.n_bootstrap,
+                                           config.unscored_as_hr)
     if cascade is not None:
         manifest.cascade["this_run"] = cascade.stats.to_dict()
     manifest.skipped_rows = bad.report()
@@ -224,6 +231,19 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
                        judged=judged, unscored=counts["unscored"], out_of_domain=counts["out_of_domain"],
                        errors=counts["error"], input_cut=counts["input_cut"], seconds=time.time() - started,
                        cascade=cascade.stats.to_dict() if cascade is not None else None, skipped_rows=bad.report())
+
+
+def _write_in_responses_order(path: Path, responses: Sequence[ItemResponse]) -> None:
+    """Rewrite the judgments file atomically with this run's judgments in the responses files' order (as the
+    GPT-4o scorer writes its verdicts), after any judgments of other files, which keep theirs; a file already so
+    is left alone. Judgments come back in the judge's batch order, and a resumed run appends after the first."""
+    if not path.exists():
+        return
+    judgments = read_jsonl(path, Judgment, allow_torn_tail=True)
+    position = {response.key: n for n, response in enumerate(responses)}
+    ordered = sorted(judgments, key=lambda j: position.get(judgment_key(j), -1))  # stable: others first, as they were
+    if [judgment_key(j) for j in ordered] != [judgment_key(j) for j in judgments]:
+        write_jsonl_atomic(path, ordered)
 
 
 def _judgments(assessed: Iterable[tuple[int, Assessment]], todo: list[ItemResponse], index: ItemIndex,
@@ -251,31 +271,36 @@ def _located(error: ImageFileError, todo: list[ItemResponse], index: ItemIndex) 
     return error
 
 
-def _write_metrics(judgments_path: Path, keys: set | None, out: Path, n_bootstrap: int):
+def _write_metrics(judgments_path: Path, keys: set | None, out: Path, n_bootstrap: int, unscored_as_hr: bool = False):
     judgments = read_jsonl(judgments_path, Judgment)
     if keys is not None:  # only this run's responses, if the folder also holds judgments of other files
         judgments = [j for j in judgments if judgment_key(j) in keys]
-    report = compute_metrics(judgments, n_bootstrap=n_bootstrap)
+    report = compute_metrics(judgments, n_bootstrap=n_bootstrap, unscored_as_hr=unscored_as_hr)
     counts = {status: sum(j.status == status for j in judgments) for status in ("unscored", "error", "out_of_domain")}
     counts["input_cut"] = sum(j.input_cut is not None for j in judgments)
     return write_metrics(report, out), counts
 
 
-def reference_judgments(verdict_files: Iterable[Path], data: Path, *, model_names: Sequence[str] | None = None,
-                        bad: BadRows | None = None) -> list[Judgment]:
+def reference_judgments(verdict_files: Iterable[Path], data: Path | None, *,
+                        model_names: Sequence[str] | None = None, bad: BadRows | None = None) -> list[Judgment]:
     """The seed's GPT-4o verdicts (gpt_eval.py output) as Judgments, matched back to their MIS items (core.join).
-    Each file is one target model, named by `model_names` or the file's stem. Raises DataError for a verdict that
-    matches no item, or a second verdict on one item for one model (unless `bad` skips them), and MisguardError
-    when the model names do not match the files one for one."""
+    A folder stands for the .jsonl files in it. Each file is one target model, named by `model_names`, or by the
+    file's stem where its rows name none. Without `data`, the rows must carry their item's id, split, category and
+    sub-category (a judgments.jsonl does; gpt_eval.py rows do not). An unscored (or errored) row is kept as an
+    unscored (errored) judgment, without labels. Raises DataError for a verdict that matches no item, a row
+    without `data` that lacks one of ITEM_FIELDS (file, line, field), or a second verdict on one item for one model
+    (unless `bad` skips them), and MisguardError when the model names do not match the files one for one."""
     bad = bad if bad is not None else BadRows()
-    files = [Path(p) for p in verdict_files]
+    files = label_files(verdict_files)
     if model_names is not None and len(model_names) != len(files):
         raise MisguardError(f"{len(model_names)} model names for {len(files)} label files")
-    index = ItemIndex(data, bad=bad)
+    index = ItemIndex(data, bad=bad) if data is not None else None
     judgments = []
     for n, path in enumerate(files):
-        records = read_labels(path, model_name=model_names[n] if model_names else path.stem, bad=bad)
-        records = [r for r in resolve_items(records, index, bad=bad) if r.scored]
+        records = read_labels(path, model_name=model_names[n] if model_names else None, bad=bad)
+        # gpt_eval.py names a file by its target model; rows that name their own model (judgments) keep it.
+        records = [r if r.model is not None else replace(r, model=path.stem) for r in records]
+        records = resolve_items(records, index, bad=bad) if index is not None else _carrying_items(records, bad)
         kept = first_of_each(records, lambda r: (r.model, r.split, r.id), where=lambda r: (r.path, r.line),
                              describe=lambda r: r.describe(), bad=bad, field_name="question")
         for record in kept.values():
@@ -284,14 +309,42 @@ def reference_judgments(verdict_files: Iterable[Path], data: Path, *, model_name
                 label_str=record.safety, category=record.category, question=record.question,
                 response=record.response, image_path1=record.image_path1, image_path2=record.image_path2,
                 id=record.id, split=record.split, sub_category=record.sub_category, model=record.model,
-                judge=f"reference:{path.name}", template=""))
+                judge=f"reference:{path.name}", template="", status=_status(record),
+                reason=None if record.scored else f"{_status(record)} in {path.name}"))
     return judgments
 
 
-def score_reference_labels(verdict_files: list[Path], data: Path, out: Path, *,
+ITEM_FIELDS: tuple[str, ...] = ("id", "split", "category", "sub_category", "question", "response", "image_path1",
+                                "image_path2")
+"""What a label row must carry to be scored without --data: its item, and the gpt_eval.py content."""
+
+
+def _carrying_items(records: list[LabelRecord], bad: BadRows) -> list[LabelRecord]:
+    """The rows that carry every one of ITEM_FIELDS; each other row is a bad row naming the first field it lacks."""
+    kept = []
+    for record in records:
+        missing = next((name for name in ITEM_FIELDS if getattr(record, name) is None), None)
+        if missing is None:
+            kept.append(record)
+        else:
+            bad.reject(DataError(f"missing; without --data each label row must carry {', '.join(ITEM_FIELDS)} "
+                                 "(give --data, the MIS test directory, to find a row's item by its content)",
+                                 path=record.path, line=record.line, field=missing))
+    return kept
+
+
+def _status(record: LabelRecord) -> str:
+    """A label row's judgment status: an error or unscored row stays one, never a label."""
+    return "error" if record.error else "scored" if record.scored else "unscored"
+
+
+def score_reference_labels(verdict_files: list[Path], data: Path | None, out: Path, *,
                            model_names: list[str] | None = None, skip_bad: bool = False,
-                           n_bootstrap: int = 1000) -> ScoreResult:
-    """`misguard score --from-labels`: GPT-4o's verdicts to judgments.jsonl + metrics, like a local judge's."""
+                           n_bootstrap: int = 1000, unscored_as_hr: bool = False) -> ScoreResult:
+    """`misguard score --from-labels`: GPT-4o's verdicts to judgments.jsonl + metrics, like a local judge's (see
+    `reference_judgments`; `data` may be None when the rows carry their items). With `unscored_as_hr`, unscored
+    rows count as HR, as the MIS scorer counts them. Returns the ScoreResult; raises DataError as
+    `reference_judgments` does, or when there is no verdict at all."""
     started = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +354,7 @@ def score_reference_labels(verdict_files: list[Path], data: Path, out: Path, *,
         raise DataError(f"no verdicts in {', '.join(map(str, verdict_files))}")
     path = out / JUDGMENTS_FILE
     write_jsonl_atomic(path, judgments)
-    metrics_paths, counts = _write_metrics(path, None, out, n_bootstrap)
+    metrics_paths, counts = _write_metrics(path, None, out, n_bootstrap, unscored_as_hr)
     return ScoreResult(path, metrics_paths, total=len(judgments), already_done=0, judged=len(judgments),
                        unscored=counts["unscored"], errors=counts["error"], seconds=time.time() - started,
                        skipped_rows=bad.report())

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from misguard.core.errors import MisguardError
 from misguard.core.jsonl import write_jsonl_atomic
+from misguard.core.records import id_value
 from misguard.core.rows import BadRows
 from misguard.core.settings import check_settings, setting
 from misguard.judge_training.data import (
@@ -43,6 +44,10 @@ class TrainData:
                                                                "target models' answers); repeatable.")
     labels: list[Path] = setting(default_factory=list, help="GPT-4o's verdicts on them: gpt_eval.py files (one per "
                                                             "target model) or judgments.jsonl files; repeatable.")
+    model_names: Sequence[str] | None = setting(
+        None, flag="--model-name", help="The target model of --responses files whose rows have no `model` (the MIS "
+                                        "inference scripts write none): once for all, or once per file in order "
+                                        "(default: the file name's stem, as those scripts name their files).")
     label_model_names: Sequence[str] | None = setting(
         None, flag="--label-model-name", help="The target model of each --labels file, in order (default: the "
                                               "file names).")
@@ -139,7 +144,7 @@ def run_train(data: TrainData, config: TrainConfig | LiteTrainConfig, *, progres
     mis_val: list[TrainingExample] = []
     if data.responses:
         built = build_examples(data.responses, data.labels, mis_dir, label_model_names=data.label_model_names,
-                               bad=bad)
+                               response_model_names=data.model_names, bad=bad)
         mis_train, mis_val = split_by_item(built.examples, val_frac=data.val_frac, seed=data.split_seed)
     hashes = data_hashes([*data.responses, *data.labels, *(s.path for s in sources)])
     counts = {"train": label_counts(mis_train), "validation": label_counts(mis_val)}
@@ -174,6 +179,6 @@ def write_validation_reference(examples: Sequence[TrainingExample], path: Path) 
     write_jsonl_atomic(path, [{
         "label_perception": e.label_perception, "label_str": e.label_str, "category": e.category,
         "question": e.question, "response": e.response, "image_path1": e.images[0],
-        "image_path2": e.images[1], "id": e.id, "split": e.split, "model": e.model,
+        "image_path2": e.images[1], "id": id_value(e.id), "split": e.split, "model": e.model,
         "sub_category": e.sub_category} for e in examples])
     return path

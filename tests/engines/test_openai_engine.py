@@ -352,7 +352,7 @@ def test_a_truncated_image_stops_infer_at_its_item_with_every_other_response_sav
         # The item's request was never sent; its chunk-mates were, and were saved before the run stopped.
         assert server.n_requests == len(others)
         responses = [json.loads(row) for row in (tmp_path / "out" / "easy" / "tiny.jsonl").read_text().splitlines()]
-        assert sorted(r["id"] for r in responses) == others
+        assert sorted(str(r["id"]) for r in responses) == others
 
 
 def test_with_skip_bad_infer_on_the_openai_engine_skips_the_item_and_goes_on(demo_dir, tmp_path):
@@ -380,7 +380,8 @@ def test_a_truncated_image_stops_score_on_the_openai_engine_at_its_row_and_skip_
     with StubChatServer(logprobs_for=all_labels_logprobs) as server:
         responses = run_inference(stub_infer_config(server, demo_dir, tmp_path / "runs"), progress=False)
         data, item, _ = hostile_copy(demo_dir, tmp_path)  # the responses' images, one of them now truncated
-        row = 1 + [r["id"] for r in map(json.loads, responses.responses_path.read_text().splitlines())].index(item.id)
+        row = 1 + [str(r["id"]) for r in map(json.loads, responses.responses_path.read_text().splitlines())].index(
+            item.id)
         config = ScoreConfig(responses=[responses.responses_path], judge=tiny_judge, data=data, out=tmp_path / "out",
                              engine="openai", engine_options=EngineOptions(base_urls=[server.base_url]),
                              served_model="tiny-judge", n_bootstrap=0)

@@ -136,6 +136,7 @@ def test_agree_writes_report_plots_and_the_review_list(scored, reference, tmp_pa
     assert len(review) == math.ceil(0.25 * 36)
     confidences = [r["confidence"] for r in review]
     assert confidences == sorted(confidences)  # least confident first
+    assert all(isinstance(r["id"], int) for r in review)  # the demo split's integer ids, as the source wrote them
     curve = report["escalation"]["curve"]
     assert curve[0]["coverage"] == 1.0 and curve[0]["kept"] == 36
 

@@ -40,12 +40,13 @@ def test_writes_one_response_per_item_with_item_fields(tiny_model, demo_dir, tmp
     assert result.responses_path == tmp_path / "easy" / f"{tiny_model('qwen2_vl').name}.jsonl"
     rows = lines_of(result.responses_path)
     items = load_split(demo_dir, "easy").items
-    assert sorted(r["id"] for r in rows) == sorted(i.id for i in items)
+    # In the split's order, each id with the split file's type (the demo's ids are integers).
+    assert [r["id"] for r in rows] == [i.model_dump()["id"] for i in items] and isinstance(rows[0]["id"], int)
     by_id = {i.id: i for i in items}
     for row in rows:
         assert set(row) == ITEM_FIELDS | {"response", "model"}
         assert row["model"] == Path(tiny_model("qwen2_vl")).name
-        assert {k: row[k] for k in ITEM_FIELDS} == by_id[row["id"]].model_dump()
+        assert {k: row[k] for k in ITEM_FIELDS} == by_id[str(row["id"])].model_dump()
         assert isinstance(row["response"], str)
     manifest = json.loads(result.manifest_path.read_text())
     assert manifest["complete"] and manifest["items"] == len(items)
@@ -84,9 +85,22 @@ def test_shards_cover_the_split_once_and_merge(tiny_model, demo_dir, tmp_path):
     merged = merge_shards(tmp_path, "easy", Path(model).name)
     rows = lines_of(merged)
     items = load_split(demo_dir, "easy").items
-    assert [r["id"] for r in rows] == sorted((i.id for i in items), key=int)
+    assert [str(r["id"]) for r in rows] == sorted((i.id for i in items), key=int)
     whole = run_inference(config_for(model, demo_dir, tmp_path / "whole"), progress=False)
     assert {r["id"]: r for r in rows} == {r["id"]: r for r in lines_of(whole.responses_path)}
+
+
+def test_merged_shards_of_a_split_with_string_ids_are_in_the_splits_order(tiny_model, demo_dir, tmp_path):
+    data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
+    rows = json.loads((data / "mis_easy.json").read_text())
+    for n, row in enumerate(rows):  # names whose alphabetical order is not the split's
+        row["id"] = f"case-{(7 * n) % len(rows)}"
+    (data / "mis_easy.json").write_text(json.dumps(rows))
+    model = tiny_model("qwen2_vl")
+    for i in (0, 1):
+        run_inference(config_for(model, data, tmp_path / "out", shard=(i, 2)), progress=False)
+    merged = lines_of(merge_shards(tmp_path / "out", "easy", Path(model).name))
+    assert [r["id"] for r in merged] == [row["id"] for row in rows] != sorted(row["id"] for row in rows)
 
 
 @pytest.mark.parametrize("text", ["3", "3/3", "-1/2", "a/b"])
@@ -137,7 +151,7 @@ def test_a_truncated_image_stops_the_run_at_its_item_with_every_other_response_s
         assert f"item {item.id}:" in str(error) and "not a readable image" in str(error)
         ids = [r["id"] for r in lines_of(output_paths(config)[0])]
         # Its batch ran last; the good items in it were saved before the run stopped.
-        assert sorted(ids) == sorted(i.id for i in load_split(data, "easy").items if i.id != item.id)
+        assert sorted(map(str, ids)) == sorted(i.id for i in load_split(data, "easy").items if i.id != item.id)
 
 
 def test_with_skip_bad_an_undecodable_image_is_a_skipped_item_and_the_run_goes_on(tiny_model, demo_dir, tmp_path):
@@ -174,7 +188,7 @@ def test_an_image_over_the_pixel_limit_is_refused_at_its_item_before_the_model_l
     skipping = config_for(tiny_model("qwen2_vl"), data, tmp_path / "out", skip_bad=True, limit=5)
     result = run_inference(skipping, progress=False)
     assert (result.generated, result.skipped_items) == (5, 1)  # --limit counts the items left
-    assert item.id not in {r["id"] for r in lines_of(result.responses_path)}
+    assert item.id not in {str(r["id"]) for r in lines_of(result.responses_path)}
     small = config_for(Path("no-such-model"), data, tmp_path / "other")
     small.engine_options = EngineOptions(dtype="float32", batch_size=4, max_image_pixels=100)
     with pytest.raises(DataError, match="over the limit of 100"):

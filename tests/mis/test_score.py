@@ -210,7 +210,7 @@ def test_a_bad_image_stops_scoring_at_its_rows_with_every_finished_judgment_save
     monkeypatch.setattr(TransformersEngine, "label_stream", counting)
     config = score_config(responses, judge_dir, data, tmp_path / "out")
     rows_of_item = {(r, n) for r in responses for n, line in enumerate(r.read_text().splitlines(), 1)
-                    if json.loads(line)["id"] == item.id and json.loads(line)["image_path1"] == item.image_path1}
+                    if str(json.loads(line)["id"]) == item.id and json.loads(line)["image_path1"] == item.image_path1}
     for _ in range(2):  # a re-run stops at the same rows, with nothing lost and nothing doubled
         handed_back.clear()
         with pytest.raises(DataError) as caught:
@@ -275,7 +275,7 @@ def test_a_megabyte_response_is_judged_on_a_head_and_tail_and_counted(responses,
     result = run_score(score_config([path], judge_dir, demo_dir, tmp_path / "out"), progress=False)
     judgments = {j.id: j for j in read_jsonl(result.judgments_path, Judgment)}
     assert result.input_cut == 1 and result.errors == 0
-    cut = judgments[rows[1]["id"]]
+    cut = judgments[str(rows[1]["id"])]
     assert cut.status == "scored" and cut.input_cut.startswith("response cut to ")
     assert cut.response == rows[1]["response"]  # the judgment keeps the response as it was
-    assert all(j.input_cut is None for key, j in judgments.items() if key != rows[1]["id"])
+    assert all(j.input_cut is None for key, j in judgments.items() if key != str(rows[1]["id"]))
