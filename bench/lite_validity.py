@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -209,11 +210,28 @@ def xstest_figures(rows: Sequence[dict]) -> dict[str, Any]:
             else None}
 
 
+def ceiling(rows: Sequence[dict]) -> dict[str, Any]:
+    """What the best threshold on these very rows would give: the highest accuracy and kappa over every threshold
+    on their p_unsafe, and the ranking's AUROC. An upper bound on what any per-source threshold (fitted on
+    validation, or named by a caller) could reach with this judge's scores; chosen on the test rows, so it is
+    never a result."""
+    truth = np.array([r["label"] for r in rows if r["label"] is not None])
+    scores = np.array([r["p_unsafe"] for r in rows if r["label"] is not None])
+    if len(set(truth)) < 2:
+        return {"auroc": None, "best_accuracy": None, "best_kappa": None}
+    cuts = np.unique(scores)
+    verdicts = scores[None, :] >= cuts[:, None]
+    return {"auroc": float(roc_auc_score(truth, scores)),
+            "best_accuracy": float((verdicts == truth[None, :]).mean(axis=1).max()),
+            "best_kappa": float(max(cohen_kappa_score(truth, v) for v in verdicts))}
+
+
 def evaluate(rows: Sequence[dict]) -> dict[str, Any]:
     by_source = {}
     for name in sorted({r["source"] for r in rows}):
         chosen = [r for r in rows if r["source"] == name]
         by_source[name] = figures(chosen)
+        by_source[name]["ceiling"] = ceiling(chosen)
         if name == "msts":
             by_source[name]["vs_human"] = figures(chosen, "human")
         if name == "xstest":
@@ -243,6 +261,12 @@ def markdown(results: dict[str, Any]) -> str:
     for name, figs in pooled.items():
         lines.append(f"| {name} | {cell(figs['kappa'])} | {cell(figs['accuracy'])} | {cell(figs['f1'])} | "
                      f"{cell(figs['flagged'])} | {cell(figs['kappa_unflagged'])} |")
+    lines += ["", "## The best threshold on the test rows themselves (an upper bound, never a result)", "",
+              "| source | AUROC | best accuracy | best kappa |", "|---|---|---|---|"]
+    for name, figs in pooled.items():
+        if "ceiling" in figs:
+            c = figs["ceiling"]
+            lines.append(f"| {name} | {cell(c['auroc'])} | {cell(c['best_accuracy'])} | {cell(c['best_kappa'])} |")
     lines += ["", f"## Leave one source out (seed {results['seeds'][0]}, {results['loso_epochs']} epoch(s))", "",
               "| left out | kappa | flagged | kappa unflagged | wrong flagged | in-domain flagged |",
               "|---|---|---|---|---|---|"]
@@ -310,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["msts vs experts"] = {k: summarize([r["sources"]["msts"]["vs_human"].get(k) for r in runs]) for k in keys}
     summary["xstest"].update({k: summarize([r["sources"]["xstest"].get(k) for r in runs])
                               for k in ("false_positive", "unsafe_recall")})
+    for name in [s.name for s in SOURCES]:
+        summary[name]["ceiling"] = {k: summarize([r["sources"][name]["ceiling"][k] for r in runs])
+                                    for k in ("auroc", "best_accuracy", "best_kappa")}
     results["pooled"]["summary"] = summary
 
     if args.loso:
