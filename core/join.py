@@ -23,12 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from misguard.core.errors import DataError, MisguardError
+from misguard.core.errors import DataError
 from misguard.core.images import ImageLimits
 from misguard.core.jsonl import JsonObject, read_jsonl_numbered, validate_record
 from misguard.core.labels import LabelRecord
 from misguard.core.records import SPLITS, Item, Response
 from misguard.core.rows import BadRows, first_of_each
+from misguard.core.settings import per_file
 from misguard.core.splits import find_split_file, load_split
 
 log = logging.getLogger("misguard")
@@ -108,7 +109,8 @@ def item_responses(files: Iterable[str | Path], index: ItemIndex, *, model_names
     Raises MisguardError when `model_names` has neither one name nor one per file."""
     bad = bad if bad is not None else BadRows()
     files = [Path(p) for p in files]
-    names = _names_per_file(model_names, files)
+    given = per_file(model_names, len(files), "--model-name", "responses files")
+    names = [name or path.stem for name, path in zip(given, files)]
     matched: list[ItemResponse] = []
     for path, model_name in zip(files, names):
         for line, row in read_jsonl_numbered(path, JsonObject, bad=bad):
@@ -138,17 +140,6 @@ def item_responses(files: Iterable[str | Path], index: ItemIndex, *, model_names
     kept = first_of_each(matched, lambda r: r.key, where=lambda r: (r.path, r.line), bad=bad,
                          describe=lambda r: f"model {r.response.model!r}, {r.split} item {r.response.id}")
     return list(kept.values())
-
-
-def _names_per_file(model_names: Sequence[str] | None, files: Sequence[Path]) -> list[str]:
-    if not model_names:
-        return [path.stem for path in files]
-    if len(model_names) == 1:
-        return list(model_names) * len(files)
-    if len(model_names) != len(files):
-        raise MisguardError(f"{len(model_names)} model names for {len(files)} responses files: give one for all, or "
-                            "one per file in order")
-    return list(model_names)
 
 
 def resolve_items(records: Iterable[LabelRecord], index: ItemIndex, *,

@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from misguard.core.errors import MisguardError
 
@@ -107,3 +107,19 @@ def read_key(file: Path | None, envvar: str, option: str) -> str | None:
     if not key or len(key.split()) != 1:
         raise MisguardError(f"{option}: {file} must hold the key alone, on one line")
     return key
+
+
+T = TypeVar("T")
+
+
+def per_file(values: Sequence[T] | None, n_files: int, flag: str, files: str = "files") -> list[T | None]:
+    """An option given once for every file or once per file, in order, as a value for each of `n_files` files:
+    None for each when it was not given. Raises MisguardError naming `flag` for any other count."""
+    if not values:
+        return [None] * n_files
+    if len(values) == 1:
+        return list(values) * n_files
+    if len(values) != n_files:
+        raise MisguardError(f"{flag} is given {len(values)} times for {n_files} {files}: give it once for all, or "
+                            "once per file in order")
+    return list(values)

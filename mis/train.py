@@ -11,7 +11,7 @@ from misguard.core.errors import MisguardError
 from misguard.core.jsonl import write_jsonl_atomic
 from misguard.core.records import id_value
 from misguard.core.rows import BadRows
-from misguard.core.settings import check_settings, setting
+from misguard.core.settings import check_settings, per_file, setting
 from misguard.judge_training.data import (
     TextSource,
     build_examples,
@@ -89,21 +89,14 @@ class TrainData:
         neither once nor once per file."""
         files = [Path(p) for p in self.data if not Path(p).is_dir()]
 
-        def per_file(values: Sequence[str], flag: str) -> list[str | None]:
-            if not values:
-                return [None] * len(files)
-            if len(values) == 1:
-                return list(values) * len(files)
-            if len(values) != len(files):
-                raise MisguardError(f"{flag} is given {len(values)} times for {len(files)} --data JSONL files: give "
-                                    "it once for all, or once per file in order")
-            return list(values)
+        def each(values: Sequence[str], flag: str) -> list[str | None]:
+            return per_file(values, len(files), flag, "--data JSONL files")
 
-        options = zip(files, per_file(self.label_field, "--label-field"),
-                      per_file(self.question_field, "--question-field"),
-                      per_file(self.response_field, "--response-field"),
-                      per_file(self.image_description_field, "--image-description-field"),
-                      per_file(self.group_field, "--group-field"), per_file(self.source_name, "--source"))
+        options = zip(files, each(self.label_field, "--label-field"),
+                      each(self.question_field, "--question-field"),
+                      each(self.response_field, "--response-field"),
+                      each(self.image_description_field, "--image-description-field"),
+                      each(self.group_field, "--group-field"), each(self.source_name, "--source"))
         sources = []
         for path, label, question, response, image, group, name in options:
             sources.append(TextSource(
