@@ -220,8 +220,8 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
             if owned:
                 judge.close()
 
-    _write_in_responses_order(judgments_path, in_file_order)
-    metrics_paths, counts = _write_metrics(judgments_path, {r.key for r in responses}, out, config.n_bootstrap,
+    judgments = _write_in_responses_order(judgments_path, in_file_order)
+    metrics_paths, counts = _write_metrics(judgments, {r.key for r in responses}, out, config.n_bootstrap,
                                            config.unscored_as_hr)
     if cascade is not None:
         manifest.cascade["this_run"] = cascade.stats.to_dict()
@@ -233,17 +233,17 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
                        cascade=cascade.stats.to_dict() if cascade is not None else None, skipped_rows=bad.report())
 
 
-def _write_in_responses_order(path: Path, responses: Sequence[ItemResponse]) -> None:
+def _write_in_responses_order(path: Path, responses: Sequence[ItemResponse]) -> list[Judgment]:
     """Rewrite the judgments file atomically with this run's judgments in the responses files' order (as the
     GPT-4o scorer writes its verdicts), after any judgments of other files, which keep theirs; a file already so
-    is left alone. Judgments come back in the judge's batch order, and a resumed run appends after the first."""
-    if not path.exists():
-        return
-    judgments = read_jsonl(path, Judgment, allow_torn_tail=True)
+    is left alone. Judgments come back in the judge's batch order, and a resumed run appends after the first.
+    Returns the file's judgments, in their new order (what the metrics are computed from)."""
+    judgments = read_jsonl(path, Judgment)
     position = {response.key: n for n, response in enumerate(responses)}
     ordered = sorted(judgments, key=lambda j: position.get(judgment_key(j), -1))  # stable: others first, as they were
     if [judgment_key(j) for j in ordered] != [judgment_key(j) for j in judgments]:
         write_jsonl_atomic(path, ordered)
+    return ordered
 
 
 def _judgments(assessed: Iterable[tuple[int, Assessment]], todo: list[ItemResponse], index: ItemIndex,
@@ -271,8 +271,8 @@ def _located(error: ImageFileError, todo: list[ItemResponse], index: ItemIndex) 
     return error
 
 
-def _write_metrics(judgments_path: Path, keys: set | None, out: Path, n_bootstrap: int, unscored_as_hr: bool = False):
-    judgments = read_jsonl(judgments_path, Judgment)
+def _write_metrics(judgments: list[Judgment], keys: set | None, out: Path, n_bootstrap: int,
+                   unscored_as_hr: bool = False):
     if keys is not None:  # only this run's responses, if the folder also holds judgments of other files
         judgments = [j for j in judgments if judgment_key(j) in keys]
     report = compute_metrics(judgments, n_bootstrap=n_bootstrap, unscored_as_hr=unscored_as_hr)
@@ -354,7 +354,7 @@ def score_reference_labels(verdict_files: list[Path], data: Path | None, out: Pa
         raise DataError(f"no verdicts in {', '.join(map(str, verdict_files))}")
     path = out / JUDGMENTS_FILE
     write_jsonl_atomic(path, judgments)
-    metrics_paths, counts = _write_metrics(path, None, out, n_bootstrap, unscored_as_hr)
+    metrics_paths, counts = _write_metrics(judgments, None, out, n_bootstrap, unscored_as_hr)
     return ScoreResult(path, metrics_paths, total=len(judgments), already_done=0, judged=len(judgments),
                        unscored=counts["unscored"], errors=counts["error"], seconds=time.time() - started,
                        skipped_rows=bad.report())
