@@ -540,7 +540,8 @@ def test_infer_cli_against_the_server(vllm_server_url, model_dir, demo_dir, tmp_
     assert len(rows) == len({r["id"] for r in rows}) == 12
     assert all(r["model"] == "tiny" for r in rows)
     manifest = json.loads((out / "real" / "tiny.manifest.json").read_text())
-    assert manifest["engine"]["engine"] == "openai" and "api_key" not in json.dumps(manifest)
+    # No api_key field anywhere (api_key_file, the option naming a file, is fine: it holds no secret).
+    assert manifest["engine"]["engine"] == "openai" and '"api_key":' not in json.dumps(manifest)
 
 
 @pytest.fixture(scope="module")
