@@ -177,6 +177,26 @@ def collect(results: Iterator[tuple[int, T]], n: int) -> list[T]:
     return out
 
 
+def usable_only(requests: Sequence[Request], build: Callable[[Request], Any],
+                run: Callable[[list[Any]], Sequence[T]]) -> list[T | ImageFileError]:
+    """`build` each request (its conversation or payload, images opened), then `run` every built one at once; the
+    results in request order, with the ImageFileError of each request `build` could not make in its place (left out
+    of `run`: it costs its own request, not the chunk). `run` is not called when nothing was built."""
+    results: list[Any] = [None] * len(requests)
+    built, kept = [], []
+    for i, request in enumerate(requests):
+        try:
+            built.append(build(request))
+        except ImageFileError as error:
+            results[i] = error
+            continue
+        kept.append(i)
+    if built:
+        for i, result in zip(kept, run(built)):
+            results[i] = result
+    return results
+
+
 def _in_chunks(requests: Sequence[Request], size: int, run: Callable[[Sequence[Request]], list],
                key: Callable[[Request], Any] | None = None) -> Iterator[tuple[int, Any]]:
     """(index, result) of `run` over the requests `size` at a time (`runs` with `key`). A chunk's ImageFileErrors

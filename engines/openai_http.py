@@ -36,7 +36,7 @@ import openai
 
 from misguard.core.errors import MisguardError
 from misguard.core.settings import read_key
-from misguard.engines.base import Engine, EngineOptions
+from misguard.engines.base import Engine, EngineOptions, usable_only
 from misguard.engines.messages import (
     Generation,
     GenerationParams,
@@ -165,21 +165,15 @@ class OpenAIEngine(Engine):
             return []
         limits = self.options.image_limits()
         data_url = once_per_image(lambda image: image_data_url(image, limits))
-        results: list[Any] = [None] * len(requests)
-        payloads, sent = [], []
-        for i, request in enumerate(requests):
-            try:
-                messages = self._chat_messages(request, data_url)
-            except ImageFileError as error:
-                results[i] = error
-                continue
-            payloads.append((request.id, messages, self._next_url))
-            sent.append(i)
-            self._next_url = (self._next_url + 1) % len(self.base_urls)
-        if payloads:
-            for i, result in zip(sent, self._run(self._gather(payloads, send))):
-                results[i] = result
-        return results
+
+        def send_built(built: list[tuple[str, list]]) -> list:
+            payloads = []
+            for request_id, messages in built:  # round-robin over the requests actually sent
+                payloads.append((request_id, messages, self._next_url))
+                self._next_url = (self._next_url + 1) % len(self.base_urls)
+            return self._run(self._gather(payloads, send))
+
+        return usable_only(requests, lambda request: (request.id, self._chat_messages(request, data_url)), send_built)
 
     @staticmethod
     async def _gather(payloads, send) -> list:

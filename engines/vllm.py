@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from misguard.core.errors import MisguardError, MissingExtraError
-from misguard.engines.base import Engine, EngineOptions, check_model_folder
+from misguard.engines.base import Engine, EngineOptions, check_model_folder, usable_only
 from misguard.engines.families import family_for
 from misguard.engines.messages import (
     Generation,
@@ -138,24 +138,14 @@ class VLLMEngine(Engine):
         if llm is None:
             raise MisguardError("the vLLM engine is closed")
         load = image_loader(self.options.image_limits())  # an item's images serve K responses: open them once
-        results: list[Any] = [None] * len(requests)
-        conversations, sent = [], []
-        for i, request in enumerate(requests):
+
+        def chat(conversations: list[Any]) -> list[Any]:
             try:
-                conversations.append(self._conversation(request, load))
-            except ImageFileError as error:
-                results[i] = error
-                continue
-            sent.append(i)
-        if not conversations:
-            return results
-        try:
-            outputs = llm.chat(conversations, sampling, use_tqdm=False)
-        except ValueError as exc:  # vLLM's input validation: too long for max_model_len, bad image, ...
-            raise MisguardError(f"vLLM rejected a request in this batch: {exc}") from exc
-        for i, output in zip(sent, outputs):
-            results[i] = output
-        return results
+                return llm.chat(conversations, sampling, use_tqdm=False)
+            except ValueError as exc:  # vLLM's input validation: too long for max_model_len, bad image, ...
+                raise MisguardError(f"vLLM rejected a request in this batch: {exc}") from exc
+
+        return usable_only(requests, lambda request: self._conversation(request, load), chat)
 
     def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation | ImageFileError]:
         """Run every request in one `LLM.chat` call; returns one Generation per request, in the order given, or the
