@@ -339,14 +339,20 @@ def label_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def read_sources(sources: Sequence[LabelSource], *, raw_probabilities: bool = False,
+def read_sources(sources: LabelSource | Sequence[LabelSource], *, raw_probabilities: bool = False,
                  bad: BadRows | None = None) -> list[LabelRecord]:
-    """Every source's LabelRecords, in order (see `LabelSource.read`): several reference files, one per target
-    model, read as one set. Raises DataError (file, line, field) for bad rows, unless `bad` skips them."""
-    return [record for source in sources for record in source.read(raw_probabilities=raw_probabilities, bad=bad)]
+    """Every source's LabelRecords, in order (see `LabelSource.read`): one source, or several reference files (one
+    per target model) read as one set. Raises DataError (file, line, field) for bad rows, unless `bad` skips
+    them."""
+    return [record for source in _each(sources)
+            for record in source.read(raw_probabilities=raw_probabilities, bad=bad)]
 
 
-def source_paths(sources: Sequence[LabelSource]) -> str | list[str]:
+def source_paths(sources: LabelSource | Sequence[LabelSource]) -> str | list[str]:
     """Where the sources' labels came from, for reports: the one path, or the list of them."""
-    paths = [str(source.path) for source in sources]
+    paths = [str(source.path) for source in _each(sources)]
     return paths[0] if len(paths) == 1 else paths
+
+
+def _each(sources: LabelSource | Sequence[LabelSource]) -> tuple[LabelSource, ...]:
+    return (sources,) if isinstance(sources, LabelSource) else tuple(sources)

@@ -45,11 +45,6 @@ class AgreeConfig:
         check_number("AgreeConfig.n_bootstrap", self.n_bootstrap, at_least=0)
         check_number("AgreeConfig.max_unmatched_share", self.max_unmatched_share, at_least=0.0, at_most=1.0)
 
-    @property
-    def references(self) -> tuple[LabelSource, ...]:
-        """The reference sources, one or more."""
-        return (self.reference,) if isinstance(self.reference, LabelSource) else tuple(self.reference)
-
 
 @dataclass
 class AgreeResult:
@@ -68,14 +63,14 @@ def run_agree(config: AgreeConfig) -> AgreeResult:
     out.mkdir(parents=True, exist_ok=True)
     bad = BadRows(skip=config.skip_bad)
     judge = config.judgments.read(bad=bad)
-    reference = read_sources(config.references, bad=bad)
+    reference = read_sources(config.reference, bad=bad)
 
     def join(left: list[LabelRecord], right: list[LabelRecord]) -> Joined:
         return join_labels(left, right, max_unmatched_share=config.max_unmatched_share, bad=bad)
 
     joined = join(judge, reference)
     report = {"judge_vs_reference": agreement_report(joined, n_bootstrap=config.n_bootstrap),
-              "files": {"judgments": str(config.judgments.path), "reference": source_paths(config.references)}}
+              "files": {"judgments": str(config.judgments.path), "reference": source_paths(config.reference)}}
     sections = [("Judge vs reference", report["judge_vs_reference"])]
     if config.human is not None:
         human = config.human.read(bad=bad)

@@ -56,11 +56,6 @@ class CalibrateConfig:
     def __post_init__(self):
         check_number("CalibrateConfig.max_unmatched_share", self.max_unmatched_share, at_least=0.0, at_most=1.0)
 
-    @property
-    def references(self) -> tuple[LabelSource, ...]:
-        """The reference sources, one or more."""
-        return (self.reference,) if isinstance(self.reference, LabelSource) else tuple(self.reference)
-
 
 def run_calibrate(config: CalibrateConfig) -> Calibration:
     """Fit a calibration of the judge's probabilities against the reference labels and write it. Returns the
@@ -74,7 +69,7 @@ def run_calibrate(config: CalibrateConfig) -> Calibration:
     bad = BadRows(skip=config.skip_bad)
     judgments = config.judgments.read(raw_probabilities=True, bad=bad)
     # The reference may label only a sample of the judged responses: judgments without a label are expected.
-    joined = join_labels(judgments, read_sources(config.references, bad=bad),
+    joined = join_labels(judgments, read_sources(config.reference, bad=bad),
                          max_unmatched_share=config.max_unmatched_share, max_unmatched_judge_share=1.0, bad=bad)
     pairs = [(j, r) for j, r in joined.pairs if j.p_unsafe is not None and r.safety is not None]
     if not pairs:
@@ -88,7 +83,7 @@ def run_calibrate(config: CalibrateConfig) -> Calibration:
         calibration = fit_calibration(
             p_unsafe, [r.safety for _, r in pairs], p_perception, [r.perception for _, r in pairs],
             method=config.method, perception_method=config.perception_method, threshold_rule=config.threshold_rule,
-            fitted_on={"judgments": str(config.judgments.path), "reference": source_paths(config.references),
+            fitted_on={"judgments": str(config.judgments.path), "reference": source_paths(config.reference),
                        "judge": judges, "pairs": len(pairs), "join_by": joined.join_by,
                        "skipped_rows": bad.report()})
     except ValueError as error:
