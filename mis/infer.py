@@ -184,10 +184,9 @@ def _write_in_split_order(path: Path, items: list[Item]) -> None:
         return
     responses = read_responses_lenient(path)
     position = {item.id: n for n, item in enumerate(items)}
-    item_ids = {item.id: item.id for item in items}
-    ordered = sorted(responses, key=lambda response: position.get(response.id, len(items)))
-    ordered = [r if type(r.id) is type(item_ids.get(r.id, r.id)) else r.model_copy(update={"id": item_ids[r.id]})
-               for r in ordered]
+    item_ids = {item.id: item.id for item in items}  # the item's id: the split's type (an IntegerId or a str)
+    ordered = [r.model_copy(update={"id": item_ids.get(r.id, r.id)})
+               for r in sorted(responses, key=lambda response: position.get(response.id, len(items)))]
     if [(type(r.id), r.id) for r in ordered] != [(type(r.id), r.id) for r in responses]:
         write_jsonl_atomic(path, ordered)
 
