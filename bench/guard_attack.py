@@ -22,8 +22,8 @@ judges; the input rail is on in the policy and skipped by the guard.
 
 The misguard imported is the one first on the path, so the same script measures an older checkout:
 
-    .venv/bin/python bench/guard_attack.py --out bench-results/guard-attack/after.json
-    cd /tmp/before && PYTHONPATH=/tmp/before /work/main/.venv/bin/python /work/main/bench/guard_attack.py \\
+    .venv-test/bin/python bench/guard_attack.py --out bench-results/guard-attack/after.json
+    cd /tmp/before && PYTHONPATH=/tmp/before /work/main/.venv-test/bin/python /work/main/bench/guard_attack.py \\
         --out /work/main/bench-results/guard-attack/before.json
 
 Prints one JSON line per phase, each with the 1-minute load average before and after it (the project's CPU

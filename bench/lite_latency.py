@@ -13,7 +13,7 @@ shared Safe-RLHF mini file: only speed is measured, and the cost of a forward pa
 - Throughput: MSTS's 4,000 rows (question + image description + recorded response, ../shared/data/msts/), judged
   in chunks of the judge's chunk_size as `misguard score` does, after one untimed chunk. Goal: >= 30 items/s.
 
-    .venv/bin/python bench/lite_latency.py --judge bench-results/lite-validity/pooled-seed0/judge
+    .venv-test/bin/python bench/lite_latency.py --judge bench-results/lite-validity/pooled-seed0/judge
 
 Prints a setup line (hardware, versions, date, command, text lengths), then one JSON line per measurement, each
 with the 1-minute load average before and after it (other processes on a shared machine show up there).

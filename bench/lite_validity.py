@@ -19,9 +19,9 @@ Everything runs through the shipped code: each training side is written as JSON 
   kappa on all rows, the share flagged, kappa on the unflagged, and the share of wrong verdicts that were flagged,
   beside the in-domain test rows' flagged share.
 
-    .venv/bin/python bench/lite_validity.py --seeds 0,1,2 --loso --out bench-results/lite-validity
-    .venv/bin/python bench/lite_validity.py --seeds 0,1 --loso --loso-epochs 1 --out ...   # fewer, shorter runs
-    .venv/bin/python bench/lite_validity.py --quick 200 --epochs 1 --out /tmp/validity   # a minutes-long check
+    .venv-test/bin/python bench/lite_validity.py --seeds 0,1,2 --loso --out bench-results/lite-validity
+    .venv-test/bin/python bench/lite_validity.py --seeds 0,1 --loso --loso-epochs 1 --out ...   # fewer, shorter runs
+    .venv-test/bin/python bench/lite_validity.py --quick 200 --epochs 1 --out /tmp/validity   # a minutes-long check
 
 Prints one JSON line per finished run; writes OUT/results.json and OUT/results.md, and each run's judge folder and
 its test predictions (OUT/<run>/predictions.jsonl) so figures can be read again without retraining. A run whose

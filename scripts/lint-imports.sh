@@ -4,5 +4,5 @@
 # it installs. Exit code 1 when a contract is broken. Needs the test environment (scripts/install-test-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${MISGUARD_VENV:-.venv}
+VENV=${MISGUARD_TEST_VENV:-.venv-test}
 exec "$VENV/bin/lint-imports"

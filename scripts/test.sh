@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-test-env.sh
-VENV=${MISGUARD_VENV:-.venv}
+VENV=${MISGUARD_TEST_VENV:-.venv-test}
 set +e
 bash scripts/lint-imports.sh
 contracts=$?
