@@ -74,10 +74,11 @@ def escalation_curve(pairs: Sequence[tuple[LabelRecord, LabelRecord]], *, covera
     """Agreement of the judge with the reference on the items it keeps, for each share of items it keeps.
 
     The (judge, reference) pairs are sorted by the judge's confidence (`record_confidence`), most confident
-    first (ties keep their order). For each coverage (default DEFAULT_COVERAGES: 1.00, 0.95, ..., 0.50) the
-    ceil(coverage * n) most confident pairs are kept and the rest escalated, n counting every pair. Pairs whose
-    judge record has no probabilities (zero-shot JSON judgments, unscored rows) cannot be ranked and are always
-    escalated, so fewer than ceil(coverage * n) may be kept; they are counted in `escalated` at every coverage.
+    first (ties keep their order). For each coverage (default DEFAULT_COVERAGES: 1.00, 0.95, ..., 0.50)
+    ceil((1 - coverage) * n) pairs are escalated, as many as `select_for_review` lists for the share
+    1 - coverage, and the rest kept, n counting every pair. Pairs whose judge record has no probabilities
+    (zero-shot JSON judgments, unscored rows) cannot be ranked and are always escalated, so fewer may be kept;
+    they are counted in `escalated` at every coverage.
 
     Returns one dict per coverage, in the order given: {coverage, kept, escalated, no_probabilities (pairs
     escalated for want of probabilities), safety_n, safety_accuracy, safety_kappa, outcome_n, outcome_accuracy}.
@@ -104,7 +105,8 @@ def escalation_curve(pairs: Sequence[tuple[LabelRecord, LabelRecord]], *, covera
     n, no_probabilities = len(pairs), len(pairs) - len(ranked)
     curve = []
     for coverage in coverages:
-        kept = ranked[:min(_ceil_share(coverage, n), len(ranked))]
+        # The escalated count is the review list's for share 1 - coverage, so the two always agree.
+        kept = ranked[:min(n - _ceil_share(1.0 - coverage, n), len(ranked))]
         curve.append({"coverage": float(coverage), "kept": len(kept), "escalated": n - len(kept),
                       "no_probabilities": no_probabilities, **_agreement([pair for _, pair in kept])})
     return curve
@@ -160,7 +162,7 @@ def parse_share(text: str) -> float:
 
 
 def _ceil_share(share: float, n: int) -> int:
-    return min(n, math.ceil(share * n - _CEIL_SLACK))
+    return max(0, min(n, math.ceil(share * n - _CEIL_SLACK)))
 
 
 def _check_share(value: Any, name: str) -> float:

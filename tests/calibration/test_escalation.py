@@ -110,10 +110,19 @@ def test_default_coverages_run_from_one_to_a_half():
     assert [point["kept"] for point in curve] == [20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10]
 
 
-def test_kept_is_the_ceiling_of_coverage_times_n_without_float_noise():
+def test_escalated_is_the_ceiling_of_the_escalated_share_without_float_noise():
     pairs = planted_pairs()[:10]
     curve = escalation_curve(pairs, coverages=[0.7, 0.65, 0.01])
-    assert [point["kept"] for point in curve] == [7, 7, 1]
+    assert [point["escalated"] for point in curve] == [3, 4, 10]  # 0.3 * 10 is 3.0000000000000004
+    assert [point["kept"] for point in curve] == [7, 6, 0]
+
+
+@pytest.mark.parametrize("n", [7, 10, 20, 72])
+def test_the_curve_escalates_what_the_review_list_lists(n):
+    pairs = (planted_pairs() * 4)[:n]
+    for share in (0.05, 0.1, 0.25, 0.5):
+        point = escalation_curve(pairs, coverages=[1.0 - share])[0]
+        assert point["escalated"] == len(select_for_review([judge for judge, _ in pairs], share))
 
 
 def test_pairs_without_probabilities_are_always_escalated():
@@ -124,8 +133,8 @@ def test_pairs_without_probabilities_are_always_escalated():
     curve = escalation_curve(pairs, coverages=[1.0, 0.8])
     assert curve[0]["kept"] == 20 and curve[0]["escalated"] == 3 and curve[0]["no_probabilities"] == 3
     assert curve[0]["safety_accuracy"] == pytest.approx(16 / 20)  # the agreeing zero-shot rows are not counted
-    assert curve[1]["kept"] == math.ceil(0.8 * 23) == 19  # n counts the escalated pairs too
-    assert curve[1]["escalated"] == 4
+    assert curve[1]["escalated"] == math.ceil(0.2 * 23) == 5  # n counts the pairs without probabilities too
+    assert curve[1]["kept"] == 18
 
 
 def test_outcome_accuracy_is_none_for_binary_only_references():
