@@ -20,7 +20,7 @@ commands = typer.Typer()
 @commands.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path("misguard-demo"),
-    items: Annotated[int, number_option("Items per split.", at_least=1)] = 12,
+    items: Annotated[int, number_option("Items per split.", at_least=1)] = 8,
 ):
     """Run misguard end to end on generated data and tiny models (no GPU, no downloads)."""
     with exclusive_output(out, folder=True):

@@ -11,17 +11,22 @@ demo shows the pipeline and its files, not a model's safety.
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections import Counter
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
+from misguard.core.jsonl import read_jsonl
 from misguard.core.labels import LabelSource
-from misguard.core.records import SPLITS
+from misguard.core.records import SPLITS, Judgment
 from misguard.engines import load_engine
 from misguard.engines.base import EngineOptions
+from misguard.engines.hf import resolve_device_dtype
 from misguard.engines.messages import GenerationParams
 from misguard.engines.tiny_models import make_tiny_model
 from misguard.judge_training.lite import LiteTrainConfig
@@ -37,8 +42,13 @@ DEMO_TARGETS = ("qwen2_vl", "qwen2_5_vl")
 DEMO_JUDGE_ARCH = "qwen2_vl"
 
 
-def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_epochs: int = 12,
-             lite_epochs: int = 2, progress: bool = True) -> dict:
+DEMO_IMAGE_SIDE = 112
+"""The demo's images are at most this many pixels a side: 16 visual tokens each in the tiny Qwen2-VL, so its
+judge trains in seconds. The real benchmark's images are larger; the code path is the same."""
+
+
+def run_demo(out: Path, *, n_items: int = 8, max_new_tokens: int = 16, train_epochs: int = 8,
+             lite_epochs: int = 1, progress: bool = True) -> dict:
     """Run the demo into `out` (re-running reuses what is there). Returns the paths of what it wrote ("data",
     "models", "responses", "reference", "judge", "calibration", "judgments", "metrics", "agreement"); prints each
     step and where its results went."""
@@ -46,10 +56,10 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
     console = Console(soft_wrap=True)  # paths whole, never broken across lines
     out = Path(out)
     started = time.time()
-    console.print(f"[bold]misguard demo[/bold] → {out.resolve()}")
+    console.print(f"[bold]misguard demo[/bold] on {_device()} → {out.resolve()}")
     console.print("Synthetic data and random-weight models: the outputs show the pipeline, not real safety.\n")
 
-    data = make_demo_data(out / "data", n_items=n_items, seed=0)
+    data = make_demo_data(out / "data", n_items=n_items, seed=0, max_side=DEMO_IMAGE_SIDE)
     console.print(f"1. synthetic MIS data ({n_items} items x {len(SPLITS)} splits): {data}")
 
     models = {}
@@ -93,8 +103,8 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
                               label_model_names=[p.stem for p in references], val_frac=0.2),
                     # Full fine-tuning: a random-init model this small does not learn through a LoRA adapter
                     # in seconds; real base models train with LoRA (the default).
-                    TrainConfig(base=base, out=judge, lora=False, epochs=train_epochs, lr=3e-3, batch_size=4,
-                                judge_id="tiny-judge"), progress=False)  # its own summary line follows
+                    TrainConfig(base=base, out=judge, lora=False, epochs=train_epochs, lr=3e-3, batch_size=2,
+                                judge_id="tiny-judge"), progress=progress)
     validation = run.result.validation or {}
     console.print(f"   best epoch {run.result.best_epoch}: validation safety kappa "
                   f"{_number((validation.get('safety') or {}).get('kappa'))}; card: {run.result.judge_card}")
@@ -130,12 +140,14 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
                   f"over {agreement.report['judge_vs_reference']['overall']['n_pairs']} responses (in-sample: the "
                   "judge trained on 80% of these items)")
     console.print(f"   report: {agreement.markdown_path}; plots: {', '.join(p.name for p in agreement.plots)}")
+    review = len(agreement.escalation_path.read_text().splitlines())
+    console.print(f"   {review} least confident responses listed for review: {agreement.escalation_path}")
     lite = out / "models" / "lite-judge"
     console.print("8. misguard train --kind lite (real pretrained all-MiniLM-L6-v2 from its wheel, fine-tuned as a "
                   f"cross-encoder on the CPU; reads question + answer, never the images): {lite}")
     lite_run = run_train(TrainData(responses=responses, labels=references, data=[data],
                                    label_model_names=[p.stem for p in references], val_frac=0.2),
-                         LiteTrainConfig(out=lite, judge_id="demo-lite", epochs=lite_epochs), progress=False)
+                         LiteTrainConfig(out=lite, judge_id="demo-lite", epochs=lite_epochs), progress=progress)
     lite_validation = lite_run.result.validation["all"]
     console.print(f"   validation safety kappa {_number(lite_validation['kappa'])} (held-out items), "
                   f"{lite_validation['flagged']:.0%} flagged out of domain; card: {lite_run.result.judge_card}")
@@ -144,21 +156,45 @@ def run_demo(out: Path, *, n_items: int = 12, max_new_tokens: int = 24, train_ep
     run_calibrate(CalibrateConfig(judgments=LabelSource(lite_raw.judgments_path),
                                   reference=LabelSource(reference_judgments), out=out / "calibration-lite.json",
                                   into_judge=lite))
-    console.print("9. misguard score with the cascade: the calibrated lite judge decides what it is sure of, the "
-                  "VLM judge the rest:")
+    lite_scored = run_score(ScoreConfig(responses=responses, judge=lite, data=data, out=out / "scores-lite"),
+                            progress=progress)
+    band = demo_band(read_jsonl(lite_scored.judgments_path, Judgment), escalate=0.25)
+    console.print(f"9. misguard score with the cascade: the calibrated lite judge decides what it is sure of, the "
+                  f"VLM judge the rest. Band {band} (--cascade-band; default 0.1,0.9), chosen on the lite judge's "
+                  "calibrated scores so that about a quarter escalate:")
     cascade = run_score(ScoreConfig(responses=responses, judge=judge, data=data, out=out / "scores-cascade",
-                                    engine_options=options, lite_judge=lite), progress=progress)
-    stats = cascade.cascade or {}
-    if stats.get("share_escalated") is not None:
-        console.print(f"   {stats['decided_by_lite']} decided by the lite judge in {stats['lite_seconds']:.1f} s, "
-                      f"{stats['escalated']} ({stats['share_escalated']:.0%}) escalated to the VLM judge "
-                      f"({stats['vlm_seconds']:.1f} s); judgments: {cascade.judgments_path}")
+                                    engine_options=options, lite_judge=lite, cascade_band=band), progress=progress)
+    # Counted in the file (a resumed run's stats would count only this run's share).
+    decided = Counter(row.judge for row in read_jsonl(cascade.judgments_path, Judgment))
+    total = sum(decided.values())
+    console.print(f"   {decided['demo-lite']} of {total} decided by the lite judge, {decided['tiny-judge']} "
+                  f"({decided['tiny-judge'] / total:.0%}) escalated to the VLM judge; judgments: "
+                  f"{cascade.judgments_path}")
     console.print(f"done in {time.time() - started:.0f} s. Next, with real models and data: `misguard infer`, "
                   "`misguard train`, `misguard calibrate`, `misguard score`, `misguard agree`, `misguard serve` "
                   "(see README).")
     return {"data": data, "models": models, "responses": responses, "reference": references, "judge": judge,
             "calibration": calibration_path, "judgments": scored.judgments_path, "metrics": scored.metrics_paths[0],
             "agreement": agreement.report_path, "lite_judge": lite, "cascade_judgments": cascade.judgments_path}
+
+
+def demo_band(judgments: list[Judgment], *, escalate: float) -> str:
+    """The cascade band LOW,HIGH (LOW = 1 - HIGH) at which the lite judge would leave about `escalate` of these
+    judgments to the VLM judge: each one's highest HIGH at which it still decides alone is max(p_unsafe,
+    min(1 - p_unsafe, max p_perception)) (CascadeBand.confident), and HIGH is that value's `escalate` quantile."""
+    reach = sorted(max(row.p_unsafe, min(1 - row.p_unsafe, max(row.p_perception.values())))
+                   for row in judgments if row.status == "scored")
+    high = reach[min(len(reach) - 1, math.ceil(escalate * len(reach)))] if reach else 0.9
+    high = min(1.0, max(0.500001, high))  # LOW < HIGH
+    return f"{1 - high:.6g},{high:.6g}"
+
+
+def _device() -> str:
+    """Where the demo's models run: the GPU that `--device auto` picks, else the CPU and its threads."""
+    device, _ = resolve_device_dtype("auto", "float32")
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"the CPU ({torch.get_num_threads()} threads; no GPU found)"
 
 
 def _number(value) -> str:

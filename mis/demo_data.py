@@ -71,8 +71,9 @@ folder) and easy_image/<id>/object1.png, object2.png (hard_image/, real_image/ l
 _PNG_OPTIONS = {"format": "PNG", "compress_level": 6, "optimize": False}
 
 
-def make_demo_data(out_dir: str | Path, n_items: int = 24, *, seed: int = 0) -> Path:
-    """Write a synthetic MIS-shaped directory with `n_items` items in each split (easy, hard, real).
+def make_demo_data(out_dir: str | Path, n_items: int = 24, *, seed: int = 0, max_side: int = 448) -> Path:
+    """Write a synthetic MIS-shaped directory with `n_items` items in each split (easy, hard, real), each image
+    max_side / 2 to `max_side` pixels wide and high (the demo draws small ones: a VLM reads them faster).
 
     Deterministic: the same seed and n_items give byte-identical files. Images are written first, then
     README.txt, then each split's JSON through a temp file and os.replace, so an interrupted run never
@@ -81,6 +82,8 @@ def make_demo_data(out_dir: str | Path, n_items: int = 24, *, seed: int = 0) -> 
     """
     if n_items < 1:
         raise MisguardError(f"n_items must be at least 1, got {n_items}")
+    if max_side < 64:
+        raise MisguardError(f"max_side must be at least 64 pixels, got {max_side}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -98,7 +101,7 @@ def make_demo_data(out_dir: str | Path, n_items: int = 24, *, seed: int = 0) -> 
             sub_category = rng.choice(SUB_CATEGORIES[category])
             question = rng.choice(QUESTION_TEMPLATES).format(category=category, sub_category=sub_category)
             image_paths = []
-            for name, png in _draw_pair(rng):
+            for name, png in _draw_pair(rng, max_side):
                 relative = f"{split}_image/{item_id}/{name}"
                 target = out_dir / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -120,19 +123,19 @@ def make_demo_data(out_dir: str | Path, n_items: int = 24, *, seed: int = 0) -> 
     return out_dir
 
 
-def _draw_pair(rng: random.Random) -> list[tuple[str, bytes]]:
+def _draw_pair(rng: random.Random, max_side: int) -> list[tuple[str, bytes]]:
     """Return [(file name, PNG bytes)] for an item's two images, showing two different objects."""
     first, second = rng.sample(OBJECT_NAMES, 2)
-    return [("object1.png", _draw_object(rng, first)), ("object2.png", _draw_object(rng, second))]
+    return [("object1.png", _draw_object(rng, first, max_side)), ("object2.png", _draw_object(rng, second, max_side))]
 
 
-def _draw_object(rng: random.Random, object_name: str) -> bytes:
+def _draw_object(rng: random.Random, object_name: str, max_side: int) -> bytes:
     """Return the PNG bytes of one synthetic image: a filled shape with the object's name under it."""
-    width, height = rng.randint(224, 448), rng.randint(224, 448)
+    width, height = rng.randint(max_side // 2, max_side), rng.randint(max_side // 2, max_side)
     shape = rng.choice(SHAPES)
     fill = rng.choice(FILL_COLOURS)
 
-    font_size = max(14, height // 14)
+    font_size = max(10, height // 14)
     text_band = font_size * 2
     cx, cy = width // 2, (height - text_band) // 2
     radius = int(0.4 * min(width, height - text_band))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,8 +101,18 @@ def test_demo_runs_with_outbound_network_blocked(tmp_path):
     lite_spec = json.loads((demo / "models" / "lite-judge" / "judge.json").read_text())
     assert lite_spec["kind"] == "lite" and lite_spec["calibration"] is not None
     cascade = [json.loads(line) for line in (demo / "scores-cascade" / "judgments.jsonl").open()]
-    assert len(cascade) == 24 and {j["judge"] for j in cascade} <= {"demo-lite", "tiny-judge"}
-    assert "decided by the lite judge" in result.stdout
+    assert len(cascade) == 24 and {j["judge"] for j in cascade} == {"demo-lite", "tiny-judge"}  # some escalated
+    # Every count the demo prints is the count in the files it names.
+    lite_decided = sum(j["judge"] == "demo-lite" for j in cascade)
+    assert f"{lite_decided} of 24 decided by the lite judge, {24 - lite_decided} " in result.stdout
+    review = len((demo / "agreement" / "escalate.jsonl").read_text().splitlines())
+    assert f"{review} least confident responses listed for review" in result.stdout
+    assert agreement["escalation"]["escalated"] == review
+    coverage_90 = next(p for p in agreement["escalation"]["curve"] if p["coverage"] == 0.9)
+    assert coverage_90["escalated"] == review  # 10% escalated: the curve and the list agree
+    # It says where it runs, first; the training steps show progress (the Trainer's bar on stderr).
+    assert re.match(r"misguard demo on (the CPU \(\d+ threads|cuda)", result.stdout.splitlines()[0])
+    assert "it/s]" in result.stderr or "s/it]" in result.stderr
 
 
 def test_score_bad_input_is_one_line_error_naming_file_line_and_field(demo_dir, tmp_path):

@@ -137,3 +137,14 @@ def test_rerun_into_the_same_folder_overwrites_and_n_items_is_checked(tmp_path):
     assert len(load_split(tmp_path, "real").items) == 3
     with pytest.raises(MisguardError):
         make_demo_data(tmp_path / "empty", n_items=0)
+
+
+def test_max_side_bounds_the_images_and_the_default_is_unchanged(tmp_path, demo_dir):
+    small = make_demo_data(tmp_path / "small", n_items=3, seed=0, max_side=112)
+    sizes = [Image.open(p).size for p in sorted(small.rglob("*.png"))]
+    assert len(sizes) == 3 * 2 * len(SPLITS) and all(56 <= side <= 112 for size in sizes for side in size)
+    assert split_rows(small, "easy") == split_rows(demo_dir, "easy")[:3]  # same items, smaller pictures
+    default = [Image.open(p).size for p in sorted(demo_dir.rglob("*.png"))]
+    assert all(224 <= side <= 448 for size in default for side in size)
+    with pytest.raises(MisguardError, match="max_side"):
+        make_demo_data(tmp_path / "tiny", n_items=1, max_side=10)
