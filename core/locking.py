@@ -29,13 +29,15 @@ LOCK_SUFFIX = ".lock"
 @contextmanager
 def exclusive_output(path: str | Path, *, folder: bool, create: bool = True) -> Iterator[Path]:
     """Hold the one-writer lock of the output `path` (a folder if `folder`, else a file) for the with-block; yields
-    `path`. A folder output is created first (`create`; else it must exist), a file output's folder too.
+    `path`. A folder output is created first (`create`; else it must exist), a file output's folder too; a folder
+    created here is removed again when the block raises before anything but the lock was written in it.
 
     Raises MisguardError naming the path, before anything is written: another process holds the lock (the
     message names its pid), `path` is a file where a folder is expected, a folder (or a device, a pipe) where a
     file is expected, or it cannot be created or locked (a read-only place, /proc, ...).
     """
     path = Path(path)
+    made = folder and not path.exists()
     lock_path = _lock_path(path, folder=folder, create=create)
     lock = FileLock(lock_path, blocking=False, on_acquired=_write_pid)
     try:
@@ -49,7 +51,14 @@ def exclusive_output(path: str | Path, *, folder: bool, create: bool = True) -> 
         raise MisguardError(f"{path}: cannot lock it for writing ({_reason(exc)}: {lock_path})") from None
     try:
         yield path
-    finally:
+    except BaseException:
+        lock.release()
+        if made and [p.name for p in path.iterdir()] == [lock_path.name]:
+            # A run that failed before writing anything leaves no folder behind (only its lock was in it).
+            lock_path.unlink(missing_ok=True)
+            path.rmdir()
+        raise
+    else:
         lock.release()
 
 

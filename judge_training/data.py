@@ -196,9 +196,9 @@ def split_by_item(examples: Sequence[TrainingExample], val_frac: float = 0.1,
     n_items = len(category_of)
     n_val = math.floor(val_frac * n_items + 0.5)
     if n_val < 1 or n_val >= n_items:
-        raise ValueError(f"val_frac {val_frac} of {n_items} item(s) leaves "
-                         f"{'no validation item' if n_val < 1 else 'no train item'}; use more data, another "
-                         f"val_frac, or val_frac=0")
+        raise MisguardError(f"val_frac {val_frac} of {n_items} item(s) leaves "
+                            f"{'no validation item' if n_val < 1 else 'no train item'}; use more data, another "
+                            f"--val-frac, or (for a VLM judge) --val-frac 0")
 
     rng = random.Random(seed)
     by_category: dict[str, list[str]] = {}

@@ -312,11 +312,11 @@ def test_bad_val_frac_is_refused(val_frac):
 
 
 def test_too_few_items_for_a_validation_side_are_refused():
-    with pytest.raises(ValueError, match="val_frac 0.1 of 4 item.s. leaves no validation item"):
+    with pytest.raises(MisguardError, match="val_frac 0.1 of 4 item.s. leaves no validation item"):
         split_by_item(synthetic_examples(4), 0.1)
-    with pytest.raises(ValueError, match="leaves no train item"):
+    with pytest.raises(MisguardError, match="leaves no train item"):
         split_by_item(synthetic_examples(1), 0.9)
-    with pytest.raises(ValueError, match="of 0 item"):
+    with pytest.raises(MisguardError, match="of 0 item"):
         split_by_item([], 0.5)
 
 
