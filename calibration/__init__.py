@@ -16,6 +16,7 @@ from misguard.calibration.artifact import (
     fit_calibration,
 )
 from misguard.calibration.calibrators import (
+    AUTO_METHODS,
     METHODS,
     BaseCalibrator,
     IdentityCalibration,
@@ -23,6 +24,7 @@ from misguard.calibration.calibrators import (
     PlattScaling,
     TemperatureScaling,
     calibrator_from_dict,
+    compare_methods,
     make_calibrator,
     select_method,
 )
@@ -36,9 +38,9 @@ from misguard.calibration.thresholds import (
 )
 
 __all__ = [
-    "FORMAT", "METHODS", "THRESHOLD_RULES", "VERSION", "BaseCalibrator", "Calibration", "CalibrationFileError",
-    "CalibrationFormatError", "IdentityCalibration", "IsotonicCalibration", "PlattScaling", "TemperatureScaling",
-    "Threshold", "brier", "calibration_report", "calibrator_from_dict", "ece", "encode_perception",
-    "encode_safety", "fit_calibration", "fit_threshold", "log_loss", "make_calibrator", "select_method",
-    "threshold_match_rate", "threshold_max_kappa",
+    "AUTO_METHODS", "FORMAT", "METHODS", "THRESHOLD_RULES", "VERSION", "BaseCalibrator", "Calibration",
+    "CalibrationFileError", "CalibrationFormatError", "IdentityCalibration", "IsotonicCalibration", "PlattScaling",
+    "TemperatureScaling", "Threshold", "brier", "calibration_report", "calibrator_from_dict", "compare_methods", "ece",
+    "encode_perception", "encode_safety", "fit_calibration", "fit_threshold", "log_loss", "make_calibrator",
+    "select_method", "threshold_match_rate", "threshold_max_kappa",
 ]

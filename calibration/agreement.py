@@ -29,7 +29,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from misguard.core.join import Joined
+from misguard.core.join import UNMATCHED_REASONS, Joined, unmatched_lines, unmatched_report
 from misguard.core.labels import LabelRecord
 from misguard.core.metrics import DEFINITIONS, METRICS
 from misguard.core.records import CATEGORIES, PERCEPTION_LEVELS
@@ -145,7 +145,8 @@ def agreement_report(pairs: Joined | Sequence[tuple[LabelRecord, LabelRecord]], 
     """Agreement of a judge with a reference on joined (judge, reference) pairs, as a JSON-ready dict.
 
     Keys: agreement_version, orientation, positive_label, metric_order, definitions, n_bootstrap, seed, join
-    (how the pairs were joined and what stayed unmatched; None for plain pairs), and overall, by_category,
+    (how the pairs were joined, and for the judge and the reference sides their rows, matched, unmatched by
+    reason with examples: core.join.unmatched_report; None for plain pairs), and overall, by_category,
     by_model and by_trust ({in_domain, out_of_domain}: the pairs whose judge verdict was flagged out of its
     domain apart from the others; None when no judge row carries a trust score), each group being {n_pairs,
     unscored: {judge, reference}, error: {judge, reference}, safety, perception, outcome, deltas} (unscored: rows
@@ -162,7 +163,8 @@ def agreement_report(pairs: Joined | Sequence[tuple[LabelRecord, LabelRecord]], 
     join = None
     if isinstance(pairs, Joined):
         join = {"by": pairs.join_by, "key_fields": list(pairs.key_fields), "matched": len(pairs.pairs),
-                "unmatched_judge": pairs.unmatched_judge, "unmatched_reference": pairs.unmatched_reference}
+                "unmatched_judge": pairs.unmatched_judge, "unmatched_reference": pairs.unmatched_reference,
+                "reasons": dict(UNMATCHED_REASONS), **unmatched_report(pairs)}
         pairs = pairs.pairs
     pairs = list(pairs)
     by_category: dict[str, list] = {}
@@ -255,6 +257,10 @@ def agreement_markdown(report: dict[str, Any], title: str = "Judge agreement wit
     if join:
         lines.append(f"Joined by {' + '.join(join['key_fields'])}: {join['matched']} pairs; unmatched: "
                      f"{join['unmatched_judge']} judge rows, {join['unmatched_reference']} reference rows.")
+        if "judge" in join:  # reports written before the breakdown have only the counts
+            lines += ["", *(f"{'  ' if line.startswith(' ') else ''}- {line.strip()}"
+                            for name, other in (("judge", "reference"), ("reference", "judge"))
+                            for line in unmatched_lines(join[name], name, other, join["by"])), ""]
     lines.append(f"{overall['n_pairs']} pairs; unscored and left out of every figure: {overall['unscored']['judge']} "
                  f"judge rows, {overall['unscored']['reference']} reference rows; judge errors, also left out: "
                  f"{overall['error']['judge']} judge rows, {overall['error']['reference']} reference rows.")

@@ -24,11 +24,12 @@ import numpy as np
 
 from misguard.calibration._checks import CalibrationFormatError, check_labels, check_probabilities
 from misguard.calibration.calibrators import (
+    AUTO_METHODS,
     BaseCalibrator,
     calibrator_from_dict,
+    compare_methods,
     cross_val_proba,
     make_calibrator,
-    select_method,
 )
 from misguard.calibration.scores import calibration_report
 from misguard.calibration.thresholds import DEFAULT_THRESHOLD, Threshold, fit_threshold
@@ -243,18 +244,21 @@ def _nested(load, data: Any, prefix: str):
 
 def fit_calibration(p_unsafe, y_safety, p_perception=None, y_perception=None, *, method: str = "auto",
                     perception_method: str = "auto", threshold_rule: str = "max_kappa",
-                    methods: tuple[str, ...] = ("temperature", "platt", "isotonic"), cv: int = 5, seed: int = 0,
+                    methods: tuple[str, ...] = AUTO_METHODS, cv: int = 5, seed: int = 0,
                     fitted_on: dict[str, Any] | None = None) -> Calibration:
     """Fit a Calibration on a judge's probabilities and the reference labels of the same responses.
 
     y_safety: "Safe"/"Unsafe" or 0/1 per response. y_perception (optional): levels as strings or 0..2, with
     None or -1 for binary-only references; only rows with a perception label fit the perception head, and no
     perception calibrator is fitted when p_perception or y_perception is None. `method` / `perception_method`:
-    a method name, or "auto" to pick by cross-validated log-loss among `methods` (select_method). The
-    threshold (rule "fixed", "max_kappa" or "match_rate") is fitted on the calibrated p_unsafe. The report
-    holds calibration_report per head before, after on the fitting data itself (in-sample: optimistic), and
-    `after_cross_validated`: each row predicted by the method fitted on the other folds (None when a class has
-    fewer than `cv` labels).
+    a method name, or "auto": the lowest held-out log-loss among "none" and `methods` (compare_methods), so the
+    judge's own probabilities are kept unless a method beats them on rows it was not fitted on, and kept too
+    when a class has fewer than `cv` labels to compare on. The threshold (rule "fixed", "max_kappa" or
+    "match_rate") is fitted on the calibrated p_unsafe. The report holds per head: calibration_report before,
+    after on the fitting data itself (in-sample: optimistic), and `after_cross_validated`: each row predicted by
+    the method fitted on the other folds (None when a class has fewer than `cv` labels); with "auto", `auto`
+    {folds, held_out: {method: calibration_report on held-out rows}, chosen, why} (held_out None, and why said,
+    when there were too few labels to compare) and `cv_log_loss` {method: held-out log-loss}.
 
     Returns the Calibration. Raises ValueError for malformed input, an unknown method or rule, or too few
     labels for the fit or the cross-validation.
@@ -264,13 +268,13 @@ def fit_calibration(p_unsafe, y_safety, p_perception=None, y_perception=None, *,
         raise ValueError(f"p_unsafe must be a 1-D array of P(Unsafe), got shape {unsafe.shape}")
     safety_labels = _as_indices(y_safety, encode_safety)
     check_labels(safety_labels, unsafe.size, 2, "y_safety")
-    safety, safety_losses = _fit_head(unsafe, safety_labels, method, methods, cv, seed)
+    safety, safety_choice = _fit_head(unsafe, safety_labels, method, methods, cv, seed)
     calibrated_unsafe = safety.predict_proba(unsafe)[:, 1]
     report: dict[str, Any] = {"safety": {
-        "method": safety.method, "cv_log_loss": safety_losses,
+        "method": safety.method, **safety_choice,
         "before": calibration_report(unsafe, safety_labels), "after": calibration_report(calibrated_unsafe,
                                                                                          safety_labels),
-        "after_cross_validated": _cross_validated(safety.method, unsafe, safety_labels, cv, seed)}}
+        "after_cross_validated": _cross_validated(safety.method, unsafe, safety_labels, cv, seed, safety_choice)}}
     threshold = fit_threshold(calibrated_unsafe, safety_labels, threshold_rule)
     report["threshold"] = threshold.to_dict()
     metadata = {"n_safety": int(unsafe.size), "n_perception": 0}
@@ -288,19 +292,25 @@ def fit_calibration(p_unsafe, y_safety, p_perception=None, y_perception=None, *,
         labelled = levels != MISSING_LABEL
         levels = check_labels(levels[labelled], int(labelled.sum()), probs.shape[1], "y_perception")
         probs = probs[labelled]
-        perception, perception_losses = _fit_head(probs, levels, perception_method, methods, cv, seed)
+        perception, perception_choice = _fit_head(probs, levels, perception_method, methods, cv, seed)
         report["perception"] = {
-            "method": perception.method, "cv_log_loss": perception_losses,
+            "method": perception.method, **perception_choice,
             "before": calibration_report(probs, levels),
             "after": calibration_report(perception.predict_proba(probs), levels),
-            "after_cross_validated": _cross_validated(perception.method, probs, levels, cv, seed)}
+            "after_cross_validated": _cross_validated(perception.method, probs, levels, cv, seed,
+                                                      perception_choice)}
         metadata["n_perception"] = int(probs.shape[0])
     return Calibration(safety=safety, perception=perception, threshold=threshold,
                        fitted_on={**metadata, **(fitted_on or {})}, report=report)
 
 
-def _cross_validated(method: str, probs: np.ndarray, labels: np.ndarray, cv: int, seed: int) -> dict | None:
-    """calibration_report of out-of-fold predictions (None when a class is too rare for `cv` folds)."""
+def _cross_validated(method: str, probs: np.ndarray, labels: np.ndarray, cv: int, seed: int,
+                     choice: dict[str, Any]) -> dict | None:
+    """calibration_report of out-of-fold predictions (None when a class is too rare for `cv` folds); the one
+    "auto" chose it on, when it did (the same folds)."""
+    compared = (choice.get("auto") or {}).get("held_out")
+    if compared is not None:
+        return compared[method]
     held_out = cross_val_proba(method, probs, labels, cv=cv, seed=seed)
     return None if held_out is None else calibration_report(held_out if probs.ndim == 2 else held_out[:, 1], labels)
 
@@ -313,12 +323,25 @@ def _as_indices(labels, encode) -> np.ndarray:
 
 
 def _fit_head(probs: np.ndarray, labels: np.ndarray, method: str, methods: tuple[str, ...], cv: int,
-              seed: int) -> tuple[BaseCalibrator, dict[str, float]]:
-    if method == "auto":
-        method, losses = select_method(probs, labels, methods=methods, cv=cv, seed=seed)
-    else:
-        losses = {}
-    return make_calibrator(method).fit(probs, labels), losses
+              seed: int) -> tuple[BaseCalibrator, dict[str, Any]]:
+    """The head's fitted calibrator, and how "auto" chose it: {"cv_log_loss", "auto"} for the report (an empty
+    cv_log_loss and auto None for a method given by name)."""
+    if method != "auto":
+        return make_calibrator(method).fit(probs, labels), {"cv_log_loss": {}, "auto": None}
+    candidates = ("none", *(name for name in methods if name != "none"))
+    present, counts = np.unique(labels, return_counts=True)
+    if present.size >= 2 and counts.min() < cv:
+        why = (f"class {int(present[np.argmin(counts)])} has {int(counts.min())} label(s), too few to compare "
+               f"methods on {cv} held-out folds: the judge's probabilities are kept")
+        auto = {"folds": cv, "held_out": None, "chosen": "none", "why": why}
+        return make_calibrator("none").fit(probs, labels), {"cv_log_loss": {}, "auto": auto}
+    held_out = compare_methods(probs, labels, methods=candidates, cv=cv, seed=seed)
+    losses = {name: float(figures["log_loss"]) for name, figures in held_out.items()}
+    chosen = min(losses, key=losses.__getitem__)  # ties keep the first listed: "none"
+    why = (f"{chosen} has the lowest held-out log-loss" if chosen != "none"
+           else "no method beats the judge's own probabilities on held-out log-loss")
+    auto = {"folds": cv, "held_out": held_out, "chosen": chosen, "why": why}
+    return make_calibrator(chosen).fit(probs, labels), {"cv_log_loss": losses, "auto": auto}
 
 
 def _any_perception_label(labels) -> bool:

@@ -24,10 +24,10 @@ from scipy.special import expit, logsumexp, softmax
 from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 from sklearn.isotonic import IsotonicRegression
-from sklearn.metrics import log_loss as sklearn_log_loss
 from sklearn.model_selection import StratifiedKFold
 
 from misguard.calibration._checks import CalibrationFormatError, check_labels, check_probabilities
+from misguard.calibration.scores import calibration_report
 from misguard.core.jsonl import json_type
 
 MIN_FIT_SAMPLES = 10
@@ -416,17 +416,23 @@ def calibrator_from_dict(data: Any) -> BaseCalibrator:
 # Choosing a method
 # --------------------------------------------------------------------------------------------------------
 
-def select_method(scores, y, methods: tuple[str, ...] | list[str] = ("temperature", "platt", "isotonic"),
-                  cv: int = 5, seed: int = 0) -> tuple[str, dict[str, float]]:
-    """Pick the calibration method with the lowest cross-validated log-loss on (scores, y).
+AUTO_METHODS: tuple[str, ...] = ("none", "temperature", "platt", "isotonic")
+"""What "auto" chooses among, the identity first: a calibration is kept only when it beats the judge's own
+probabilities on held-out rows, so choosing one never makes them worse there."""
 
-    Each method is fitted on cv - 1 folds and scored (sklearn log_loss over all classes) on the held-out fold
-    of a StratifiedKFold(cv, shuffle=True, random_state=seed); a method that does not apply to the head
-    ("platt" for the perception head) is skipped. Ties go to the method listed first.
 
-    Returns (best method name, {method: mean CV log-loss} for every method scored).
-    Raises ValueError for malformed input, an unknown method, cv < 2, a class with fewer than cv samples, or
-    when no listed method applies to the head.
+def compare_methods(scores, y, methods: tuple[str, ...] | list[str] = AUTO_METHODS, cv: int = 5,
+                    seed: int = 0) -> dict[str, dict[str, float | int]]:
+    """How well each method's calibrated probabilities agree with the labels on rows it was not fitted on.
+
+    Every row is predicted by the method fitted on the other folds of a StratifiedKFold(cv, shuffle=True,
+    random_state=seed) (the folds of cross_val_proba); "none" is the judge's own probabilities, so its figures
+    are the uncalibrated ones. A method that does not apply to the head ("platt" for the perception head) is
+    skipped.
+
+    Returns {method: calibration_report of its out-of-fold probabilities (n, log_loss, brier, ece_uniform, ...)},
+    in `methods` order. Raises ValueError for malformed input, an unknown method, cv < 2, a single class, a
+    class with fewer than cv samples, or when no listed method applies to the head.
     """
     probs = check_probabilities(scores, "scores")
     n_classes = 2 if probs.ndim == 1 else probs.shape[1]
@@ -447,25 +453,44 @@ def select_method(scores, y, methods: tuple[str, ...] | list[str] = ("temperatur
     if not candidates:
         raise ValueError(f"none of the methods {list(methods)} calibrates {n_classes}-class scores")
     folds = _folds(labels, cv, seed)
-    losses: dict[str, float] = {}
+    comparison = {}
     for method in candidates:
-        fold_losses = []
-        for train, test in folds:
-            calibrator = clone(make_calibrator(method)).fit(probs[train], labels[train])
-            fold_losses.append(sklearn_log_loss(labels[test], calibrator.predict_proba(probs[test]),
-                                                labels=np.arange(n_classes)))
-        losses[method] = float(np.mean(fold_losses))
-    best = min(candidates, key=lambda method: losses[method])
-    return best, losses
+        held_out = _out_of_fold(method, probs, labels, folds)
+        comparison[method] = calibration_report(held_out if probs.ndim == 2 else held_out[:, 1], labels)
+    return comparison
+
+
+def select_method(scores, y, methods: tuple[str, ...] | list[str] = ("temperature", "platt", "isotonic"),
+                  cv: int = 5, seed: int = 0) -> tuple[str, dict[str, float]]:
+    """Pick the calibration method with the lowest held-out log-loss on (scores, y) (`compare_methods`).
+
+    Ties go to the method listed first. With `methods=AUTO_METHODS` (what fit_calibration's "auto" compares),
+    "none", the judge's own probabilities, is kept unless another method beats it on rows it was not fitted on.
+
+    Returns (best method name, {method: held-out log-loss} for every method scored).
+    Raises ValueError as compare_methods.
+    """
+    losses = {method: float(report["log_loss"]) for method, report in
+              compare_methods(scores, y, methods=methods, cv=cv, seed=seed).items()}
+    return min(losses, key=losses.__getitem__), losses
 
 
 def _folds(labels: np.ndarray, cv: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return list(StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(labels.size), labels))
 
 
+def _out_of_fold(method: str, probs: np.ndarray, labels: np.ndarray,
+                 folds: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    n_classes = 2 if probs.ndim == 1 else probs.shape[1]
+    out = np.zeros((labels.size, n_classes))
+    for train, test in folds:
+        out[test] = clone(make_calibrator(method)).fit(probs[train], labels[train]).predict_proba(probs[test])
+    return out
+
+
 def cross_val_proba(method: str, scores, y, cv: int = 5, seed: int = 0) -> np.ndarray | None:
     """Out-of-fold calibrated probabilities: each row predicted by `method` fitted on the other folds (the
-    same StratifiedKFold as select_method), for an honest after-calibration report. Returns an array shaped
+    same StratifiedKFold as compare_methods), for an honest after-calibration report. Returns an array shaped
     like predict_proba's, or None when a class has fewer than `cv` samples. Raises ValueError like fit."""
     probs = check_probabilities(scores, "scores")
     n_classes = 2 if probs.ndim == 1 else probs.shape[1]
@@ -473,10 +498,7 @@ def cross_val_proba(method: str, scores, y, cv: int = 5, seed: int = 0) -> np.nd
     _, counts = np.unique(labels, return_counts=True)
     if counts.size < 2 or counts.min() < cv:
         return None
-    out = np.zeros((labels.size, n_classes))
-    for train, test in _folds(labels, cv, seed):
-        out[test] = clone(make_calibrator(method)).fit(probs[train], labels[train]).predict_proba(probs[test])
-    return out
+    return _out_of_fold(method, probs, labels, _folds(labels, cv, seed))
 
 
 # --------------------------------------------------------------------------------------------------------

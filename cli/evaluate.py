@@ -11,6 +11,7 @@ from misguard.cli.infer import SkipBad
 from misguard.cli.options import key_values, number_option
 from misguard.cli.score import share_option
 from misguard.core.errors import MisguardError
+from misguard.core.join import unmatched_lines
 from misguard.core.labels import LabelSource, label_files
 from misguard.core.locking import exclusive_output
 from misguard.mis.agree import AgreeConfig, run_agree
@@ -64,7 +65,8 @@ def calibrate(
     reference: Reference = ...,
     out: Annotated[Path, typer.Option(help="The calibration file to write (JSON).")] = ...,
     method: Annotated[str, typer.Option(
-        help="temperature | platt | isotonic | none | auto (by CV log-loss).")] = "auto",
+        help="temperature | platt | isotonic | none | auto (the lowest held-out log-loss; none unless a method "
+             "beats it).")] = "auto",
     perception_method: Annotated[str, typer.Option(help="temperature | isotonic | none | auto.")] = "auto",
     threshold: Annotated[str, typer.Option(
         help="Unsafe threshold: max_kappa (vs the reference) | match_rate (the reference's ASR) | fixed (0.5).")
@@ -94,6 +96,8 @@ def calibrate(
     for head in ("safety", "perception"):
         section = calibration.report.get(head)
         if section:
+            for line in _auto_lines(head, section.get("auto")):
+                typer.echo(line)
             before, after = section["before"], section["after_cross_validated"]
             where = "cross-validated"
             if after is None:  # too few labels of a class for 5 folds
@@ -130,7 +134,8 @@ def agree(
     bootstrap: Annotated[int, number_option("Bootstrap resamples for the 95% confidence intervals.",
                                             at_least=0)] = 1000,
     max_unmatched: Annotated[float, number_option(
-        "Fail when more than this share of either side matches nothing.", at_least=0.0, at_most=1.0)] = 0.02,
+        "Fail when more than this share of the reference (or human) labels match no judgment; judgments without "
+        "a label are expected and reported by reason.", at_least=0.0, at_most=1.0)] = 0.02,
     plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
     skip_bad: SkipBad = False,
 ):
@@ -145,6 +150,11 @@ def agree(
         skip_bad=skip_bad)
     with exclusive_output(out, folder=True):
         result = run_agree(config)
+    join = result.report["judge_vs_reference"]["join"]
+    typer.echo(f"joined by {' + '.join(join['key_fields'])}:")
+    for name, other in (("judge", "reference"), ("reference", "judge")):
+        for line in unmatched_lines(join[name], name, other, join["by"]):
+            typer.echo(f"  {line}")
     overall = result.report["judge_vs_reference"]["overall"]
     safety = overall["safety"]
     typer.echo(f"{overall['n_pairs']} pairs; safety: accuracy {safety['accuracy']:.3f}, "
@@ -161,6 +171,20 @@ def agree(
         typer.echo(f"plot:      {path}")
     if result.escalation_path:
         typer.echo(f"escalate:  {result.escalation_path}")
+
+
+def _auto_lines(head: str, auto: dict | None) -> list[str]:
+    """How `--method auto` chose a head's calibration, one line per method compared (none for a method given by
+    name)."""
+    if auto is None:
+        return []
+    if auto["held_out"] is None:
+        return [f"{head}: auto kept none: {auto['why']}"]
+    lines = [f"{head}: auto, on {auto['folds']}-fold held-out rows ({auto['why']}):"]
+    for name, figures in auto["held_out"].items():
+        lines.append(f"  {name:<12} log-loss {figures['log_loss']:.4f}, ECE {figures['ece_uniform']:.4f}"
+                     + ("  <- chosen" if name == auto["chosen"] else ""))
+    return lines
 
 
 def _judge_folder_lock(folder: Path | None):

@@ -203,12 +203,14 @@ def pair(left: Sequence[L], right: Sequence[R], *, key_left: Callable[[L], Hasha
          where_right: Callable[[R], tuple[str, int]], describe_left: Callable[[L], str],
          describe_right: Callable[[R], str], names: tuple[str, str] = ("judge", "reference"),
          max_unmatched_share: float = 0.02, max_unmatched_left_share: float | None = None,
-         bad: BadRows | None = None) -> Joined[L, R]:
+         bad: BadRows | None = None,
+         explain: Callable[[Joined[L, R]], tuple[str, str]] | None = None) -> Joined[L, R]:
     """Pair each left row with the right row of the same key (duplicates on either side: the rule above).
 
     Returns a Joined. Raises DataError for an empty side, a duplicate (unless skipped), or when more than
     `max_unmatched_share` of a side's rows match nothing (`max_unmatched_left_share` sets the left side's limit
-    apart: 1.0 when the right side labels only a sample of the left), with up to three of them as examples."""
+    apart: 1.0 when the right side labels only a sample of the left), with up to three of them as examples and,
+    with `explain` (the join -> why each side's rows are unmatched, as text), why."""
     left_limit = max_unmatched_share if max_unmatched_left_share is None else max_unmatched_left_share
     for limit in (max_unmatched_share, left_limit):
         if not 0.0 <= limit <= 1.0:
@@ -225,21 +227,25 @@ def pair(left: Sequence[L], right: Sequence[R], *, key_left: Callable[[L], Hasha
     pairs = [(row, right_index[k]) for k, row in left_index.items() if k in right_index]
     unmatched_left = [row for k, row in left_index.items() if k not in right_index]
     unmatched_right = [row for k, row in right_index.items() if k not in left_index]
+    joined = Joined(pairs, unmatched_left, unmatched_right, key_fields, skipped=list(bad.skipped))
 
-    problems = []
-    for name, other, unmatched, total, limit, where, describe in (
-            (names[0], names[1], unmatched_left, len(left), left_limit, where_left, describe_left),
-            (names[1], names[0], unmatched_right, len(right), max_unmatched_share, where_right, describe_right)):
-        if len(unmatched) > limit * total:
-            examples = "; ".join(f"{_at(where(row))} ({describe(row)})" for row in unmatched[:EXAMPLES_SHOWN])
-            problems.append(f"{len(unmatched)} of {total} {name} rows ({100.0 * len(unmatched) / total:.1f}%) "
-                            f"have no {other} row, e.g. {examples} (limit {100.0 * limit:.1f}%)")
-    if problems:
+    sides = ((names[0], names[1], unmatched_left, len(left), left_limit, where_left, describe_left),
+             (names[1], names[0], unmatched_right, len(right), max_unmatched_share, where_right, describe_right))
+    over = [len(unmatched) > limit * total for _, _, unmatched, total, limit, _, _ in sides]
+    if any(over):
+        why = explain(joined) if explain is not None else ("", "")
+        problems = []
+        for (name, other, unmatched, total, limit, where, describe), too_many, reasons in zip(sides, over, why):
+            if too_many:
+                examples = "; ".join(f"{_at(where(row))} ({describe(row)})" for row in unmatched[:EXAMPLES_SHOWN])
+                problems.append(f"{len(unmatched)} of {total} {name} rows ({100.0 * len(unmatched) / total:.1f}%) "
+                                f"have no {other} row{f' ({reasons})' if reasons else ''}, e.g. {examples} "
+                                f"(limit {100.0 * limit:.1f}%)")
         raise DataError(f"joining by {keys}: " + "; and ".join(problems))
     if unmatched_left or unmatched_right:
         log.warning("joining by %s: %d %s and %d %s row(s) unmatched", keys, len(unmatched_left), names[0],
                     len(unmatched_right), names[1])
-    return Joined(pairs, unmatched_left, unmatched_right, key_fields, skipped=list(bad.skipped))
+    return joined
 
 
 def join_labels(judge: Sequence[LabelRecord], reference: Sequence[LabelRecord], *,
@@ -270,10 +276,100 @@ def join_labels(judge: Sequence[LabelRecord], reference: Sequence[LabelRecord], 
     def describe(record: LabelRecord) -> str:
         return record.describe(by_id=join_by == "id")
 
+    def explain(joined: Joined[LabelRecord, LabelRecord]) -> tuple[str, str]:
+        report = unmatched_report(joined)
+        return (_reasons_text(report["judge"], "reference", join_by),
+                _reasons_text(report["reference"], "judge", join_by))
+
     return pair(judge, reference, key_left=key, key_right=key, key_fields=(*qualifiers, join_by),
                 where_left=_record_where, where_right=_record_where, describe_left=describe,
                 describe_right=describe, max_unmatched_share=max_unmatched_share,
-                max_unmatched_left_share=max_unmatched_judge_share, bad=bad)
+                max_unmatched_left_share=max_unmatched_judge_share, bad=bad, explain=explain)
+
+
+UNMATCHED_REASONS: dict[str, str] = {
+    "unknown_item": "the other side has no row for this item (its id; for rows without ids, its image paths and "
+                    "question)",
+    "other_models_only": "the other side has this item, but only for other target models",
+    "other_response": "the other side has this item for this target model, with another response text",
+}
+"""Why a label row of a join matched no row on the other side (`unmatched_report`)."""
+
+
+def unmatched_report(joined: Joined[LabelRecord, LabelRecord], *,
+                     names: tuple[str, str] = ("judge", "reference")) -> dict:
+    """How many rows of each side of a `join_labels` join matched, and why the others did not (UNMATCHED_REASONS):
+    the item is not on the other side at all, it is there for other target models only, or (rows joined by
+    content) it is there for this model with another response text.
+
+    Returns a JSON-ready {names[0]: side, names[1]: side}, each side {rows (after duplicates), matched, unmatched,
+    by_reason: {reason: count}, examples: {reason: up to three "path:line (model, id)"}, other_models: the other
+    side's models for the items of the other_models_only rows}."""
+    left = [row for row, _ in joined.pairs] + joined.unmatched_left
+    right = [row for _, row in joined.pairs] + joined.unmatched_right
+    return {names[0]: _side_report(joined.unmatched_left, len(left), right, joined.key_fields),
+            names[1]: _side_report(joined.unmatched_right, len(right), left, joined.key_fields)}
+
+
+def _side_report(unmatched: list[LabelRecord], rows: int, other_side: list[LabelRecord],
+                 key_fields: tuple[str, ...]) -> dict:
+    by_model = "model" in key_fields
+    models_of_item: dict[tuple, set] = {}
+    for record in other_side:
+        models_of_item.setdefault(_item_of(record, key_fields), set()).add(record.model)
+    by_reason: dict[str, list[LabelRecord]] = {reason: [] for reason in UNMATCHED_REASONS}
+    other_models: set[str] = set()
+    for record in unmatched:
+        models = models_of_item.get(_item_of(record, key_fields))
+        if models is None:
+            by_reason["unknown_item"].append(record)
+        elif by_model and record.model not in models:
+            by_reason["other_models_only"].append(record)
+            other_models |= models
+        else:
+            by_reason["other_response"].append(record)
+    by_id = key_fields[-1] == "id"
+    return {"rows": rows, "matched": rows - len(unmatched), "unmatched": len(unmatched),
+            "by_reason": {reason: len(records) for reason, records in by_reason.items()},
+            "examples": {reason: [f"{record.where} ({record.describe(by_id=by_id)})"
+                                  for record in records[:EXAMPLES_SHOWN]]
+                         for reason, records in by_reason.items() if records},
+            "other_models": sorted(map(str, other_models))}
+
+
+def _item_of(record: LabelRecord, key_fields: tuple[str, ...]) -> tuple:
+    """The join key without the model: which item (and split) the row is about."""
+    split = (record.split,) if "split" in key_fields else ()
+    if key_fields[-1] == "id":
+        return (*split, record.id)
+    return (*split, record.image_path1, record.image_path2, record.question)
+
+
+def unmatched_lines(side: dict, name: str, other: str, join_by: str) -> list[str]:
+    """One side of `unmatched_report` as lines for a person: its rows, how many matched, then one indented line
+    per reason with its count and an example."""
+    lines = [f"{name} rows: {side['rows']}, matched {side['matched']}, unmatched {side['unmatched']}"
+             + (":" if side["unmatched"] else "")]
+    for reason, examples in side["examples"].items():
+        lines.append(f"  {side['by_reason'][reason]} {_reason_phrase(reason, other, join_by, side)}, "
+                     f"e.g. {examples[0]}")
+    return lines
+
+
+def _reasons_text(side: dict, other: str, join_by: str) -> str:
+    return ", ".join(f"{count} {_reason_phrase(reason, other, join_by, side)}"
+                     for reason, count in side["by_reason"].items() if count)
+
+
+def _reason_phrase(reason: str, other: str, join_by: str, side: dict) -> str:
+    item = "an id" if join_by == "id" else "an item"
+    if reason == "unknown_item":
+        return f"with {item} the {other} has no row for"
+    if reason == "other_models_only":
+        models = side["other_models"]
+        shown = ", ".join(models[:EXAMPLES_SHOWN]) + (", ..." if len(models) > EXAMPLES_SHOWN else "")
+        return f"with {item} the {other} has for other models only ({shown})"
+    return f"with an item the {other} has, but another response text"
 
 
 def labelled_responses(responses: Sequence[ItemResponse], labels: Sequence[LabelRecord], *,

@@ -37,6 +37,8 @@ class AgreeConfig:
     """Share of responses (0-1] to list for GPT-4o or human review, least confident first."""
     n_bootstrap: int = 1000
     max_unmatched_share: float = 0.02
+    """Most share of the reference's (and the human) labels allowed to match no judgment. Judgments without a
+    label are expected (the reference labels a sample, or some target models only) and reported by reason."""
     plots: bool = True
     skip_bad: bool = False
 
@@ -57,8 +59,10 @@ class AgreeResult:
 
 def run_agree(config: AgreeConfig) -> AgreeResult:
     """Agreement of the judge with the reference (and with humans, when given): agreement.json, agreement.md,
-    PNG plots, and with `escalate` the review list and the agreement-vs-coverage curve. Raises DataError for bad
-    or unmatched rows (with examples)."""
+    PNG plots, and with `escalate` the review list and the agreement-vs-coverage curve. The report's
+    judge_vs_reference.join says how many rows of each side matched and why the others did not. Raises DataError
+    for bad rows, or for more than `max_unmatched_share` of the labels matching no judgment (with why and
+    examples)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     bad = BadRows(skip=config.skip_bad)
@@ -66,7 +70,9 @@ def run_agree(config: AgreeConfig) -> AgreeResult:
     reference = read_sources(config.reference, bad=bad)
 
     def join(left: list[LabelRecord], right: list[LabelRecord]) -> Joined:
-        return join_labels(left, right, max_unmatched_share=config.max_unmatched_share, bad=bad)
+        # As in calibrate: the labels may cover a sample of the judged rows, or some target models only.
+        return join_labels(left, right, max_unmatched_share=config.max_unmatched_share,
+                           max_unmatched_judge_share=1.0, bad=bad)
 
     joined = join(judge, reference)
     report = {"judge_vs_reference": agreement_report(joined, n_bootstrap=config.n_bootstrap),

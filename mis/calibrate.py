@@ -39,7 +39,9 @@ class CalibrateConfig:
     out: Path
     """The calibration file to write (JSON)."""
     method: str = "auto"
-    """temperature | platt | isotonic | none | auto (picked by cross-validated log-loss), for the safety head."""
+    """temperature | platt | isotonic | none | auto, for the safety head. Auto compares them on held-out folds and
+    keeps the lowest log-loss: none (the judge's own probabilities) unless a method beats it; the report's
+    `auto` holds the comparison."""
     perception_method: str = "auto"
     threshold_rule: str = "max_kappa"
     """How the Unsafe threshold is chosen: max_kappa (against the reference), match_rate (the reference's Unsafe
