@@ -8,15 +8,25 @@ import typer
 
 from misguard.cli.options import Given, config_options, number_option
 from misguard.core.locking import exclusive_output
+from misguard.core.progress import silence_library_bars
 from misguard.engines.base import EngineOptions
 from misguard.engines.messages import GenerationParams
 from misguard.mis.infer import SHARDS_FOLDER, InferConfig, merge_shards, output_paths, parse_shard, run_inference
 
 commands = typer.Typer()
 
+
+def _quiet(quiet: bool) -> bool:
+    """--quiet, as it is parsed: the libraries' bars go too (before the command loads any model)."""
+    if quiet:
+        silence_library_bars()
+    return quiet
+
+
 Engine = Annotated[str, typer.Option(help="transformers | vllm | openai")]
 SkipBad = Annotated[bool, typer.Option(help="Log and count bad rows instead of stopping at the first.")]
-Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
+Quiet = Annotated[bool, typer.Option(help="No progress bars: neither misguard's nor transformers' or datasets'.",
+                                     callback=_quiet)]
 CheckImages = Annotated[bool, typer.Option(
     help="Decode every image before the run, so one that does not decode (a truncated file) is a bad row found up "
          "front; without it only the images' headers are checked first, and such an image is found when its item "

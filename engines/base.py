@@ -8,6 +8,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 
 from misguard.core.errors import MisguardError
 from misguard.core.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImageLimits
+from misguard.core.progress import Progress
 from misguard.core.settings import check_settings, setting
 from misguard.engines.messages import (
     Generation,
@@ -140,20 +141,23 @@ class Engine(ABC):
         image cannot be used gets its ImageFileError, as in `generate`."""
         raise MisguardError(f"the {self.name} engine cannot score label tokens")
 
-    def stream(self, requests: Sequence[Request], params: GenerationParams,
+    def stream(self, requests: Sequence[Request], params: GenerationParams, progress: Progress | None = None,
                ) -> Iterator[tuple[int, Generation | ImageFileError]]:
         """Run every request, yielding (index into `requests`, Generation or ImageFileError) as results become
-        available, so a caller can save them as it goes. This default hands the engine `chunk_size` requests at a
-        time and yields a chunk's ImageFileErrors after its other results."""
-        return _in_chunks(requests, self.chunk_size, lambda chunk: self.generate(chunk, params))
+        available, so a caller can save them as it goes; `progress` is told of the requests as they finish (a
+        caller's bar moves within a chunk where the engine sees them finish sooner). This default hands the engine
+        `chunk_size` requests at a time, reports a chunk when it has run, and yields a chunk's ImageFileErrors
+        after its other results."""
+        return in_chunks(requests, self.chunk_size, lambda chunk: self.generate(chunk, params), progress=progress)
 
-    def label_stream(self, requests: Sequence[Request], labels: LabelSet,
+    def label_stream(self, requests: Sequence[Request], labels: LabelSet, progress: Progress | None = None,
                      ) -> Iterator[tuple[int, LabelProbs | ImageFileError | None]]:
         """label_probs for every request, yielding (index into `requests`, probabilities) as they become
-        available. This default hands the engine `label_chunk_size` requests at a time, never splitting requests
-        with the same images, and yields a chunk's ImageFileErrors after its other results."""
-        return _in_chunks(requests, self.label_chunk_size, lambda chunk: self.label_probs(chunk, labels),
-                          key=lambda request: images_key(request.messages))
+        available, `progress` told of them as in `stream`. This default hands the engine `label_chunk_size`
+        requests at a time, never splitting requests with the same images, and yields a chunk's ImageFileErrors
+        after its other results."""
+        return in_chunks(requests, self.label_chunk_size, lambda chunk: self.label_probs(chunk, labels),
+                         same_images_together=True, progress=progress)
 
     def close(self) -> None:
         """Free the model's memory and any workers."""
@@ -178,10 +182,12 @@ def collect(results: Iterator[tuple[int, T]], n: int) -> list[T]:
 
 
 def usable_only(requests: Sequence[Request], build: Callable[[Request], Any],
-                run: Callable[[list[Any]], Sequence[T]]) -> list[T | ImageFileError]:
+                run: Callable[[list[Any]], Sequence[T]], progress: Progress | None = None) -> list[T | ImageFileError]:
     """`build` each request (its conversation or payload, images opened), then `run` every built one at once; the
     results in request order, with the ImageFileError of each request `build` could not make in its place (left out
-    of `run`: it costs its own request, not the chunk). `run` is not called when nothing was built."""
+    of `run`: it costs its own request, not the chunk). `run` is not called when nothing was built. `progress` is
+    told of the requests left out (finished: their error is their result); reporting those `run` runs is `run`'s
+    part."""
     results: list[Any] = [None] * len(requests)
     built, kept = [], []
     for i, request in enumerate(requests):
@@ -191,20 +197,26 @@ def usable_only(requests: Sequence[Request], build: Callable[[Request], Any],
             results[i] = error
             continue
         kept.append(i)
+    if progress is not None and len(built) < len(requests):
+        progress(len(requests) - len(built))
     if built:
         for i, result in zip(kept, run(built)):
             results[i] = result
     return results
 
 
-def _in_chunks(requests: Sequence[Request], size: int, run: Callable[[Sequence[Request]], list],
-               key: Callable[[Request], Any] | None = None) -> Iterator[tuple[int, Any]]:
-    """(index, result) of `run` over the requests `size` at a time (`runs` with `key`). A chunk's ImageFileErrors
-    come after its other results: a caller that stops at the first one (infer or score without --skip-bad) has
-    saved the rest of the chunk by then."""
+def in_chunks(requests: Sequence[Request], size: int, run: Callable[[Sequence[Request]], list], *,
+              same_images_together: bool = False, progress: Progress | None = None) -> Iterator[tuple[int, Any]]:
+    """(index, result) of `run` over the requests `size` at a time (`runs`; with `same_images_together`, a chunk
+    never splits requests with the same images), each chunk reported to `progress` once it has run (an engine whose
+    `run` reports its requests itself passes none). A chunk's ImageFileErrors come after its other results: a caller
+    that stops at the first one (infer or score without --skip-bad) has saved the rest of the chunk by then."""
     start = 0
+    key = (lambda request: images_key(request.messages)) if same_images_together else None
     for chunk in runs(requests, size, key):
         results = list(enumerate(run(chunk), start))
+        if progress is not None:
+            progress(len(chunk))
         yield from (result for result in results if not isinstance(result[1], ImageFileError))
         yield from (result for result in results if isinstance(result[1], ImageFileError))
         start += len(chunk)

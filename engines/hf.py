@@ -8,7 +8,8 @@ decoded and the processor's inputs built in a thread, batches ahead of the devic
 does not wait on the CPU. Images are decoded within the options' byte and pixel limits, straight to about the size
 the processor resizes them to where it says (Qwen2-VL's max_pixels). A request whose image cannot be used (missing,
 over a limit, not decodable) is left out of its batch and handed back as an ImageFileError after the batch's other
-results. The batch size is given or automatic; on a CUDA out-of-memory error the batch is halved and retried.
+results. The batch size is given or automatic; on a CUDA out-of-memory error the batch is halved and retried. A
+caller's progress hears of each batch's requests as the batch finishes.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from misguard.core.errors import MisguardError
+from misguard.core.progress import Progress
 from misguard.engines.base import Engine, EngineOptions, check_model_folder, collect, runs
 from misguard.engines.families import family_for, processor_pixels
 from misguard.engines.messages import (
@@ -166,25 +168,27 @@ class TransformersEngine(Engine):
     def label_probs(self, requests: Sequence[Request], labels: LabelSet) -> list[LabelProbs | None]:
         return collect(self.label_stream(requests, labels), len(requests))
 
-    def stream(self, requests: Sequence[Request], params: GenerationParams) -> Iterator[tuple[int, Generation]]:
+    def stream(self, requests: Sequence[Request], params: GenerationParams, progress: Progress | None = None,
+               ) -> Iterator[tuple[int, Generation]]:
         return self._run(requests, self.chunk_size, self._plain_batches,
-                         lambda inputs: self._generate_batch(inputs, params))
+                         lambda inputs: self._generate_batch(inputs, params), progress=progress)
 
-    def label_stream(self, requests: Sequence[Request], labels: LabelSet,
+    def label_stream(self, requests: Sequence[Request], labels: LabelSet, progress: Progress | None = None,
                      ) -> Iterator[tuple[int, LabelProbs | None]]:
         plan = self._shared_batches if self.options.prefix_reuse else self._plain_batches
         return self._run(requests, self.label_chunk_size, plan, lambda inputs: self._label_batch(inputs, labels.ids),
-                         labels.ids)
+                         labels.ids, progress)
 
     def _run(self, requests: Sequence[Request], window: int, plan, forward, token_ids: Sequence[int] = (),
-             ) -> Iterator[tuple[int, Any]]:
-        """Yield (index, result) for every request. The requests are staged a window of about `window` at a
-        time (never splitting requests with the same images) and `plan` cuts each window into batches; each
-        batch's images are opened and its processor inputs built, then `forward` runs a plain batch (one result
-        per request) and score_tails a shared one. With preprocessing workers all of that is done in a thread,
-        PREPARED_AHEAD batches ahead of the device, across windows. A request whose image cannot be used gets its
-        ImageFileError as its result: after its batch's others (decoding failed), or after its window's (the
-        header: missing, not an image, over a limit), so what was run is handed back before it."""
+             progress: Progress | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield (index, result) for every request, each batch's results as the batch finishes (and reported to
+        `progress` then). The requests are staged a window of about `window` at a time (never splitting requests
+        with the same images) and `plan` cuts each window into batches; each batch's images are opened and its
+        processor inputs built, then `forward` runs a plain batch (one result per request) and score_tails a
+        shared one. With preprocessing workers all of that is done in a thread, PREPARED_AHEAD batches ahead of
+        the device, across windows. A request whose image cannot be used gets its ImageFileError as its result:
+        after its batch's others (decoding failed), or after its window's (the header: missing, not an image, over
+        a limit), so what was run is handed back before it."""
         def batches() -> Iterator[tuple[_Batch, Any]]:
             for indices in runs(range(len(requests)), window, key=lambda i: images_key(requests[i].messages)):
                 staged = self._stage(requests, indices)
@@ -195,7 +199,10 @@ class TransformersEngine(Engine):
                     yield _Batch([], staged, unusable=unusable), None
 
         for batch, inputs in prefetched(batches(), PREPARED_AHEAD if self._workers is not None else 0):
-            yield from self._forward(batch, inputs, forward, token_ids)
+            finished = list(self._forward(batch, inputs, forward, token_ids))
+            if progress is not None:
+                progress(len(finished))
+            yield from finished
 
     def _stage(self, requests: Sequence[Request], indices: Sequence[int]) -> dict[int, _Staged]:
         """Each request's prompt and image parts, with the images' area read from their headers (each image's

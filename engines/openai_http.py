@@ -12,7 +12,8 @@ The API key (a vLLM server started with --api-key) never comes from the command 
 
 Images are sent as the files' own bytes in data URLs, after they are decoded here within the options' byte and
 pixel limits, as the server will decode them: a request whose image cannot be used (missing, over a limit,
-truncated) is not sent, and gets its ImageFileError as its result; the chunk's other requests go on.
+truncated) is not sent, and gets its ImageFileError as its result; the chunk's other requests go on. A caller's
+progress hears of each request as its answer comes back.
 
 Label scoring asks for one token with logprobs. The first label request to each base URL also sends vLLM's own
 request fields, `logprob_token_ids` (the labels' logprobs, whatever their rank) and `return_tokens_as_token_ids`
@@ -29,14 +30,15 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import openai
 
 from misguard.core.errors import MisguardError
+from misguard.core.progress import Progress
 from misguard.core.settings import read_key
-from misguard.engines.base import Engine, EngineOptions, usable_only
+from misguard.engines.base import Engine, EngineOptions, in_chunks, usable_only
 from misguard.engines.messages import (
     Generation,
     GenerationParams,
@@ -140,27 +142,39 @@ class OpenAIEngine(Engine):
             messages.append({"role": message["role"], "content": parts})
         return messages
 
-    def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation | ImageFileError]:
-        """Send every request; returns one Generation per request, in the order given, or the ImageFileError of a
-        request whose image cannot be used (that request is not sent). Raises MisguardError naming the base URL
-        when a request still fails after the client's retries (HTTP status and reason, timeout, or connection
-        error) or the server returns no text."""
-        return self._send_all(requests, lambda request_id, messages, url_index:
-                              self._complete(request_id, messages, url_index, params))
+    def stream(self, requests: Sequence[Request], params: GenerationParams, progress: Progress | None = None,
+               ) -> Iterator[tuple[int, Generation | ImageFileError]]:
+        return in_chunks(requests, self.chunk_size, lambda chunk: self.generate(chunk, params, progress))
 
-    def label_probs(self, requests: Sequence[Request], labels: LabelSet,
+    def label_stream(self, requests: Sequence[Request], labels: LabelSet, progress: Progress | None = None,
+                     ) -> Iterator[tuple[int, LabelProbs | ImageFileError | None]]:
+        return in_chunks(requests, self.label_chunk_size, lambda chunk: self.label_probs(chunk, labels, progress),
+                         same_images_together=True)
+
+    def generate(self, requests: Sequence[Request], params: GenerationParams, progress: Progress | None = None,
+                 ) -> list[Generation | ImageFileError]:
+        """Send every request; returns one Generation per request, in the order given, or the ImageFileError of a
+        request whose image cannot be used (that request is not sent); `progress` is told of each request as its
+        answer comes back (on the engine's own thread). Raises MisguardError naming the base URL when a request
+        still fails after the client's retries (HTTP status and reason, timeout, or connection error) or the
+        server returns no text."""
+        return self._send_all(requests, lambda request_id, messages, url_index:
+                              self._complete(request_id, messages, url_index, params), progress)
+
+    def label_probs(self, requests: Sequence[Request], labels: LabelSet, progress: Progress | None = None,
                     ) -> list[LabelProbs | ImageFileError | None]:
         """For each request, the label tokens' probabilities as the first token of the answer, renormalized over
         the labels, from a one-token completion with logprobs (see the module docstring for how labels are
-        matched). None for a request whose label tokens did not all come back; an ImageFileError and
+        matched). None for a request whose label tokens did not all come back; an ImageFileError, `progress` and
         MisguardError as in `generate`."""
         return self._send_all(requests, lambda request_id, messages, url_index:
-                              self._score(request_id, messages, url_index, labels))
+                              self._score(request_id, messages, url_index, labels), progress)
 
-    def _send_all(self, requests: Sequence[Request], send: Callable[[str, list, int], Coroutine]) -> list:
+    def _send_all(self, requests: Sequence[Request], send: Callable[[str, list, int], Coroutine],
+                  progress: Progress | None = None) -> list:
         """`send(request id, chat messages, base URL index)` for every request whose images can be used,
         round-robin over the base URLs, concurrently; the results in the order given, with the ImageFileError of
-        each request that was not sent in its place."""
+        each request that was not sent in its place; `progress` told of each request as it finishes."""
         if not requests:
             return []
         limits = self.options.image_limits()
@@ -171,13 +185,20 @@ class OpenAIEngine(Engine):
             for request_id, messages in built:  # round-robin over the requests actually sent
                 payloads.append((request_id, messages, self._next_url))
                 self._next_url = (self._next_url + 1) % len(self.base_urls)
-            return self._run(self._gather(payloads, send))
+            return self._run(self._gather(payloads, send, progress))
 
-        return usable_only(requests, lambda request: (request.id, self._chat_messages(request, data_url)), send_built)
+        return usable_only(requests, lambda request: (request.id, self._chat_messages(request, data_url)), send_built,
+                           progress)
 
     @staticmethod
-    async def _gather(payloads, send) -> list:
-        tasks = [asyncio.ensure_future(send(*payload)) for payload in payloads]
+    async def _gather(payloads, send, progress: Progress | None = None) -> list:
+        async def answered(payload):
+            result = await send(*payload)
+            if progress is not None:
+                progress(1)
+            return result
+
+        tasks = [asyncio.ensure_future(answered(payload)) for payload in payloads]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:

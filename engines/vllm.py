@@ -12,18 +12,25 @@ cached, and `misguard score` hands an item's responses over in the same chunk, s
 Images are decoded here, within the options' byte and pixel limits, each distinct one once per chunk; a request
 whose image cannot be used (missing, over a limit, not decodable) is left out of the `LLM.chat` call and gets its
 ImageFileError as its result, so it costs its own request, not the chunk.
+
+A caller's progress hears of each request as vLLM finishes it, through the bar `LLM.chat` updates (`use_tqdm`),
+which shows nothing itself; so a chunk of 64 moves a caller's bar request by request.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from misguard.core.errors import MisguardError, MissingExtraError
-from misguard.engines.base import Engine, EngineOptions, check_model_folder, usable_only
+from misguard.core.progress import Progress, library_bars_shown
+from misguard.engines.base import Engine, EngineOptions, check_model_folder, in_chunks, usable_only
 from misguard.engines.families import family_for
 from misguard.engines.messages import (
     Generation,
@@ -102,6 +109,8 @@ class VLLMEngine(Engine):
                                  or os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") != "")
             if not user_sized_memory:
                 kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        if not library_bars_shown():  # --quiet
+            kwargs["use_tqdm_on_load"] = False
         kwargs.update(opts.vllm_args)
         return kwargs
 
@@ -130,27 +139,40 @@ class VLLMEngine(Engine):
                                       else part for part in message["content"]]
         return conversation
 
-    def _chat(self, requests: Sequence[Request], sampling) -> list[Any]:
+    def _chat(self, requests: Sequence[Request], sampling, progress: Progress | None = None) -> list[Any]:
         """vLLM's RequestOutputs for every request from one `LLM.chat` call, in the order given, with the
-        ImageFileError of each request whose image cannot be used (left out of the call) in its place. Raises
-        MisguardError when the engine is closed or vLLM rejects a request."""
+        ImageFileError of each request whose image cannot be used (left out of the call) in its place; `progress`
+        told of each request as it finishes. Raises MisguardError when the engine is closed or vLLM rejects a
+        request."""
         llm = self.__dict__.get("_llm")
         if llm is None:
             raise MisguardError("the vLLM engine is closed")
         load = image_loader(self.options.image_limits())  # an item's images serve K responses: open them once
+        bar = functools.partial(FinishedRequests, progress=progress) if progress is not None else False
 
         def chat(conversations: list[Any]) -> list[Any]:
             try:
-                return llm.chat(conversations, sampling, use_tqdm=False)
+                return llm.chat(conversations, sampling, use_tqdm=bar)
             except ValueError as exc:  # vLLM's input validation: too long for max_model_len, bad image, ...
                 raise MisguardError(f"vLLM rejected a request in this batch: {exc}") from exc
 
-        return usable_only(requests, lambda request: self._conversation(request, load), chat)
+        return usable_only(requests, lambda request: self._conversation(request, load), chat, progress)
 
-    def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation | ImageFileError]:
+    def stream(self, requests: Sequence[Request], params: GenerationParams, progress: Progress | None = None,
+               ) -> Iterator[tuple[int, Generation | ImageFileError]]:
+        return in_chunks(requests, self.chunk_size, lambda chunk: self.generate(chunk, params, progress))
+
+    def label_stream(self, requests: Sequence[Request], labels: LabelSet, progress: Progress | None = None,
+                     ) -> Iterator[tuple[int, LabelProbs | ImageFileError | None]]:
+        return in_chunks(requests, self.label_chunk_size, lambda chunk: self.label_probs(chunk, labels, progress),
+                         same_images_together=True)
+
+    def generate(self, requests: Sequence[Request], params: GenerationParams, progress: Progress | None = None,
+                 ) -> list[Generation | ImageFileError]:
         """Run every request in one `LLM.chat` call; returns one Generation per request, in the order given, or the
-        ImageFileError of a request whose image cannot be used. Raises MisguardError for a request vLLM rejects
-        (too many images, a prompt longer than max_model_len)."""
+        ImageFileError of a request whose image cannot be used; `progress` is told of each request as vLLM
+        finishes it. Raises MisguardError for a request vLLM rejects (too many images, a prompt longer than
+        max_model_len)."""
         if not requests:
             return []
         # Explicit SamplingParams: vLLM's neutral defaults for everything not given here, never the sampling
@@ -158,7 +180,7 @@ class VLLMEngine(Engine):
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p, seed=params.seed)
         results: list[Generation | ImageFileError] = []
-        for out in self._chat(requests, sampling):
+        for out in self._chat(requests, sampling, progress):
             if isinstance(out, ImageFileError):
                 results.append(out)
                 continue
@@ -173,12 +195,13 @@ class VLLMEngine(Engine):
                                       extra={"prompt_tokens": len(out.prompt_token_ids or ())}))
         return results
 
-    def label_probs(self, requests: Sequence[Request], labels: LabelSet,
+    def label_probs(self, requests: Sequence[Request], labels: LabelSet, progress: Progress | None = None,
                     ) -> list[LabelProbs | ImageFileError | None]:
         """For each request, the label tokens' probabilities as the first token of the answer, renormalized over
         the labels, from one `LLM.chat` call that generates one token. None for a request whose output lacks a
-        label's logprob (never guessed); an ImageFileError as in `generate`. Raises MisguardError as `generate`
-        does, and when the engine was started with a `logprobs_mode` other than vLLM's default 'raw_logprobs'."""
+        label's logprob (never guessed); an ImageFileError and `progress` as in `generate`. Raises MisguardError
+        as `generate` does, and when the engine was started with a `logprobs_mode` other than vLLM's default
+        'raw_logprobs'."""
         if not requests:
             return []
         llm = self.__dict__.get("_llm")
@@ -197,7 +220,7 @@ class VLLMEngine(Engine):
         # request and need max_logprobs=-1. `logprobs` stays unset: vLLM requires it to equal len(ids) if given.
         sampling = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(labels.ids))
         results: list[LabelProbs | ImageFileError | None] = []
-        for out in self._chat(requests, sampling):
+        for out in self._chat(requests, sampling, progress):
             if isinstance(out, ImageFileError):
                 results.append(out)
                 continue
@@ -225,3 +248,22 @@ class VLLMEngine(Engine):
         gc.collect()
         if not self._on_cpu and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class FinishedRequests(tqdm):
+    """The bar `LLM.chat` builds with its `use_tqdm` callable and updates as requests finish: it shows nothing and
+    hands each update to `progress`. vLLM also wraps its prompt rendering in one, which only iterates."""
+
+    def __init__(self, *args: Any, progress: Progress, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "disable": True})
+        self.progress = progress
+        self.started = time.monotonic()
+
+    def update(self, n: float | None = 1) -> None:
+        self.n += n
+        self.progress(int(n))
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        # vLLM divides the tokens so far by the elapsed time for its speed figures; a disabled bar says 0.
+        return {**super().format_dict, "elapsed": max(time.monotonic() - self.started, 1e-6)}

@@ -6,7 +6,9 @@ perception level, as ASR counts it), or p_unsafe <= band.low and, where the call
 (MIS metrics do, the guard does not), its most likely level has probability >= band.high. With calibrated
 probabilities the band bounds the error of the lite judge's decisions: of the responses it calls Unsafe at p >=
 0.9, about 10% or fewer are Safe by the reference it was calibrated on. Requests (the guard's input rail) and
-whatever the lite judge cannot score go to the VLM judge. Each assessment names the judge that decided it.
+whatever the lite judge cannot score go to the VLM judge. Each assessment names the judge that decided it. A
+caller's progress hears of a chunk's cases the lite judge decided when it has read them all, and of the escalated
+ones as the VLM judge finishes them.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from misguard.core.errors import MisguardError
+from misguard.core.progress import Progress
 from misguard.judges.protocol import Assessment, Case, Judge, JudgeBase
 
 
@@ -132,6 +135,11 @@ class CascadeJudge(JudgeBase):
 
     def judge(self, cases: Sequence[Case]) -> list[Assessment]:
         """One Assessment per case, in order: the lite judge's where it is confident, else the VLM judge's."""
+        return self.judge_chunk(cases, None)
+
+    def judge_chunk(self, cases: Sequence[Case], progress: Progress | None) -> list[Assessment]:
+        """`judge(cases)`, `progress` told of the cases the lite judge decided once it has read them all, then of
+        the escalated ones as the VLM judge finishes them."""
         responses = [i for i, case in enumerate(cases) if not case.is_request]
         started = time.perf_counter()
         first = self.lite.judge([cases[i] for i in responses]) if responses else []
@@ -142,16 +150,20 @@ class CascadeJudge(JudgeBase):
             if kept_flagged or self.band.confident(assessment, needs_perception=self.needs_perception):
                 out[i] = assessment
         escalate = [i for i in range(len(cases)) if out[i] is None]
+        if progress is not None and len(escalate) < len(cases):
+            progress(len(cases) - len(escalate))
         started = time.perf_counter()
-        for i, assessment in zip(escalate, self.vlm.judge([cases[i] for i in escalate]) if escalate else []):
-            out[i] = assessment
+        if escalate:
+            for index, assessment in self.vlm.judge_stream([cases[i] for i in escalate], progress):
+                out[escalate[index]] = assessment
         self.stats.vlm_seconds += time.perf_counter() - started
         self.stats.escalated += sum(1 for i in escalate if not cases[i].is_request)
         self.stats.decided_by_lite += len(responses) - sum(1 for i in escalate if not cases[i].is_request)
         return out
 
-    def judge_stream(self, cases: Sequence[Case]) -> Iterator[tuple[int, Assessment]]:
-        return JudgeBase.judge_stream(self, cases)
+    def judge_stream(self, cases: Sequence[Case], progress: Progress | None = None,
+                     ) -> Iterator[tuple[int, Assessment]]:
+        return JudgeBase.judge_stream(self, cases, progress)
 
     def describe(self) -> dict[str, Any]:
         return {"cascade": {"low": self.band.low, "high": self.band.high, "needs_perception": self.needs_perception},

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from misguard.calibration import Calibration
+from misguard.core.progress import Progress
 from misguard.core.records import PERCEPTION_LEVELS, Status
 from misguard.engines.base import runs
 from misguard.engines.messages import image_key
@@ -111,7 +112,9 @@ class Assessment:
 @runtime_checkable
 class Judge(Protocol):
     """What every judge offers. `judge` returns one Assessment per case, in order; `judge_stream` yields
-    (index into `cases`, Assessment) as they are ready, so a caller can save them as it goes."""
+    (index into `cases`, Assessment) as they are ready, so a caller can save them as it goes, and tells `progress`
+    of the cases as they finish (a forward batch, a request a server answered), so a caller's bar moves between
+    saves."""
 
     @property
     def id(self) -> str: ...
@@ -156,7 +159,8 @@ class Judge(Protocol):
 
     def judge(self, cases: Sequence[Case]) -> list[Assessment]: ...
 
-    def judge_stream(self, cases: Sequence[Case]) -> Iterator[tuple[int, Assessment]]: ...
+    def judge_stream(self, cases: Sequence[Case], progress: Progress | None = None,
+                     ) -> Iterator[tuple[int, Assessment]]: ...
 
     def describe(self) -> dict[str, Any]:
         """What the judge is, for run manifests (its judge.json, engine, calibration, threshold)."""
@@ -165,8 +169,9 @@ class Judge(Protocol):
 
 
 class JudgeBase:
-    """What the judges share: `judge` from `judge_stream`, a chunked `judge_stream` from `judge`, and use as a
-    context manager. A subclass defines at least one of the two."""
+    """What the judges share: `judge` from `judge_stream`, a chunked `judge_stream` from `judge` (or from
+    `judge_chunk`, where a judge reports its cases finishing within a chunk), and use as a context manager. A
+    subclass defines at least one of `judge` and `judge_stream`."""
 
     chunk_size: int = DEFAULT_CHUNK
     # What a judge that says nothing else reads: images up to about a megapixel, a few thousand characters' tokens.
@@ -180,13 +185,22 @@ class JudgeBase:
             out[index] = assessment
         return out
 
-    def judge_stream(self, cases: Sequence[Case]) -> Iterator[tuple[int, Assessment]]:
+    def judge_stream(self, cases: Sequence[Case], progress: Progress | None = None,
+                     ) -> Iterator[tuple[int, Assessment]]:
         # A chunk never splits cases on the same images (a judge's K responses to one item): an engine behind
         # the judge runs their shared prompt prefix once.
         start = 0
         for chunk in runs(cases, self.chunk_size, key=lambda case: tuple(image_key(im) for im in case.images)):
-            yield from enumerate(self.judge(chunk), start)
+            yield from enumerate(self.judge_chunk(chunk, progress), start)
             start += len(chunk)
+
+    def judge_chunk(self, cases: Sequence[Case], progress: Progress | None) -> list[Assessment]:
+        """`judge(cases)`, then `progress` told of all of them. A judge that sees cases finish sooner (a lite
+        judge's forward passes, a cascade's stages) reports them as they do."""
+        assessed = self.judge(cases)
+        if progress is not None:
+            progress(len(cases))
+        return assessed
 
     def close(self) -> None:
         """Free what the judge holds."""

@@ -27,6 +27,7 @@ from misguard.calibration import Calibration
 from misguard.calibration.trust import vlm_signals
 from misguard.core.errors import MisguardError
 from misguard.core.images import ImageError, read_header
+from misguard.core.progress import Progress
 from misguard.engines import Engine, EngineOptions, load_engine
 from misguard.engines.base import check_model_folder
 from misguard.engines.families import processor_pixels
@@ -139,22 +140,24 @@ class VLMJudge(FolderJudge):
         return [self.request_prompt.request(c.id, c.images, c.question) if c.is_request
                 else self.prompt.request(c.id, c.images, c.question, c.response) for c in cases]
 
-    def judge_stream(self, cases: Sequence[Case]) -> Iterator[tuple[int, Assessment]]:
-        """(index into `cases`, Assessment) in the order the engine finishes them. Each case is first fitted to
-        the model's context (`fit_to_context`); one that cannot fit, or whose image the engine cannot use, is
-        status "error"."""
+    def judge_stream(self, cases: Sequence[Case], progress: Progress | None = None,
+                     ) -> Iterator[tuple[int, Assessment]]:
+        """(index into `cases`, Assessment) in the order the engine finishes them, `progress` told of the cases as
+        the engine finishes them. Each case is first fitted to the model's context (`fit_to_context`); one that
+        cannot fit, or whose image the engine cannot use, is status "error"."""
         sizes: dict[Any, tuple[int, int] | None] = {}
         fitted = [self.fit_to_context(case, sizes) for case in cases]
-        runnable = []
+        runnable = [index for index, fit in enumerate(fitted) if fit.error is None]
+        if progress is not None and len(runnable) < len(cases):
+            progress(len(cases) - len(runnable))
         for index, fit in enumerate(fitted):
-            if fit.error is None:
-                runnable.append(index)
-            else:
+            if fit.error is not None:
                 yield index, Assessment(judge=self.id, template=self._template_of(cases[index]), status="error",
                                         reason=fit.error)
         requests = self.requests([fitted[i].case for i in runnable])
-        results = (self.engine.label_stream(requests, self.labels) if self.labels is not None
-                   else self.engine.stream(requests, GenerationParams(max_new_tokens=JSON_VERDICT_TOKENS)))
+        results = (self.engine.label_stream(requests, self.labels, progress=progress) if self.labels is not None
+                   else self.engine.stream(requests, GenerationParams(max_new_tokens=JSON_VERDICT_TOKENS),
+                                           progress=progress))
         for index, result in results:
             case_index = runnable[index]
             yield case_index, replace(self._assessment(cases[case_index], result), input_cut=fitted[case_index].cut)

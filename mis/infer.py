@@ -20,11 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
 from misguard.core.errors import DataError, MisguardError
 from misguard.core.jsonl import append_as_they_come, read_responses_lenient, write_jsonl_atomic
 from misguard.core.manifests import InferManifest, read_manifest
+from misguard.core.progress import progress_bar
 from misguard.core.records import Item, Response, id_order
 from misguard.core.rows import BadRows
 from misguard.core.settings import check_number
@@ -157,10 +156,13 @@ def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine 
         manifest.engine = engine.describe()
         manifest.save(manifest_path)
         requests = [user_request(item.id, split.image_paths(item), item.question) for item in todo]
-        bar = _progress_bar(len(items), already_done, config, enabled=progress)
+        bar = progress_bar(len(items), already_done, desc=f"{config.name} {config.split}", unit="item",
+                           enabled=progress)
         try:
-            responses = _responses(engine.stream(requests, config.generation), todo, split, bad, config.name)
-            generated = append_as_they_come(responses_path, responses, engine.chunk_size, bar.update)
+            # Saved a chunk at a time; the bar moves as the engine finishes each batch or request of a chunk.
+            results = engine.stream(requests, config.generation, progress=bar.update)
+            responses = _responses(results, todo, split, bad, config.name)
+            generated = append_as_they_come(responses_path, responses, engine.chunk_size)
         except ImageFileError as error:  # an engine that stops at a bad image rather than handing it back
             raise _located(error, todo, split) from None
         finally:
@@ -208,11 +210,6 @@ def _located(error: ImageFileError, todo: list[Item], split: SplitData) -> DataE
         if error.path in map(str, split.image_paths(item)):
             return split.image_error(item, error.path, error.reason)
     return error
-
-
-def _progress_bar(total: int, initial: int, config: InferConfig, *, enabled: bool):
-    return tqdm(total=total, initial=initial, unit="item", desc=f"{config.name} {config.split}",
-                disable=not enabled, dynamic_ncols=True)
 
 
 def merge_shards(out: Path, split: str, model_name: str) -> Path:

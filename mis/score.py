@@ -20,8 +20,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tqdm import tqdm
-
 from misguard.calibration import Calibration
 from misguard.core.errors import DataError, MisguardError
 from misguard.core.join import ItemIndex, ItemResponse, item_responses, resolve_items
@@ -29,6 +27,7 @@ from misguard.core.jsonl import append_as_they_come, read_jsonl, write_jsonl_ato
 from misguard.core.labels import LabelRecord, label_files, read_labels
 from misguard.core.manifests import ScoreManifest
 from misguard.core.metrics import compute_metrics, write_metrics
+from misguard.core.progress import progress_bar
 from misguard.core.records import Judgment, id_order
 from misguard.core.rows import BadRows, first_of_each
 from misguard.core.settings import check_number
@@ -207,11 +206,13 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
             if not judge.has_perception:
                 raise MisguardError(f"{config.lite_judge or config.judge}: this judge was trained without "
                                     "perception labels; MIS scoring needs its perception level")
-            bar = tqdm(total=len(responses), initial=len(responses) - len(todo), unit="judgment", desc="score",
-                       disable=not progress, dynamic_ncols=True)
+            bar = progress_bar(len(responses), len(responses) - len(todo), desc="score", unit="judgment",
+                               enabled=progress)
             try:
-                judgments = _judgments(judge.judge_stream([case_of(r) for r in todo]), todo, index, bad)
-                judged = append_as_they_come(judgments_path, judgments, judge.chunk_size, bar.update)
+                # Saved a chunk at a time; the bar moves as the judge finishes each batch of a chunk.
+                assessed = judge.judge_stream([case_of(r) for r in todo], progress=bar.update)
+                judgments = _judgments(assessed, todo, index, bad)
+                judged = append_as_they_come(judgments_path, judgments, judge.chunk_size)
             except ImageFileError as error:  # an engine that stops at a bad image rather than handing it back
                 raise _located(error, todo, index) from None
             finally:

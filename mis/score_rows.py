@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from misguard.calibration import Calibration
 from misguard.calibration.agreement import SAFETY_LABELS, head_agreement
 from misguard.core.errors import MisguardError
 from misguard.core.jsonl import append_as_they_come, read_jsonl, write_text_atomic
 from misguard.core.manifests import ScoreManifest
+from misguard.core.progress import progress_bar
 from misguard.core.records import RowJudgment
 from misguard.core.rows import BadRows
 from misguard.core.settings import setting
@@ -107,11 +106,12 @@ def run_score_rows(files: Sequence[Path], judge_folder: Path, out: Path, fields:
             manifest.engine = judge.describe().get("engine")
             cases = [Case(id=f"{e.source}/{e.id}", images=(), question=e.question, response=e.response,
                           image_description=e.image_description) for e in todo]
-            bar = tqdm(total=len(rows), initial=len(rows) - len(todo), unit="judgment", desc="score",
-                       disable=not progress, dynamic_ncols=True)
+            bar = progress_bar(len(rows), len(rows) - len(todo), desc="score", unit="judgment", enabled=progress)
             try:
-                judgments = (row_judgment(todo[i], a) for i, a in judge.judge_stream(cases))
-                judged = append_as_they_come(judgments_path, judgments, judge.chunk_size, bar.update)
+                # Saved a chunk at a time; the bar moves as the judge finishes each batch of a chunk.
+                assessed = judge.judge_stream(cases, progress=bar.update)
+                judgments = (row_judgment(todo[i], a) for i, a in assessed)
+                judged = append_as_they_come(judgments_path, judgments, judge.chunk_size)
             finally:
                 bar.close()
 

@@ -18,6 +18,7 @@ from transformers import BertConfig
 
 from misguard.calibration import Calibration
 from misguard.core.errors import DataError, MisguardError
+from misguard.core.progress import Progress
 from misguard.core.records import PERCEPTION_LEVELS
 from misguard.judges.lite.model import (
     TRUST_LAYERS,
@@ -76,17 +77,20 @@ class LiteJudge(FolderJudge):
         """The most tokens of a case's text its windows read: the question's share and the response's windows."""
         return self.windows.question_tokens + self.windows.response_tokens
 
-    def judge(self, cases: Sequence[Case]) -> list[Assessment]:
+    def judge(self, cases: Sequence[Case], progress: Progress | None = None) -> list[Assessment]:
         """One Assessment per case, in order, from the question, the image description and the response; a
         verdict whose trust score is under the threshold has status "out_of_domain" (its label and probabilities
-        kept)."""
+        kept). `progress` is told of the cases as each forward pass (WINDOWS_PER_PASS windows) finishes."""
         out: list[Any] = [Assessment.unscored(self.id, self.template, READS_RESPONSES_ONLY)] * len(cases)
         responses = [i for i, case in enumerate(cases) if not case.is_request]
+        if progress is not None and len(responses) < len(cases):
+            progress(len(cases) - len(responses))  # requests: unscored, nothing to run
         if not responses:
             return out
         chosen = [cases[i] for i in responses]
         readings, raw_perception = self.read(
-            [c.question for c in chosen], [c.response or "" for c in chosen], [c.image_description for c in chosen])
+            [c.question for c in chosen], [c.response or "" for c in chosen], [c.image_description for c in chosen],
+            progress)
         judged = assessments(self.id, self.template, readings.p_unsafe,
                              raw_perception if self.has_perception else None, calibration=self.calibration,
                              calibration_id=self.calibration_id, threshold=self.unsafe_threshold)
@@ -98,12 +102,16 @@ class LiteJudge(FolderJudge):
             out[i] = assessment
         return out
 
+    def judge_chunk(self, cases: Sequence[Case], progress: Progress | None) -> list[Assessment]:
+        return self.judge(cases, progress)
+
     def read(self, questions: Sequence[str], responses: Sequence[str],
-             image_descriptions: Sequence[str | None] | None = None) -> tuple[Readings, np.ndarray]:
+             image_descriptions: Sequence[str | None] | None = None, progress: Progress | None = None,
+             ) -> tuple[Readings, np.ndarray]:
         """(what the model reads off each pair: raw p_unsafe, the source heads' and the trust features; raw
-        p_perception [n, 3])."""
+        p_perception [n, 3]); `progress` told of the pairs as each forward pass finishes."""
         items = encode_items(self.tokenizer, questions, responses, image_descriptions, self.windows)
-        return predict(self.model, items, self.tokenizer.pad_token_id, self.device)
+        return predict(self.model, items, self.tokenizer.pad_token_id, self.device, progress=progress)
 
     def describe(self) -> dict[str, Any]:
         return {"judge": self.spec.model_dump(), "engine": {"engine": "lite", "windows": self.windows.to_dict(),
@@ -136,9 +144,11 @@ def load_model(folder: str | Path, n_sources: int = 0) -> CrossEncoder:
 
 
 def predict(model: CrossEncoder, items: Sequence[EncodedItem], pad_id: int, device: str = "cpu",
-            windows_per_pass: int = WINDOWS_PER_PASS) -> tuple[Readings, np.ndarray]:
+            windows_per_pass: int = WINDOWS_PER_PASS, progress: Progress | None = None,
+            ) -> tuple[Readings, np.ndarray]:
     """(the Readings of the items: p_unsafe, the source heads' p_unsafe, trust features; p_perception [n, 3]), in
-    order: items sorted by length into passes of at most `windows_per_pass` windows (an item's windows in one)."""
+    order: items sorted by length into passes of at most `windows_per_pass` windows (an item's windows in one),
+    `progress` told of each pass's items as it finishes."""
     order = sorted(range(len(items)), key=lambda i: items[i].tokens)
     p_unsafe = np.zeros(len(items))
     p_perception = np.zeros((len(items), len(PERCEPTION_LEVELS)))
@@ -161,6 +171,8 @@ def predict(model: CrossEncoder, items: Sequence[EncodedItem], pad_id: int, devi
             if features is None:
                 features = np.zeros((len(items), *out["features"].shape[1:]), dtype=np.float32)
             features[chosen] = out["features"].float().cpu().numpy()
+            if progress is not None:
+                progress(len(chosen))
             start = end
     if features is None:
         features = np.zeros((0, len(TRUST_LAYERS), model.encoder.config.hidden_size), dtype=np.float32)

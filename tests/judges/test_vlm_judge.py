@@ -184,11 +184,11 @@ def test_a_megabyte_response_is_cut_to_a_head_and_tail_that_fit_the_context(judg
     with VLMJudge(judge_dir, "transformers", EngineOptions(dtype="float32", batch_size=4)) as judge:
         real_label_stream = judge.engine.label_stream
 
-        def recording(requests, labels):
+        def recording(requests, labels, progress=None):
             prepared = judge.engine.prepare_all(requests)
             seen.extend(len(judge.engine.processor(text=[prompt], images=[images])["input_ids"][0])
                         for prompt, images in prepared)
-            return real_label_stream(requests, labels)
+            return real_label_stream(requests, labels, progress=progress)
 
         monkeypatch.setattr(judge.engine, "label_stream", recording)
         tokenized = []

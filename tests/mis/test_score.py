@@ -202,8 +202,8 @@ def test_a_bad_image_stops_scoring_at_its_rows_with_every_finished_judgment_save
     handed_back = []
     real_stream = TransformersEngine.label_stream
 
-    def counting(self, requests, labels):
-        for index, probs in real_stream(self, requests, labels):
+    def counting(self, requests, labels, progress=None):
+        for index, probs in real_stream(self, requests, labels, progress=progress):
             handed_back.append(probs)
             yield index, probs
 
