@@ -72,8 +72,11 @@ def brier(probs, y) -> float:
 
 def log_loss(probs, y) -> float:
     """Return the mean negative log-likelihood of the reference labels (sklearn's log_loss over all classes,
-    labels given explicitly so a class missing from `y` still counts). Raises ValueError for malformed input."""
+    labels given explicitly so a class missing from `y` still counts). Rows that sum to 1 only within float32
+    precision (a judge's softmax) are renormalised first, as sklearn would warn about them. Raises ValueError for
+    malformed input."""
     matrix, labels = _checked(probs, y)
+    matrix = matrix / matrix.sum(axis=1, keepdims=True)
     return float(sklearn_log_loss(labels, matrix, labels=np.arange(matrix.shape[1])))
 
 

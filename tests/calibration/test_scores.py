@@ -1,6 +1,8 @@
 """ECE (equal-width and equal-mass bins), Brier score, log-loss and the calibration report."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.metrics import brier_score_loss
@@ -115,3 +117,10 @@ def test_scores_refuse_bad_input(score):
         score([0.5, 0.2], [0, 1, 1])
     with pytest.raises(ValueError, match=r"labels not in the classes \[0, 1, 2\]: \[3\]"):
         score(np.full((2, 3), 1 / 3), [0, 3])
+
+
+def test_log_loss_takes_float32_softmax_rows_without_a_warning():
+    rows = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]], dtype=np.float64) + np.array([[9e-8, 0, 0], [0, 0, -9e-8]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert log_loss(rows, [2, 2]) == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2, abs=1e-6)
