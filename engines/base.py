@@ -128,6 +128,10 @@ class Engine(ABC):
         """As chunk_size, for label scoring (an engine that shares prompt prefixes takes more at once)."""
         return self.chunk_size
 
+    reports_progress: bool = False
+    """Whether generate and label_probs take a `progress` and tell it of each request as it finishes (vLLM, a
+    server); otherwise stream and label_stream report each chunk when it has run."""
+
     @abstractmethod
     def generate(self, requests: Sequence[Request], params: GenerationParams) -> list[Generation | ImageFileError]:
         """Run every request; returns one Generation per request, in the order given, or the ImageFileError of a
@@ -147,7 +151,9 @@ class Engine(ABC):
         available, so a caller can save them as it goes; `progress` is told of the requests as they finish (a
         caller's bar moves within a chunk where the engine sees them finish sooner). This default hands the engine
         `chunk_size` requests at a time, reports a chunk when it has run, and yields a chunk's ImageFileErrors
-        after its other results."""
+        after its other results; an engine that `reports_progress` tells `progress` of each request itself."""
+        if self.reports_progress:
+            return in_chunks(requests, self.chunk_size, lambda chunk: self.generate(chunk, params, progress))
         return in_chunks(requests, self.chunk_size, lambda chunk: self.generate(chunk, params), progress=progress)
 
     def label_stream(self, requests: Sequence[Request], labels: LabelSet, progress: Progress | None = None,
@@ -156,6 +162,9 @@ class Engine(ABC):
         available, `progress` told of them as in `stream`. This default hands the engine `label_chunk_size`
         requests at a time, never splitting requests with the same images, and yields a chunk's ImageFileErrors
         after its other results."""
+        if self.reports_progress:
+            return in_chunks(requests, self.label_chunk_size, lambda chunk: self.label_probs(chunk, labels, progress),
+                             same_images_together=True)
         return in_chunks(requests, self.label_chunk_size, lambda chunk: self.label_probs(chunk, labels),
                          same_images_together=True, progress=progress)
 

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import openai
@@ -38,7 +38,7 @@ import openai
 from misguard.core.errors import MisguardError
 from misguard.core.progress import Progress
 from misguard.core.settings import read_key
-from misguard.engines.base import Engine, EngineOptions, in_chunks, usable_only
+from misguard.engines.base import Engine, EngineOptions, usable_only
 from misguard.engines.messages import (
     Generation,
     GenerationParams,
@@ -76,6 +76,7 @@ class OpenAIEngine(Engine):
     than one word."""
 
     name = "openai"
+    reports_progress = True
 
     def __init__(self, model: str, options: EngineOptions | None = None):
         super().__init__(model, options)
@@ -141,15 +142,6 @@ class OpenAIEngine(Engine):
                     raise MisguardError(f"request {request.id}: unknown message part type '{part['type']}'")
             messages.append({"role": message["role"], "content": parts})
         return messages
-
-    def stream(self, requests: Sequence[Request], params: GenerationParams, progress: Progress | None = None,
-               ) -> Iterator[tuple[int, Generation | ImageFileError]]:
-        return in_chunks(requests, self.chunk_size, lambda chunk: self.generate(chunk, params, progress))
-
-    def label_stream(self, requests: Sequence[Request], labels: LabelSet, progress: Progress | None = None,
-                     ) -> Iterator[tuple[int, LabelProbs | ImageFileError | None]]:
-        return in_chunks(requests, self.label_chunk_size, lambda chunk: self.label_probs(chunk, labels, progress),
-                         same_images_together=True)
 
     def generate(self, requests: Sequence[Request], params: GenerationParams, progress: Progress | None = None,
                  ) -> list[Generation | ImageFileError]:

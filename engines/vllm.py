@@ -22,7 +22,7 @@ import functools
 import gc
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from misguard.core.errors import MisguardError, MissingExtraError
 from misguard.core.progress import Progress, library_bars_shown
-from misguard.engines.base import Engine, EngineOptions, check_model_folder, in_chunks, usable_only
+from misguard.engines.base import Engine, EngineOptions, check_model_folder, usable_only
 from misguard.engines.families import family_for
 from misguard.engines.messages import (
     Generation,
@@ -71,6 +71,7 @@ class VLLMEngine(Engine):
     constructor unchanged."""
 
     name = "vllm"
+    reports_progress = True
 
     def __init__(self, model: str, options: EngineOptions | None = None):
         super().__init__(model, options)
@@ -157,15 +158,6 @@ class VLLMEngine(Engine):
                 raise MisguardError(f"vLLM rejected a request in this batch: {exc}") from exc
 
         return usable_only(requests, lambda request: self._conversation(request, load), chat, progress)
-
-    def stream(self, requests: Sequence[Request], params: GenerationParams, progress: Progress | None = None,
-               ) -> Iterator[tuple[int, Generation | ImageFileError]]:
-        return in_chunks(requests, self.chunk_size, lambda chunk: self.generate(chunk, params, progress))
-
-    def label_stream(self, requests: Sequence[Request], labels: LabelSet, progress: Progress | None = None,
-                     ) -> Iterator[tuple[int, LabelProbs | ImageFileError | None]]:
-        return in_chunks(requests, self.label_chunk_size, lambda chunk: self.label_probs(chunk, labels, progress),
-                         same_images_together=True)
 
     def generate(self, requests: Sequence[Request], params: GenerationParams, progress: Progress | None = None,
                  ) -> list[Generation | ImageFileError]:
