@@ -11,7 +11,7 @@ from misguard.core.locking import exclusive_output
 from misguard.core.progress import silence_library_bars
 from misguard.engines.base import EngineOptions
 from misguard.engines.messages import GenerationParams
-from misguard.mis.infer import SHARDS_FOLDER, InferConfig, merge_shards, output_paths, parse_shard, run_inference
+from misguard.mis.infer import SHARDS_FOLDER, InferConfig, merge_shards, parse_shard, run_inference
 
 commands = typer.Typer()
 
@@ -56,9 +56,8 @@ def infer(
                          engine_options=given.build(EngineOptions), generation=given.build(GenerationParams),
                          model_name=model_name, limit=limit, shard=parse_shard(shard) if shard else None,
                          skip_bad=skip_bad, check_images=check_images)
-    # One writer per responses file (each shard has its own, so the shards of one --out run side by side).
-    with exclusive_output(output_paths(config)[0], folder=False):
-        result = run_inference(config, progress=not quiet)
+    # run_inference holds the responses file's one-writer lock (each shard has its own), once its inputs check.
+    result = run_inference(config, progress=not quiet)
     typer.echo(f"{result.generated} new responses ({result.already_done} already there, "
                f"{result.skipped_items} bad items skipped) in {result.seconds:.1f} s")
     typer.echo(f"responses: {result.responses_path}")

@@ -3,21 +3,25 @@
 The commands live in the modules beside this one and each imports what it runs at the top. This module lists
 them without importing them (click's lazy-loading pattern, `COMMANDS`), so `misguard --help` starts in a fraction
 of a second and never loads torch; a command's module is imported when it runs or shows its own help.
-MisguardError (bad input, a missing model or extra) becomes a one-line message and exit code 1, here only; a bad
-option value (out of its range, not a number) is refused while the options are parsed, before any work, with one
-line naming the option and exit code 2.
+MisguardError (bad input, a missing model) becomes a one-line message and exit code 1, here only, and so does an
+optional package that is not installed, wherever its import fails (core.errors.missing_extra): the line names the
+command, the package and the pip command. A bad option value (out of its range, not a number) is refused while the
+options are parsed, before any work, with one line naming the option and exit code 2. Ctrl-C is exit code 130 and
+one line: what the run had saved (core.interrupts) and the command that resumes it.
 """
 from __future__ import annotations
 
 import importlib
 import logging
+import shlex
 import sys
 from typing import Any
 
 import typer
 from typer.core import TyperGroup
 
-from misguard.core.errors import MisguardError
+from misguard.core.errors import MisguardError, MissingExtraError, missing_extra
+from misguard.core.interrupts import saved_when_interrupted
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module that defines it, one line for `misguard --help`)
@@ -67,13 +71,21 @@ def misguard() -> None:
 
 
 def main() -> None:
-    """Console-script entry point: run the app. Exits 0 when the command succeeds; a MisguardError becomes one line
-    on stderr and exit code 1; a usage error (a bad or missing option) one line naming the option and exit code 2;
-    Ctrl-C exit code 130."""
+    """Console-script entry point: run the app. Exits 0 when the command succeeds; a MisguardError or a missing
+    optional package becomes one line on stderr and exit code 1; a usage error (a bad or missing option) one line
+    naming the option and exit code 2; Ctrl-C one line (what was saved, the command that resumes) and exit code
+    130."""
     logging.basicConfig(level=logging.WARNING, format="misguard: %(levelname)s: %(message)s")
     try:
         # Not standalone: click would print a usage error as a framed block; here it is one line, as ours are.
         code = app(standalone_mode=False)
+    except (MissingExtraError, ImportError) as exc:  # a command module's import, or one made while it runs
+        missing = missing_extra(exc)
+        if missing is None:
+            raise  # not an optional package: a bug, shown with its traceback
+        extra = f"the [{missing.extra}] extra" if missing.extra else "a dependency of misguard"
+        _error(f"{_command()} needs {missing.package} ({extra}): {missing.install_command}")
+        sys.exit(1)
     except MisguardError as exc:
         _error(str(exc))
         sys.exit(1)
@@ -90,8 +102,18 @@ def main() -> None:
     except KeyboardInterrupt:
         code = 130
     if code == 130:  # typer turns Ctrl-C inside a command into exit code 130
-        typer.echo("misguard: interrupted; re-run the same command to resume", err=True)
+        # The command as given, but never --no-resume: run again with it, a training run would start over.
+        again = shlex.join(["misguard", *(arg for arg in sys.argv[1:] if arg != "--no-resume")])
+        saved = saved_when_interrupted()
+        typer.echo(f"misguard: interrupted: {saved}; resume with: {again}" if saved else
+                   f"misguard: interrupted; re-run with: {again}", err=True)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _command() -> str:
+    """The command being run, as the user typed it (`misguard train`): the first argument that is not an option
+    (the group itself takes only --help)."""
+    return " ".join(["misguard", *[arg for arg in sys.argv[1:] if not arg.startswith("-")][:1]])
 
 
 def _error(message: str) -> None:

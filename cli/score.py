@@ -13,7 +13,7 @@ from misguard.core.errors import MisguardError
 from misguard.core.locking import exclusive_output
 from misguard.engines.base import EngineOptions
 from misguard.mis.agree import score_escalation
-from misguard.mis.score import ScoreConfig, run_score, score_reference_labels
+from misguard.mis.score import ScoreConfig, check_judges, run_score, score_reference_labels
 from misguard.mis.score_rows import RowsFields, run_score_rows
 
 commands = typer.Typer()
@@ -80,6 +80,13 @@ def score(
     if model_name and (rows or from_labels):
         raise MisguardError("--model-name names the target model of MIS responses files; with --from-labels give "
                             "--label-model-name, with --rows the rows' own fields")
+    config = None if rows or from_labels else ScoreConfig(
+        responses=list(responses), judge=judge, data=data, out=out, engine=engine,
+        engine_options=given.build(EngineOptions), served_model=served_model, calibration=calibration,
+        skip_bad=skip_bad, n_bootstrap=bootstrap, lite_judge=lite_judge, cascade_band=cascade_band,
+        check_images=check_images, unscored_as_hr=unscored_as_hr, model_names=model_name)
+    if config is not None:
+        check_judges(config)  # a wrong --judge leaves no OUT behind
     with exclusive_output(out, folder=True):  # one writer per --out: two would duplicate judgments
         if rows:
             result = run_score_rows(list(responses), judge, out, given.build(RowsFields), engine=engine,
@@ -91,13 +98,7 @@ def score(
             result = score_reference_labels(list(responses), data, out, model_names=label_model_name,
                                             skip_bad=skip_bad, n_bootstrap=bootstrap, unscored_as_hr=unscored_as_hr)
         else:
-            result = run_score(ScoreConfig(responses=list(responses), judge=judge, data=data, out=out,
-                                           engine=engine, engine_options=given.build(EngineOptions),
-                                           served_model=served_model, calibration=calibration, skip_bad=skip_bad,
-                                           n_bootstrap=bootstrap, lite_judge=lite_judge,
-                                           cascade_band=cascade_band, check_images=check_images,
-                                           unscored_as_hr=unscored_as_hr, model_names=model_name),
-                               progress=not quiet)
+            result = run_score(config, progress=not quiet)
             typer.echo(f"{result.judged} new judgments ({result.already_done} already there) in "
                        f"{result.seconds:.1f} s")
             if result.cascade is not None and result.cascade["share_escalated"] is not None:

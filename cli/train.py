@@ -12,7 +12,7 @@ from misguard.core.errors import MisguardError
 from misguard.core.locking import exclusive_output
 from misguard.judge_training.lite import LiteTrainConfig
 from misguard.judge_training.vlm import TrainConfig
-from misguard.mis.train import TrainData, run_train
+from misguard.mis.train import TrainData, check_training, run_train
 
 commands = typer.Typer()
 KINDS = {"vlm": TrainConfig, "lite": LiteTrainConfig}
@@ -35,6 +35,7 @@ def train(
     other = next(k for k in KINDS if k != kind)
     given.refuse_outside(TrainData, KINDS[kind], why=f"only for --kind {other}")
     data, config = given.build(TrainData), given.build(KINDS[kind], context=f"for --kind {kind}")
+    check_training(config)  # a wrong --base or a missing extra leaves no judge folder behind
     with exclusive_output(config.out, folder=True):  # one writer per judge folder and its checkpoints
         run = run_train(data, config, progress=not quiet)
     for side, counts in run.counts.items():

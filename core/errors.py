@@ -1,6 +1,7 @@
 """The project's one exception type, turned into a one-line message and exit code 1 at the CLI edge."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 
@@ -24,9 +25,51 @@ class DataError(MisguardError):
         super().__init__(f"{where}{what}{message}")
 
 
-class MissingExtraError(MisguardError):
-    """An optional dependency is not installed; the message names the extra that brings it."""
+EXTRAS: dict[str, str] = {
+    # import name: the extra (pyproject.toml's optional-dependencies) that installs it
+    "vllm": "vllm",
+    "peft": "train", "datasets": "train", "accelerate": "train",
+    "fastapi": "guard", "uvicorn": "guard", "prometheus_client": "guard", "yaml": "guard", "httpx": "guard",
+}
+"""The optional packages misguard imports, and the extra that brings each."""
 
-    def __init__(self, package: str, extra: str):
-        super().__init__(f"{package} is not installed; install it with: pip install 'misguard[{extra}]'")
+
+class MissingExtraError(MisguardError):
+    """An optional dependency is not installed; the message names the extra that brings it (`extra` None: a
+    dependency of misguard itself, which a plain reinstall brings back)."""
+
+    def __init__(self, package: str, extra: str | None):
+        self.package = package
+        self.extra = extra
+        super().__init__(f"{package} is not installed; install it with: {self.install_command}")
+
+    @property
+    def install_command(self) -> str:
+        """The pip command that installs the missing package."""
+        return f"pip install 'misguard[{self.extra}]'" if self.extra else "pip install misguard"
+
+
+def require(*packages: str) -> None:
+    """Raise MissingExtraError for the first of `packages` (import names, keys of EXTRAS) that is not installed,
+    found without importing any of them: a stage checks what it will import before it writes anything."""
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            raise MissingExtraError(package, EXTRAS[package])
+
+
+def missing_extra(error: BaseException) -> MissingExtraError | None:
+    """The MissingExtraError behind `error`: itself, or one made for the import of a package in EXTRAS that failed
+    because it is not installed, found along the chain of causes (a library's lazy import may wrap the
+    ModuleNotFoundError in its own); None when no optional package is missing (then `error` is a bug to show)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MissingExtraError):
+            return error
+        if isinstance(error, ModuleNotFoundError) and error.name:
+            package = error.name.split(".")[0]
+            if package in EXTRAS:
+                return MissingExtraError(package, EXTRAS[package])
+        error = error.__cause__ or error.__context__
+    return None
 

@@ -21,14 +21,16 @@ from pathlib import Path
 from typing import Iterator
 
 from misguard.core.errors import DataError, MisguardError
+from misguard.core.interrupts import saving
 from misguard.core.jsonl import append_as_they_come, read_responses_lenient, write_jsonl_atomic
+from misguard.core.locking import exclusive_output
 from misguard.core.manifests import InferManifest, read_manifest
 from misguard.core.progress import progress_bar
 from misguard.core.records import Item, Response, id_order
 from misguard.core.rows import BadRows
 from misguard.core.settings import check_number
 from misguard.core.splits import SplitData, load_split
-from misguard.engines import Engine, EngineOptions, load_engine
+from misguard.engines import Engine, EngineOptions, check_engine, load_engine
 from misguard.engines.messages import Generation, GenerationParams, ImageFileError, user_request
 
 log = logging.getLogger("misguard")
@@ -119,24 +121,43 @@ def _run_settings(config: InferConfig) -> dict:
 
 def run_inference(config: InferConfig, *, progress: bool = True, engine: Engine | None = None) -> InferResult:
     """Run (or resume) inference; returns where the responses went and what was done. `engine`, if given, is
-    used instead of loading config.model (and is left open, for the caller to reuse). Raises DataError for bad
-    input (unless skip_bad), MisguardError when an existing output was made with other settings."""
+    used instead of loading config.model (and is left open, for the caller to reuse). The split and the model
+    (engine.check_engine) are checked before anything is written; then the responses file's one-writer lock
+    (core.locking) is held to the end. Raises DataError for bad input (unless skip_bad), MisguardError for a model
+    that cannot be loaded, when another run is writing the same file, or when the file holds responses made with
+    other settings."""
     started = time.time()
     bad = BadRows(skip=config.skip_bad)
     split = load_split(config.data, config.split, bad=bad, limits=config.engine_options.image_limits(),
                        decode_images=config.check_images)
     items = select_items(split.items, config.limit, config.shard)
+    if engine is None:  # a wrong --model fails here, leaving no file a corrected run would trip over
+        check_engine(config.engine, config.model, config.engine_options)
     responses_path, manifest_path = output_paths(config)
-    responses_path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_output(responses_path, folder=False), saving(lambda: _responses_saved(responses_path, items)):
+        return _infer(config, split, items, bad, responses_path, manifest_path, progress, engine, started)
 
+
+def _responses_saved(responses_path: Path, items: list[Item]) -> str:
+    """What an interrupted run leaves: how many of its items have a response in the file."""
+    ids = {item.id for item in items}
+    saved = {r.id for r in read_responses_lenient(responses_path)} & ids if responses_path.exists() else set()
+    return f"{len(saved)} of {len(items)} responses saved in {responses_path}"
+
+
+def _infer(config: InferConfig, split: SplitData, items: list[Item], bad: BadRows, responses_path: Path,
+           manifest_path: Path, progress: bool, engine: Engine | None, started: float) -> InferResult:
+    """run_inference once its inputs are checked and its output locked."""
     settings = _run_settings(config)
-    if manifest_path.exists():
-        if read_manifest(manifest_path, InferManifest).settings != settings:
+    # A torn last line (kill -9 mid-write) is not counted as done; append_jsonl mends it before appending.
+    done = {r.id for r in read_responses_lenient(responses_path)} if responses_path.exists() else set()
+    if manifest_path.exists() and read_manifest(manifest_path, InferManifest).settings != settings:
+        if done:
             raise MisguardError(
                 f"{responses_path} was started with other settings ({manifest_path}); use another --out or "
                 "--model-name, or delete both files to start over")
-    # A torn last line (kill -9 mid-write) is not counted as done; append_jsonl mends it before appending.
-    done = {r.id for r in read_responses_lenient(responses_path)} if responses_path.exists() else set()
+        # A run that saved no response (a wrong --model, stopped before its first batch) has nothing to mix with.
+        log.info("%s: replacing the manifest of a run with other settings that saved no response", manifest_path)
     # --limit may grow between runs; ids outside this split (or shard) mean the file belongs to another run.
     unknown = done - {item.id for item in select_items(split.items, None, config.shard)}
     if unknown:

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 
 from misguard.calibration import Calibration
 from misguard.core.errors import DataError, MisguardError
+from misguard.core.interrupts import saving
 from misguard.core.join import ItemIndex, ItemResponse, item_responses, resolve_items
 from misguard.core.jsonl import append_as_they_come, read_jsonl, write_jsonl_atomic
 from misguard.core.labels import LabelRecord, label_files, read_labels
@@ -32,6 +33,7 @@ from misguard.core.records import Judgment, id_order
 from misguard.core.rows import BadRows, first_of_each
 from misguard.core.settings import check_number
 from misguard.core.splits import item_image_error
+from misguard.engines import check_engine
 from misguard.engines.base import EngineOptions
 from misguard.engines.messages import ImageFileError
 from misguard.judges import Assessment, Case, Judge, load_judge, read_judge_spec
@@ -141,42 +143,39 @@ def case_of(response: ItemResponse) -> Case:
 
 
 def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None = None) -> ScoreResult:
+    """Judge every response not yet in OUT/judgments.jsonl, then write the metrics (see `_run_score`); Ctrl-C
+    leaves a note of the judgments saved (core.interrupts)."""
+    with saving(lambda: _judgments_saved(Path(config.out) / JUDGMENTS_FILE)):
+        return _run_score(config, progress=progress, judge=judge)
+
+
+def _judgments_saved(path: Path) -> str:
+    """What an interrupted run leaves: the judgments in its file (a re-run judges only the rest)."""
+    saved = len(read_jsonl(path, Judgment, allow_torn_tail=True)) if path.exists() else 0
+    return f"{saved} judgments saved in {path}"
+
+
+def _run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None = None) -> ScoreResult:
     """Judge every response not yet in OUT/judgments.jsonl, then write the metrics. `judge`, if given, is used
     instead of loading config.judge (and is left open). Raises DataError for responses that match no MIS item (or
     bad rows, without skip_bad), MisguardError when OUT holds judgments from another judge, template or
-    calibration, or the judge cannot give the perception level MIS metrics need."""
+    calibration, or the judge cannot give the perception level MIS metrics need; all of these, and a judge folder
+    whose model cannot be loaded (engines.check_engine), before anything is written."""
     started = time.time()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     judgments_path = out / JUDGMENTS_FILE
     bad = BadRows(skip=config.skip_bad)
 
-    # Which judges may write into OUT, known from their judge.json before any model is loaded.
-    spec = read_judge_spec(config.judge)
-    if judge is not None:
-        run_ids = {(judge.id, judge.template, judge.calibration_id)}
-        calibration_file_id = judge.calibration_id
-    else:
-        calibration = Calibration.load(config.calibration) if config.calibration is not None else \
-            spec_calibration(spec, config.judge)
-        calibration_file_id = calibration_id(calibration)
-        run_ids = {(spec.id, spec.template, calibration_file_id)}
-    band = None
-    if config.lite_judge is not None:
-        band = CascadeBand.parse(config.cascade_band)  # a bad band fails before any work
-        lite_spec = read_judge_spec(config.lite_judge)
-        if lite_spec.kind != "lite":
-            raise MisguardError(f"{config.lite_judge}: --lite-judge needs a lite judge folder (judge.json kind "
-                                f"'lite'), not {lite_spec.kind!r}")
-        run_ids.add((lite_spec.id, lite_spec.template,
-                     calibration_id(spec_calibration(lite_spec, config.lite_judge))))
-
+    spec, calibration, calibration_file_id, run_ids, band = _judges(config, judge)
     index = ItemIndex(config.data, bad=bad, limits=config.engine_options.image_limits(),
                       decode_images=config.check_images)
     in_file_order = item_responses(config.responses, index, model_names=config.model_names, bad=bad)
     # Responses to the same item side by side: they share the judge prompt's image + question prefix.
     responses = sorted(in_file_order, key=lambda r: (r.split, id_order(r.response.id), r.response.model))
+    if judge is None and spec.kind != "lite":
+        check_engine(config.engine, str(config.judge), config.engine_options)
 
+    out.mkdir(parents=True, exist_ok=True)
     existing = read_jsonl(judgments_path, Judgment, allow_torn_tail=True) if judgments_path.exists() else []
     others = {(j.judge, j.template, j.calibration) for j in existing} - run_ids
     if others:
@@ -232,6 +231,40 @@ def run_score(config: ScoreConfig, *, progress: bool = True, judge: Judge | None
                        judged=judged, unscored=counts["unscored"], out_of_domain=counts["out_of_domain"],
                        errors=counts["error"], input_cut=counts["input_cut"], seconds=time.time() - started,
                        cascade=cascade.stats.to_dict() if cascade is not None else None, skipped_rows=bad.report())
+
+
+def check_judges(config: ScoreConfig) -> None:
+    """Raise what `run_score` would refuse in its --judge, --lite-judge, --calibration or --cascade-band, reading
+    only the judge folders' judge.json and the calibration file (no model, no responses): a caller can check them
+    before it writes anything (the CLI, before it locks OUT)."""
+    _judges(config, None)
+
+
+def _judges(config: ScoreConfig, judge: Judge | None):
+    """(the judge's spec, its calibration (None with `judge` given), that calibration's id, the (judge, template,
+    calibration) ids that may write into OUT, the cascade band or None), from the judge.json files before any model
+    is loaded. Raises DataError for a bad judge.json or calibration, MisguardError for a folder that is not a
+    judge (or a model), a --lite-judge that is not a lite judge, or a bad band."""
+    spec = read_judge_spec(config.judge)
+    calibration = None
+    if judge is not None:
+        run_ids = {(judge.id, judge.template, judge.calibration_id)}
+        calibration_file_id = judge.calibration_id
+    else:
+        calibration = Calibration.load(config.calibration) if config.calibration is not None else \
+            spec_calibration(spec, config.judge)
+        calibration_file_id = calibration_id(calibration)
+        run_ids = {(spec.id, spec.template, calibration_file_id)}
+    band = None
+    if config.lite_judge is not None:
+        band = CascadeBand.parse(config.cascade_band)  # a bad band fails before any work
+        lite_spec = read_judge_spec(config.lite_judge)
+        if lite_spec.kind != "lite":
+            raise MisguardError(f"{config.lite_judge}: --lite-judge needs a lite judge folder (judge.json kind "
+                                f"'lite'), not {lite_spec.kind!r}")
+        run_ids.add((lite_spec.id, lite_spec.template,
+                     calibration_id(spec_calibration(lite_spec, config.lite_judge))))
+    return spec, calibration, calibration_file_id, run_ids, band
 
 
 def _write_in_responses_order(path: Path, responses: Sequence[ItemResponse]) -> list[Judgment]:

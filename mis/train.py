@@ -7,11 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from misguard.core.errors import MisguardError
+from transformers.trainer_utils import get_last_checkpoint
+
+from misguard.core.errors import MisguardError, require
+from misguard.core.interrupts import saving
 from misguard.core.jsonl import write_jsonl_atomic
 from misguard.core.records import id_value
 from misguard.core.rows import BadRows
 from misguard.core.settings import check_settings, per_file, setting
+from misguard.engines import check_engine
 from misguard.judge_training.data import (
     TextSource,
     build_examples,
@@ -24,7 +28,7 @@ from misguard.judge_training.data import (
 )
 from misguard.judge_training.examples import TextExample, TrainingExample
 from misguard.judge_training.lite import LiteTrainConfig, LiteTrainResult, train_lite_judge
-from misguard.judge_training.vlm import TrainConfig, TrainResult, train_judge
+from misguard.judge_training.vlm import CHECKPOINTS, TrainConfig, TrainResult, train_judge
 
 log = logging.getLogger("misguard")
 
@@ -120,7 +124,10 @@ def run_train(data: TrainData, config: TrainConfig | LiteTrainConfig, *, progres
     """Build the examples, split them into train and validation (by MIS item; by group within each source for the
     lite judge's JSONL rows), and train the judge the config is for (a TrainConfig: the VLM judge; a
     LiteTrainConfig: the lite judge), then write the held-out MIS labels beside it. Returns the TrainRun.
-    Raises DataError for bad or unmatched inputs (before any training), MisguardError for bad settings."""
+    Raises, before anything is written, DataError for bad or unmatched inputs, MisguardError for bad settings or a
+    base that is not a loadable model folder (check_training), MissingExtraError when the `train` extra is not
+    installed. Ctrl-C leaves a note of the last checkpoint (core.interrupts)."""
+    check_training(config)
     bad = BadRows(skip=data.skip_bad)
     mis_dir, sources = data.mis_dir(), data.text_sources()
     lite = isinstance(config, LiteTrainConfig)
@@ -147,23 +154,41 @@ def run_train(data: TrainData, config: TrainConfig | LiteTrainConfig, *, progres
         train = [TextExample.from_mis(e) for e in mis_train] + text_train
         val = [TextExample.from_mis(e) for e in mis_val] + text_val
         counts = {"train": text_counts(train), "validation": text_counts(val)}
-        log.info("training on %d rows, validating on %d", len(train), len(val))
-        result = train_lite_judge(config, train, val, data_hashes=hashes, progress=progress)
-    else:
-        log.info("training on %d responses (%d items), validating on %d (%d items)", len(mis_train),
-                 counts["train"]["items"], len(mis_val), counts["validation"]["items"])
-        result = train_judge(config, mis_train, mis_val, data_hashes=hashes, progress=progress)
-    reference = Path(config.out).expanduser() / VALIDATION_REFERENCE
-    if mis_val:
-        write_validation_reference(mis_val, reference)
-    elif reference.exists():
-        # From an earlier run with another split: calibrating on it would calibrate on training data.
-        reference.unlink()
+    out = Path(config.out).expanduser()
+    with saving(lambda: _checkpoint_saved(out)):
+        if lite:
+            log.info("training on %d rows, validating on %d", len(train), len(val))
+            result = train_lite_judge(config, train, val, data_hashes=hashes, progress=progress)
+        else:
+            log.info("training on %d responses (%d items), validating on %d (%d items)", len(mis_train),
+                     counts["train"]["items"], len(mis_val), counts["validation"]["items"])
+            result = train_judge(config, mis_train, mis_val, data_hashes=hashes, progress=progress)
+        reference = out / VALIDATION_REFERENCE
+        if mis_val:
+            write_validation_reference(mis_val, reference)
+        elif reference.exists():
+            # From an earlier run with another split: calibrating on it would calibrate on training data.
+            reference.unlink()
     left_out = {"skipped_rows": bad.report()}
     if built is not None:
         left_out.update(responses_without_label=built.responses_without_label,
                         labels_without_response=built.labels_without_response, unscored_labels=built.unscored_labels)
     return TrainRun(result=result, counts=counts, left_out=left_out)
+
+
+def check_training(config: TrainConfig | LiteTrainConfig) -> None:
+    """Raise what stops the training before anything is written: MissingExtraError when the `train` extra's
+    packages it imports are not installed (accelerate for the Trainer, peft for LoRA), MisguardError when a VLM
+    judge's --base is not a model folder transformers loads as a VLM (engines.check_engine)."""
+    require("accelerate", *(["peft"] if isinstance(config, TrainConfig) and config.lora else []))
+    if isinstance(config, TrainConfig):
+        check_engine("transformers", str(Path(config.base).expanduser()))
+
+
+def _checkpoint_saved(out: Path) -> str:
+    """What an interrupted training run leaves: its last checkpoint, which a re-run continues from."""
+    last = get_last_checkpoint(str(out / CHECKPOINTS)) if (out / CHECKPOINTS).is_dir() else None
+    return f"last checkpoint {last}" if last else f"no checkpoint yet (one is saved in {out / CHECKPOINTS} per epoch)"
 
 
 def write_validation_reference(examples: Sequence[TrainingExample], path: Path) -> Path:
